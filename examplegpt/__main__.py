@@ -1,0 +1,8 @@
+"""`python -m examplegpt ...` (and `torchrun -m examplegpt ...`)."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

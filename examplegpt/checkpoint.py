@@ -1,0 +1,79 @@
+"""Checkpoints: atomic writes, the original README's file names, finding the newest, pruning old ones.
+
+A checkpoint is a plain dict of tensors and Python data (loadable with `weights_only=True`):
+model, optimizer, gradient scaler, step, data-loader position, RNG states, the resolved config
+and the tokenizer hash. `train.py` decides what goes in; this module only stores it safely.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+from .weights import read_torch_file
+
+CHECKPOINT_FORMAT = "examplegpt-checkpoint"
+CHECKPOINT_NAME = re.compile(r"checkpoint_epoch(\d+)_batch(\d+)\.pt$")
+
+
+def atomic_torch_save(obj: object, path: str | Path) -> None:
+    """torch.save to a temporary file, fsync, then rename: a kill at any moment leaves the old file or the new one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # make the rename itself durable
+        finally:
+            os.close(dir_fd)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def checkpoint_path(out_dir: str | Path, epoch: int, batch: int) -> Path:
+    return Path(out_dir) / "checkpoints" / f"checkpoint_epoch{epoch}_batch{batch}.pt"
+
+
+def list_checkpoints(out_dir: str | Path) -> list[Path]:
+    """Complete checkpoints in out_dir/checkpoints, oldest first (by epoch, then batch)."""
+    folder = Path(out_dir) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    by_position = {}
+    for p in folder.iterdir():
+        match = CHECKPOINT_NAME.match(p.name)
+        if match:
+            by_position[(int(match[1]), int(match[2]))] = p
+    return [by_position[key] for key in sorted(by_position)]
+
+
+def resolve_resume(resume: str, out_dir: str | Path) -> Path:
+    """The checkpoint that `--resume` names: 'auto' is the newest in out_dir."""
+    if resume != "auto":
+        return Path(resume)
+    found = list_checkpoints(out_dir)
+    if not found:
+        raise UserError(f"--resume auto: no checkpoint in {Path(out_dir) / 'checkpoints'}")
+    return found[-1]
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    state = read_torch_file(path)
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path} is a model file, not a training checkpoint: it cannot be resumed")
+    return state
+
+
+def prune_checkpoints(out_dir: str | Path, keep_last: int) -> None:
+    for old in list_checkpoints(out_dir)[:-keep_last]:
+        old.unlink(missing_ok=True)

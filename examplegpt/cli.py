@@ -1,0 +1,185 @@
+"""The command line: `python example.py <command>` and the `examplegpt` console script.
+
+Flags are generated from the config dataclasses (config.py); a `--config FILE` (TOML or YAML) sets the
+same fields, and flags win over the file. Every user error ends as one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import tomllib
+from pathlib import Path
+
+from .config import PRESETS, DataConfig, GenerateConfig, GPTConfig, TrainConfig, build, field_docs
+from .errors import UserError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (exit 2) instead of the usage block."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def parse_optional(kind: type):
+    """Parser for an `X | None` field: 'none' or 'auto' mean None."""
+
+    def parse(text: str):
+        if text.lower() in ("none", "auto"):
+            return None
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__} or 'auto', got {text!r}") from None
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+SCALARS = {"int": int, "float": float, "str": str}
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One flag per dataclass field, named after it (`--num-layers`), with its docstring as help."""
+    docs = field_docs(cls)
+    group = parser.add_argument_group(cls.__name__)
+    for f in dataclasses.fields(cls):
+        names = ["--" + f.name.replace("_", "-"), *f.metadata.get("aliases", ())]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f"{docs.get(f.name, '')} (default: {default})"
+        common = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)
+        if f.type == "bool":
+            group.add_argument(*names, action=argparse.BooleanOptionalAction, **common)
+        elif f.type == "list[str]":
+            group.add_argument(*names, action="append", metavar="TEXT", **common)
+        elif f.type.endswith("| None"):
+            kind = SCALARS[f.type.split("|")[0].strip()]
+            group.add_argument(*names, type=parse_optional(kind), metavar=kind.__name__.upper(), **common)
+        else:
+            kind = SCALARS[f.type]
+            group.add_argument(*names, type=kind, metavar=kind.__name__.upper(), **common)
+
+
+def read_config_file(path: str) -> dict:
+    """Settings from a TOML or YAML file, flat or in [model] / [data] / [train] / [generate] sections."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        if p.suffix == ".toml":
+            values = tomllib.loads(p.read_text())
+        elif p.suffix in (".yaml", ".yml"):
+            import yaml
+
+            values = yaml.safe_load(p.read_text()) or {}
+        else:
+            raise UserError(f"config file must end in .toml, .yaml or .yml: {path}")
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot parse {path}: {e}") from None
+    except Exception as e:
+        if type(e).__module__.startswith("yaml"):
+            raise UserError(f"cannot parse {path}: {str(e).splitlines()[0]}") from None
+        raise
+    if not isinstance(values, dict):
+        raise UserError(f"{path} must hold a table of settings")
+    flat = {}
+    for key, value in values.items():
+        if key in ("model", "data", "train", "generate") and isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    return flat
+
+
+def resolve(args: argparse.Namespace, classes: dict[str, type]) -> dict[str, object]:
+    """Each config of a command from defaults < preset < config file < flags."""
+    given = {k: v for k, v in vars(args).items() if k not in ("run", "config", "preset")}
+    from_file = read_config_file(args.config) if getattr(args, "config", None) else {}
+    if "preset" in from_file and getattr(args, "preset", None) is None:
+        args.preset = from_file["preset"]
+    from_file.pop("preset", None)
+    known = {f.name for cls in classes.values() for f in dataclasses.fields(cls)}
+    unknown = sorted(set(from_file) - known)
+    if unknown:
+        raise UserError(f"{args.config}: unknown setting '{unknown[0]}'")
+    resolved = {}
+    for name, cls in classes.items():
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {}
+        if cls is GPTConfig and getattr(args, "preset", None):
+            if args.preset not in PRESETS:
+                raise UserError(f"unknown preset {args.preset!r}; choose from {', '.join(PRESETS)}")
+            values.update(PRESETS[args.preset])
+        values.update({k: v for k, v in from_file.items() if k in names})
+        values.update({k: v for k, v in given.items() if k in names})
+        resolved[name] = build(cls, values)
+    return resolved
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from .train import train
+
+    configs = resolve(args, {"model": GPTConfig, "data": DataConfig, "train": TrainConfig})
+    return train(configs["model"], configs["data"], configs["train"])
+
+
+def run_prepare(args: argparse.Namespace) -> int:
+    from .data import prepare
+
+    configs = resolve(args, {"model": GPTConfig, "data": DataConfig})
+    prepare(configs["data"], min_tokens=configs["model"].max_seq_len + 1, verbose=True)
+    return 0
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from .generate import generate_command
+
+    configs = resolve(args, {"generate": GenerateConfig})
+    return generate_command(configs["generate"])
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="examplegpt", description="ExampleGPT: train GPT-2 from scratch, and sample from it.")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+
+    train = commands.add_parser("train", help="train a model (prepares the data first if needed)")
+    train.add_argument("--config", help="TOML or YAML file of settings (flags win over it)")
+    train.add_argument("--preset", help=f"model size: {', '.join(PRESETS)} (default: 124M)")
+    for cls in (GPTConfig, DataConfig, TrainConfig):
+        add_config_flags(train, cls)
+    train.set_defaults(run=run_train)
+
+    prepare = commands.add_parser("prepare", help="download and tokenize a corpus into the token cache")
+    prepare.add_argument("--config", help="TOML or YAML file of settings (flags win over it)")
+    prepare.add_argument("--preset", help="model preset (its max_seq_len sets the smallest usable split)")
+    add_config_flags(prepare, DataConfig)
+    prepare.add_argument("--max-seq-len", dest="max_seq_len", type=int, default=argparse.SUPPRESS)
+    prepare.set_defaults(run=run_prepare)
+
+    generate = commands.add_parser("generate", help="generate text from a trained model")
+    generate.add_argument("--config", help="TOML or YAML file of settings (flags win over it)")
+    add_config_flags(generate, GenerateConfig)
+    generate.set_defaults(run=run_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `examplegpt generate | head`: the reader left, nothing to report
+        sys.stderr.close()
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

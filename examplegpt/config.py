@@ -1,0 +1,284 @@
+"""Every setting of ExampleGPT, in typed dataclasses.
+
+The docstring under each field is its `--help` text; the CLI flags and the config-file keys
+are generated from these classes (see `cli.py`), so there is no second list to keep in step.
+Values are validated on construction: a bad one raises `UserError` with one clear sentence.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import functools
+import inspect
+import textwrap
+from dataclasses import dataclass, field
+
+from .errors import UserError
+
+
+@dataclass
+class GPTConfig:
+    """The shape of the model. The defaults are GPT-2 small (124M parameters)."""
+
+    vocab_size: int = 50257
+    """Number of tokens in the vocabulary (GPT-2's BPE: 50257)."""
+    d_model: int = 768
+    """Width of the residual stream (embedding size)."""
+    num_heads: int = 12
+    """Attention heads per layer; d_model must be divisible by it."""
+    num_layers: int = 12
+    """Number of transformer blocks."""
+    d_ff: int = 3072
+    """Hidden width of the feed-forward network (GPT-2: 4 * d_model)."""
+    max_seq_len: int = 1024
+    """Context length: the number of learned positions."""
+    dropout: float = 0.0
+    """Dropout on embeddings, attention and residual branches (GPT-2 trained with 0.1)."""
+    vocab_pad_multiple: int = 64
+    """Embedding rows are padded to a multiple of this for faster matmuls; logits are cut back to vocab_size."""
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "num_heads", "num_layers", "d_ff", "max_seq_len", "vocab_pad_multiple"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.d_model % self.num_heads:
+            raise UserError(f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.vocab_pad_multiple
+        return (self.vocab_size + m - 1) // m * m
+
+
+# The GPT-2 family (Radford et al. 2019) and a model small enough to train on a laptop CPU.
+PRESETS: dict[str, dict[str, int]] = {
+    "tiny": dict(d_model=192, num_heads=6, num_layers=4, d_ff=768, max_seq_len=256),
+    "124M": dict(d_model=768, num_heads=12, num_layers=12, d_ff=3072),
+    "350M": dict(d_model=1024, num_heads=16, num_layers=24, d_ff=4096),
+    "774M": dict(d_model=1280, num_heads=20, num_layers=36, d_ff=5120),
+    "1558M": dict(d_model=1600, num_heads=25, num_layers=48, d_ff=6400),
+}
+
+
+@dataclass
+class DataConfig:
+    """Where the training text comes from and where its tokens are cached."""
+
+    data: str = "wikitext-103"
+    """Corpus: wikitext-103, wikitext-2, a Hugging Face dataset id, or local text files (a file, folder or glob)."""
+    data_config: str | None = None
+    """Configuration name of a Hugging Face dataset (wikitext-103 and wikitext-2 set their own)."""
+    text_column: str = "text"
+    """Column that holds the text in a Hugging Face dataset."""
+    train_split: str = "train"
+    """Name of the training split of a Hugging Face dataset."""
+    val_split: str = "validation"
+    """Name of the validation split; when the source has none, val_fraction is held out instead."""
+    test_split: str = "test"
+    """Name of the test split, tokenized when the source has one."""
+    val_fraction: float = 0.005
+    """Share of the tokens held out for validation when the source has no validation split."""
+    cache_dir: str = "data"
+    """Folder of the token cache (one sub-folder per source and options)."""
+    workers: int | None = None
+    """Tokenizer threads (default: all cores)."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.val_fraction < 0.5:
+            raise UserError(f"val_fraction must be in (0, 0.5), got {self.val_fraction}")
+        if self.workers is not None and self.workers < 1:
+            raise UserError(f"workers must be at least 1, got {self.workers}")
+
+
+@dataclass
+class TrainConfig:
+    """How to train. Names and defaults follow the original ExampleGPT README."""
+
+    num_epochs: int = 3
+    """Passes over the training tokens."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (default: run all epochs)."""
+    batch_size: int = 64
+    """Sequences per optimizer step, summed over micro-batches and data-parallel ranks."""
+    micro_batch_size: int | None = None
+    """Sequences per forward pass on one device ('auto' or none: the largest that fits, found at start)."""
+    learning_rate: float = 1e-4
+    """Peak learning rate, reached after the warmup."""
+    min_lr_ratio: float = 0.1
+    """The cosine decay ends at learning_rate * min_lr_ratio."""
+    warmup_steps: int = 100
+    """Steps of linear warmup from 0 to learning_rate."""
+    weight_decay: float = 0.1
+    """AdamW weight decay, applied to matmul and embedding weights only."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 disables clipping)."""
+    use_amp: bool = field(default=True, metadata={"aliases": ("--amp",)})
+    """Mixed precision: bf16 where the device supports it, else fp16 with a gradient scaler (fp32 on CPU unless precision=bf16)."""
+    precision: str = "auto"
+    """auto, bf16, fp16 or fp32; auto follows the device."""
+    use_checkpointing: bool = field(default=True, metadata={"aliases": ("--checkpointing",)})
+    """Gradient checkpointing per transformer block: less memory for about a third more compute."""
+    compile: bool = False
+    """Compile the model with torch.compile."""
+    device: str = "auto"
+    """auto (CUDA, then Apple MPS, then CPU), cuda, mps or cpu."""
+    eval_interval: int = 500
+    """Evaluate on the validation split every this many steps (and at the end)."""
+    eval_batches: int = 20
+    """Micro-batches of validation windows per evaluation (a fixed, seeded set)."""
+    log_interval: int = 10
+    """Write a metrics line every this many steps."""
+    checkpoint_interval: int = 500
+    """Save a checkpoint every this many batches (optimizer steps)."""
+    keep_last: int | None = None
+    """Keep only the newest N checkpoints (default: keep all)."""
+    out_dir: str = "."
+    """Where checkpoints/, gpt_model.pt, metrics.jsonl and loss.png go."""
+    resume: str | None = None
+    """'auto' for the newest checkpoint in out_dir/checkpoints, or a checkpoint path."""
+    init_from: str | None = None
+    """Start from these weights (our checkpoint or a Hugging Face GPT-2 folder) with a fresh optimizer."""
+    use_wandb: bool = field(default=False, metadata={"aliases": ("--wandb",)})
+    """Log to Weights & Biases (offline mode when there are no credentials or no network)."""
+    wandb_project: str = "gpt-training"
+    """Weights & Biases project name."""
+    seed: int = 1337
+    """Seed of the initial weights, the data order and dropout."""
+
+    def __post_init__(self) -> None:
+        positive = ("num_epochs", "batch_size", "eval_interval", "eval_batches", "log_interval", "checkpoint_interval")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("max_steps", "micro_batch_size", "keep_last"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UserError(f"{name} must be at least 1, got {value}")
+        if self.micro_batch_size is not None and self.batch_size % self.micro_batch_size:
+            raise UserError(
+                f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size ({self.micro_batch_size})"
+            )
+        if self.learning_rate <= 0:
+            raise UserError(f"learning_rate must be positive, got {self.learning_rate}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise UserError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise UserError("warmup_steps, weight_decay and grad_clip must not be negative")
+        if self.precision not in ("auto", "bf16", "fp16", "fp32"):
+            raise UserError(f"precision must be auto, bf16, fp16 or fp32, got {self.precision!r}")
+        if self.device not in ("auto", "cpu", "cuda", "mps"):
+            raise UserError(f"device must be auto, cpu, cuda or mps, got {self.device!r}")
+
+
+@dataclass
+class GenerateConfig:
+    """How to sample text from a trained model."""
+
+    prompt: str = field(default="", metadata={"aliases": ("-p",)})
+    """Text to continue; '-' (or a piped stdin with no --prompt) reads it from stdin."""
+    checkpoint: str = field(default="gpt_model.pt", metadata={"aliases": ("-c",)})
+    """Our model file or checkpoint, or a Hugging Face GPT-2 folder."""
+    max_tokens: int = field(default=50, metadata={"aliases": ("-n",)})
+    """Number of new tokens to generate."""
+    temperature: float = field(default=0.8, metadata={"aliases": ("-t",)})
+    """Sampling temperature; 0 is greedy decoding."""
+    top_p: float = 0.9
+    """Nucleus sampling: keep the smallest set of tokens whose probability sums to top_p (1 keeps all)."""
+    top_k: int | None = None
+    """Keep only the k most likely tokens."""
+    min_p: float | None = None
+    """Drop tokens less likely than min_p times the most likely one."""
+    repetition_penalty: float = 1.0
+    """Divide the positive logits (multiply the negative ones) of tokens already present by this (1 = off)."""
+    seed: int | None = None
+    """Seed for reproducible sampling."""
+    num_samples: int = 1
+    """Independent samples, generated together as one batch."""
+    ignore_eos: bool = False
+    """Keep generating past <|endoftext|>."""
+    stop: list[str] = field(default_factory=list)
+    """Stop a sample when this text appears (repeatable)."""
+    json: bool = False
+    """Print one JSON object per sample instead of streaming text."""
+    interactive: bool = False
+    """Keep the model loaded and read prompts line by line from stdin."""
+    device: str = "auto"
+    """auto, cpu, cuda or mps."""
+    dtype: str = "auto"
+    """auto (bf16 on CUDA with bf16 support, else float32), float32, bfloat16 or float16."""
+    compile: bool = False
+    """Compile the decode step with torch.compile (CUDA)."""
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise UserError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise UserError(f"temperature must not be negative, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k is not None and self.top_k < 1:
+            raise UserError(f"top_k must be at least 1, got {self.top_k}")
+        if self.min_p is not None and not 0.0 <= self.min_p <= 1.0:
+            raise UserError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.repetition_penalty <= 0:
+            raise UserError(f"repetition_penalty must be positive, got {self.repetition_penalty}")
+        if self.num_samples < 1:
+            raise UserError(f"num_samples must be at least 1, got {self.num_samples}")
+        if self.device not in ("auto", "cpu", "cuda", "mps"):
+            raise UserError(f"device must be auto, cpu, cuda or mps, got {self.device!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise UserError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each field of a dataclass, by field name."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, following in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(following, ast.Expr)
+            and isinstance(following.value, ast.Constant)
+        ):
+            docs[node.target.id] = following.value.value
+    return docs
+
+
+def build(cls: type, values: dict) -> object:
+    """Construct a config dataclass from a dict, rejecting unknown keys and wrong types in one line."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise UserError(f"unknown {cls.__name__} setting: {unknown[0]}")
+    hints = {f.name: f.type for f in dataclasses.fields(cls)}
+    for key, value in values.items():
+        check_type(key, value, hints[key])
+    return cls(**values)
+
+
+def check_type(name: str, value: object, hint: str) -> None:
+    """Raise UserError if `value` does not fit the annotation `hint` (as written, e.g. 'int | None')."""
+    allowed = [part.strip() for part in hint.split("|")]
+    ok = {
+        "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+        "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        "str": lambda v: isinstance(v, str),
+        "bool": lambda v: isinstance(v, bool),
+        "None": lambda v: v is None,
+        "list[str]": lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v),
+    }
+    if not any(ok[kind](value) for kind in allowed):
+        raise UserError(f"{name} must be {' or '.join(allowed)}, got {value!r}")
+
+
+def to_dict(config: object) -> dict:
+    return dataclasses.asdict(config)

@@ -1,0 +1,264 @@
+"""Sampling from a GPT with a key/value cache, and the filters that shape each step's distribution.
+
+The prompt is run once (prefill) and fills the cache; each new token then costs one position.
+When the cache is full (max_seq_len), the last half of the context is run again from position 0
+(a sliding window), so generation can go on for any length.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+from .config import GenerateConfig
+from .device import pick_device
+from .errors import UserError
+from .model import GPT, KVCache
+from .tokenizer import EOT_ID, encode, get_tokenizer
+
+# Called with each step's new tokens (B,); may return a bool mask (B,) of samples to stop.
+StepCallback = Callable[[torch.Tensor], "torch.Tensor | None"]
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's penalty: logits (B, V) of tokens already seen (B, V bool) are made less likely."""
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits per row (and any tied with the k-th); the rest become -inf."""
+    if k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]  # (B, 1)
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus filter: keep the most likely tokens until their probability reaches p.
+
+    Tokens tied with the last one kept are kept too, so the result does not depend on sort order.
+    """
+    if p >= 1.0:
+        return logits
+    probs = torch.softmax(logits.float(), dim=-1)  # (B, V)
+    sorted_probs, _ = torch.sort(probs, dim=-1, descending=True)
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # probability of the tokens ranked above
+    needed = mass_before < p  # (B, V): this token is needed to reach p
+    last_needed = needed.sum(dim=-1, keepdim=True) - 1  # (B, 1), index into the sorted order
+    threshold = sorted_probs.gather(-1, last_needed)  # (B, 1)
+    return logits.masked_fill(probs < threshold, float("-inf"))
+
+
+def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Drop tokens whose probability is below min_p times the most likely token's."""
+    probs = torch.softmax(logits.float(), dim=-1)  # (B, V)
+    return logits.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, float("-inf"))
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 0.8,
+    top_p: float = 0.9,
+    top_k: int | None = None,
+    min_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """One token per row of logits (B, V): greedy at temperature 0, else sampled after the filters."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        logits = top_k_filter(logits, top_k)
+    if min_p is not None:
+        logits = min_p_filter(logits, min_p)
+    logits = top_p_filter(logits, top_p)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
+
+
+@torch.inference_mode()
+def generate(
+    model: GPT,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 0.8,
+    top_p: float = 0.9,
+    top_k: int | None = None,
+    min_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    eos_id: int | None = None,
+    generator: torch.Generator | None = None,
+    on_step: StepCallback | None = None,
+) -> torch.Tensor:
+    """Continue each row of `idx` (B, T) by up to `max_new_tokens`: returns (B, T + new).
+
+    With `eos_id`, a row that produces it is finished (and padded with eos_id from then on);
+    generation ends early when every row is finished, by eos or by `on_step`'s mask.
+    """
+    model.eval()
+    config = model.config
+    B, T = idx.shape
+    context = config.max_seq_len
+    dtype = next(model.parameters()).dtype
+    cache = KVCache(config, B, context, idx.device, dtype)
+    tokens = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=idx.device)  # (B, T + new)
+    tokens[:, :T] = idx
+    finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
+    seen = None
+    if repetition_penalty != 1.0:
+        seen = torch.zeros(B, config.vocab_size, dtype=torch.bool, device=idx.device)
+        seen.scatter_(1, idx, True)
+
+    logits = model.logits(model.hidden_states(idx[:, -context:], cache)[:, -1])  # (B, V)
+    end = T
+    for _ in range(max_new_tokens):
+        if seen is not None:
+            logits = apply_repetition_penalty(logits, seen, repetition_penalty)
+        next_token = sample_next(logits, temperature, top_p, top_k, min_p, generator)  # (B,)
+        if eos_id is not None:
+            next_token = torch.where(finished, eos_id, next_token)
+            finished |= next_token == eos_id
+        tokens[:, end] = next_token
+        end += 1
+        if seen is not None:
+            seen.scatter_(1, next_token[:, None], True)
+        if on_step is not None:
+            stop = on_step(next_token)
+            if stop is not None:
+                finished |= stop
+        if finished.all() or end == T + max_new_tokens:
+            break
+        if cache.pos == context:  # cache full: slide, keeping the last half of the context
+            cache.pos = 0
+            window = tokens[:, end - context // 2 : end]  # (B, context // 2)
+            logits = model.logits(model.hidden_states(window, cache)[:, -1])
+        else:
+            logits = model.logits(model.hidden_states(next_token[:, None], cache)[:, -1])  # (B, V)
+    return tokens[:, :end]
+
+
+class TextStream:
+    """Turns tokens into text one at a time, never splitting a UTF-8 character across two pieces."""
+
+    def __init__(self) -> None:
+        self._bytes_of = get_tokenizer().decode_single_token_bytes
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.text = ""
+
+    def push(self, token: int) -> str:
+        """The new complete text that `token` finishes (possibly empty)."""
+        piece = self._decoder.decode(self._bytes_of(token))
+        self.text += piece
+        return piece
+
+    def flush(self) -> str:
+        piece = self._decoder.decode(b"", final=True)
+        self.text += piece
+        return piece
+
+
+# --- the `generate` command -------------------------------------------------------------------
+
+
+def read_prompt(prompt: str) -> str:
+    """The prompt text: '-', or no --prompt with a piped stdin, reads stdin (which must be UTF-8)."""
+    if prompt == "-" or (not prompt and not sys.stdin.isatty()):
+        try:
+            prompt = sys.stdin.buffer.read().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"the prompt on stdin is not valid UTF-8 (byte {e.start})") from None
+    if not prompt:
+        raise UserError("the prompt is empty: pass --prompt TEXT (or pipe text on stdin)")
+    return prompt
+
+
+def generate_command(cfg: GenerateConfig) -> int:
+    device = pick_device(cfg.device)
+    model = GPT.from_pretrained(cfg.checkpoint, map_location="cpu")
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.dtype)
+    if dtype is None:  # auto
+        dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    model.to(device=device, dtype=dtype).eval()
+    if cfg.compile and device.type == "cuda":
+        model.hidden_states = torch.compile(model.hidden_states, dynamic=True)
+    prompts = iter(sys.stdin.readline, "") if cfg.interactive else [read_prompt(cfg.prompt)]
+    for prompt in prompts:
+        prompt = prompt.rstrip("\n") if cfg.interactive else prompt
+        if prompt:
+            run_prompt(model, prompt, cfg, device)
+    return 0
+
+
+def run_prompt(model: GPT, prompt: str, cfg: GenerateConfig, device: torch.device) -> None:
+    ids = encode(prompt)
+    context = model.config.max_seq_len
+    if len(ids) > context - 1:
+        print(f"warning: the prompt has {len(ids)} tokens; keeping the last {context - 1}", file=sys.stderr)
+        ids = ids[-(context - 1) :]
+    idx = torch.tensor([ids] * cfg.num_samples, dtype=torch.long, device=device)  # (B, T)
+    generator = None
+    if cfg.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    streams = [TextStream() for _ in range(cfg.num_samples)]
+    stream_live = cfg.num_samples == 1 and not cfg.json
+    holdback = max((len(s) for s in cfg.stop), default=1) - 1  # chars that might begin a stop text
+    printed = 0
+    if stream_live:
+        print(prompt, end="", flush=True)
+
+    def on_step(new_tokens: torch.Tensor) -> torch.Tensor:
+        nonlocal printed
+        stop = torch.zeros(len(streams), dtype=torch.bool, device=new_tokens.device)
+        for row, (stream, token) in enumerate(zip(streams, new_tokens.tolist())):
+            if token == EOT_ID and not cfg.ignore_eos:
+                continue
+            stream.push(token)
+            stop[row] = any(s in stream.text for s in cfg.stop)
+        if stream_live and not stop[0]:
+            visible = len(streams[0].text) - holdback
+            if visible > printed:
+                print(streams[0].text[printed:visible], end="", flush=True)
+                printed = visible
+        return stop
+
+    start = time.perf_counter()
+    out = generate(
+        model,
+        idx,
+        cfg.max_tokens,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        top_k=cfg.top_k,
+        min_p=cfg.min_p,
+        repetition_penalty=cfg.repetition_penalty,
+        eos_id=None if cfg.ignore_eos else EOT_ID,
+        generator=generator,
+        on_step=on_step,
+    )
+    seconds = time.perf_counter() - start
+    texts = [cut_at_stop(stream.text + stream.flush(), cfg.stop) for stream in streams]
+    new_tokens = [count_new_tokens(row, len(ids), cfg.ignore_eos) for row in out.tolist()]
+    if stream_live:
+        print(texts[0][printed:], flush=True)
+    for i, text in enumerate(texts):
+        if cfg.json:
+            record = dict(prompt=prompt, text=text, tokens=new_tokens[i], tokens_per_second=new_tokens[i] / seconds)
+            print(json.dumps(record, ensure_ascii=False), flush=True)
+        elif not stream_live:
+            print(("" if i == 0 else "\n----------\n") + prompt + text, flush=True)
+
+
+def cut_at_stop(text: str, stops: list[str]) -> str:
+    cuts = [text.find(s) for s in stops if s in text]
+    return text[: min(cuts)] if cuts else text
+
+
+def count_new_tokens(row: list[int], prompt_len: int, ignore_eos: bool) -> int:
+    new = row[prompt_len:]
+    return len(new) if ignore_eos or EOT_ID not in new else new.index(EOT_ID)

@@ -1,0 +1,47 @@
+"""GPT-2's byte-level BPE through tiktoken, built from a ranks file shipped inside the package.
+
+tiktoken would otherwise download the ranks from a host that firewalled machines cannot reach.
+The file is `r50k_base` (GPT-2's encoding) and is checked against tiktoken's published hash.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import hashlib
+from pathlib import Path
+
+import tiktoken
+from tiktoken_ext.openai_public import r50k_pat_str
+
+RANKS_FILE = Path(__file__).parent / "assets" / "gpt2.tiktoken"
+RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"  # tiktoken's r50k_base
+EOT = "<|endoftext|>"
+EOT_ID = 50256
+TOKENIZER_ID = f"gpt2-r50k_base-{RANKS_SHA256[:16]}"  # stored with caches and checkpoints
+
+
+@functools.cache
+def get_tokenizer() -> tiktoken.Encoding:
+    """The GPT-2 Encoding; raises ValueError if the shipped ranks file does not match its hash."""
+    # Read and checked here rather than by tiktoken.load, which skips the hash check when its cache is off.
+    contents = RANKS_FILE.read_bytes()
+    if hashlib.sha256(contents).hexdigest() != RANKS_SHA256:
+        raise ValueError(f"Hash mismatch: {RANKS_FILE} is not GPT-2's r50k_base ranks file; reinstall examplegpt")
+    ranks = {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in contents.splitlines())}
+    return tiktoken.Encoding(
+        name="gpt2",
+        pat_str=r50k_pat_str,
+        mergeable_ranks=ranks,
+        special_tokens={EOT: EOT_ID},
+        explicit_n_vocab=50257,
+    )
+
+
+def encode(text: str, allow_eot: bool = True) -> list[int]:
+    """Token ids of `text`; with allow_eot the literal '<|endoftext|>' becomes the special token."""
+    return get_tokenizer().encode(text, allowed_special={EOT} if allow_eot else set(), disallowed_special=())
+
+
+def decode(tokens: list[int]) -> str:
+    return get_tokenizer().decode(tokens)

@@ -1,0 +1,207 @@
+"""Model weights in and out: our model files and checkpoints, and Hugging Face GPT-2 folders.
+
+Nothing here can execute code from a file: torch files are read with `weights_only=True`, and
+Hugging Face weights through safetensors (or `weights_only=True` for pytorch_model.bin).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import GPTConfig, build
+from .errors import UserError
+from .model import GPT
+
+MODEL_FORMAT = "examplegpt-model"
+
+# Hugging Face's GPT-2 stores these four matmuls as Conv1D, whose weight is (in, out): transpose them.
+CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def read_torch_file(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Load a torch file that holds only tensors and plain data; anything else is a UserError."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"no such file: {path}")
+    if path.is_dir():
+        raise UserError(f"{path} is a directory, not a model file")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = "it holds Python objects that could run code; refused" if "Weights only" in str(e) else "corrupt"
+        raise UserError(f"{path} is not a valid ExampleGPT checkpoint or model file ({reason})") from None
+    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, KeyError, IndexError, TypeError):
+        raise UserError(
+            f"{path} is not a valid ExampleGPT checkpoint or model file (unreadable or truncated)"
+        ) from None
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+    if not isinstance(obj, dict) or "model" not in obj or "model_config" not in obj:
+        raise UserError(f"{path} is not a valid ExampleGPT checkpoint or model file (no model weights in it)")
+    return obj
+
+
+def model_from_state(state: dict, path: str | Path) -> GPT:
+    """Build a GPT from the `model_config` and `model` entries of one of our files."""
+    config = build(GPTConfig, state["model_config"])
+    model = GPT(config)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[1:2] or ["weights do not match the model"]
+        raise UserError(f"{path}: weights do not match its config ({first[0].strip()[:120]})") from None
+    return model
+
+
+def save_model_file(model: GPT, path: str | Path, extra: dict | None = None) -> None:
+    """Write the final model (weights + config) atomically: `gpt_model.pt`."""
+    from dataclasses import asdict
+
+    from .checkpoint import atomic_torch_save
+
+    state = {"format": MODEL_FORMAT, "model_config": asdict(model.config), "model": model.state_dict()}
+    state.update(extra or {})
+    atomic_torch_save(state, path)
+
+
+def load_model(path: str, map_location: str | torch.device = "cpu") -> GPT:
+    """A GPT from our model file or checkpoint, a Hugging Face GPT-2 folder, or a hub id (online only)."""
+    p = Path(path)
+    if p.is_dir():
+        return load_hf_folder(p)
+    if p.exists():
+        return model_from_state(read_torch_file(p, map_location), p)
+    if looks_like_hub_id(path):
+        return load_hf_folder(download_from_hub(path))
+    raise UserError(f"no such file or folder: {path}")
+
+
+def looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return 1 <= len(parts) <= 2 and all(parts) and not name.endswith((".pt", ".bin", ".safetensors"))
+
+
+def download_from_hub(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = snapshot_download(repo_id, allow_patterns=["config.json", "model.safetensors"])
+    except Exception as e:  # offline, unknown repo, gated, ...: all end the same way for the user
+        raise UserError(
+            f"cannot get '{repo_id}' from the Hugging Face hub ({type(e).__name__}); "
+            "offline, pass a local folder with config.json and model.safetensors instead"
+        ) from None
+    return Path(folder)
+
+
+def config_from_hf(hf: dict) -> GPTConfig:
+    """Our GPTConfig for a Hugging Face GPT-2 config.json, refusing variants our model does not compute."""
+    if hf.get("model_type", "gpt2") != "gpt2":
+        raise UserError(f"model_type is {hf.get('model_type')!r}: only GPT-2 folders can be loaded")
+    if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise UserError(f"activation {hf['activation_function']!r} is not GPT-2's tanh GELU")
+    if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
+        raise UserError("GPT-2 variants with rescaled or reordered attention are not supported")
+    if abs(hf.get("layer_norm_epsilon", 1e-5) - 1e-5) > 1e-12:
+        raise UserError(f"layer_norm_epsilon {hf['layer_norm_epsilon']} is not GPT-2's 1e-5")
+    d_model = hf["n_embd"]
+    return GPTConfig(
+        vocab_size=hf["vocab_size"],
+        d_model=d_model,
+        num_heads=hf["n_head"],
+        num_layers=hf["n_layer"],
+        d_ff=hf.get("n_inner") or 4 * d_model,
+        max_seq_len=hf["n_positions"],
+        dropout=0.0,
+    )
+
+
+def config_to_hf(config: GPTConfig) -> dict:
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": config.vocab_size,
+        "n_embd": config.d_model,
+        "n_head": config.num_heads,
+        "n_layer": config.num_layers,
+        "n_inner": config.d_ff,
+        "n_positions": config.max_seq_len,
+        "n_ctx": config.max_seq_len,
+        "activation_function": "gelu_new",
+        "layer_norm_epsilon": 1e-5,
+        "resid_pdrop": config.dropout,
+        "embd_pdrop": config.dropout,
+        "attn_pdrop": config.dropout,
+        "initializer_range": 0.02,
+        "bos_token_id": 50256,
+        "eos_token_id": 50256,
+        "tie_word_embeddings": True,
+    }
+
+
+def load_hf_folder(folder: Path) -> GPT:
+    config_file = folder / "config.json"
+    if not config_file.exists():
+        raise UserError(f"{folder} is not a Hugging Face GPT-2 folder (no config.json)")
+    try:
+        hf_config = json.loads(config_file.read_text())
+        config = config_from_hf(hf_config)
+    except (json.JSONDecodeError, KeyError) as e:
+        raise UserError(f"{config_file} is not a GPT-2 config ({type(e).__name__}: {e})") from None
+    if (folder / "model.safetensors").exists():
+        hf_state = load_file(folder / "model.safetensors")
+    elif (folder / "pytorch_model.bin").exists():
+        hf_state = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    else:
+        raise UserError(f"{folder} has no model.safetensors or pytorch_model.bin")
+    model = GPT(config)
+    model.load_state_dict(state_from_hf(hf_state, config), strict=True)
+    return model
+
+
+def state_from_hf(hf_state: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
+    """Map a GPT2LMHeadModel (or GPT2Model) state dict onto our parameter names and padded vocab."""
+    state = {}
+    for key, tensor in hf_state.items():
+        name = key if key.startswith(("transformer.", "lm_head.")) else "transformer." + key
+        if name.endswith((".attn.bias", ".attn.masked_bias")):  # causal-mask buffers of old HF files
+            continue
+        if name.endswith(CONV1D_SUFFIXES):
+            tensor = tensor.t()
+        state[name] = tensor.contiguous()
+    wte = state["transformer.wte.weight"]  # (vocab_size, C): pad the rows up to the model's size
+    padded = wte.new_zeros(config.padded_vocab_size, config.d_model)
+    padded[: config.vocab_size] = wte
+    state["transformer.wte.weight"] = padded
+    state["lm_head.weight"] = padded  # tied
+    return state
+
+
+def state_to_hf(model: GPT) -> dict[str, torch.Tensor]:
+    """Our weights under Hugging Face GPT-2 names and layouts (no tied lm_head copy, no vocab padding)."""
+    hf_state = {}
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight":
+            continue
+        if name == "transformer.wte.weight":
+            tensor = tensor[: model.config.vocab_size]
+        if name.endswith(CONV1D_SUFFIXES):
+            tensor = tensor.t()
+        hf_state[name] = tensor.detach().to("cpu", torch.float32).contiguous()
+    return hf_state
+
+
+def save_hf_folder(model: GPT, folder: Path) -> None:
+    """Write config.json + model.safetensors that transformers' GPT2LMHeadModel.from_pretrained reads."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config_to_hf(model.config), indent=2) + "\n")
+    tmp = folder / "model.safetensors.tmp"
+    save_file(state_to_hf(model), str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, folder / "model.safetensors")

@@ -1,0 +1,62 @@
+"""Our GPT computes exactly what Hugging Face's GPT2LMHeadModel computes, on the same weights."""
+
+import pytest
+import torch
+
+from examplegpt import GPT
+from examplegpt.weights import save_hf_folder, state_to_hf
+
+from .conftest import run_cli
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def models(hf_dir):
+    hf = transformers.GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+    ours = GPT.from_pretrained(str(hf_dir)).eval()
+    return hf, ours
+
+
+def test_logits_and_loss_match_transformers(models):
+    hf, ours = models
+    torch.manual_seed(1)
+    idx = torch.randint(0, 50257, (3, 64))
+    with torch.no_grad():
+        expected = hf(idx, labels=idx)
+        logits, _ = ours(idx)
+        _, loss = ours(idx[:, :-1], targets=idx[:, 1:])  # HF shifts the labels itself
+    assert (logits - expected.logits).abs().max().item() < 1e-4
+    assert loss.item() == pytest.approx(expected.loss.item(), abs=1e-5)
+
+
+def test_greedy_generation_matches_transformers(models):
+    hf, ours = models
+    prompt = torch.randint(0, 50257, (1, 8), generator=torch.Generator().manual_seed(2))
+    expected = hf.generate(prompt, max_new_tokens=40, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(ours.generate(prompt, 40, temperature=0), expected)
+
+
+def test_cli_greedy_prints_what_transformers_generates(hf_dir, models):
+    hf, _ = models
+    from examplegpt.tokenizer import decode, encode
+
+    prompt = "The history of"
+    ids = torch.tensor([encode(prompt)])
+    expected = hf.generate(ids, max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0)
+    proc = run_cli("generate", "-c", str(hf_dir), "-p", prompt, "-n", "20", "-t", "0", "--ignore-eos")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == decode(expected[0].tolist()) + "\n"
+
+
+def test_export_round_trip_is_identity_and_loads_in_transformers(models, tmp_path):
+    _, ours = models
+    save_hf_folder(ours, tmp_path / "export")
+    reloaded_hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "export").eval()
+    back = GPT.from_pretrained(str(tmp_path / "export"))
+    for name, tensor in ours.state_dict().items():
+        assert torch.equal(tensor, back.state_dict()[name]), name
+    idx = torch.randint(0, 50257, (2, 32))
+    with torch.no_grad():
+        assert (reloaded_hf(idx).logits - ours(idx)[0]).abs().max().item() < 1e-4
+    assert set(state_to_hf(ours)) <= set(reloaded_hf.state_dict())
