@@ -1,0 +1,197 @@
+"""The data pipeline: every source kind, the verified cache, and the resumable, shardable loader."""
+
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+
+from examplegpt.config import DataConfig
+from examplegpt.data import TokenWindows, check_cache, open_split, prepare, split_document
+from examplegpt.errors import UserError
+from examplegpt.tokenizer import EOT_ID, decode, encode
+
+from .conftest import assert_one_line_error, run_cli
+
+WORDS = "the of and to in a is that for it as was with be by on not he this are or his from at which".split()
+
+
+def make_text(n_words: int, seed: int) -> str:
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n_words // 12):
+        lines.append(" ".join(rng.choice(WORDS) for _ in range(12)).capitalize() + ".")
+    return "\n".join(lines) + "\n"
+
+
+def cfg(tmp_path, data, **kw) -> DataConfig:
+    return DataConfig(data=str(data), cache_dir=str(tmp_path / "cache"), workers=2, **kw)
+
+
+def test_local_file_round_trips_through_the_cache(tmp_path):
+    text = make_text(4000, 0)
+    (tmp_path / "a.txt").write_text(text)
+    folder = prepare(cfg(tmp_path, tmp_path / "a.txt"), min_tokens=65)
+    manifest = check_cache(folder)
+    train, val = open_split(folder, "train"), open_split(folder, "val")
+    assert manifest["validation_held_out"] and manifest["splits"]["train"]["documents"] == 1
+    assert len(train) + len(val) == len(encode(text)) + 1  # + the <|endoftext|> that ends the document
+    assert len(val) >= 65
+    assert train.dtype == np.uint16
+
+
+def test_folder_and_glob_make_one_document_per_file(tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(3):
+        (docs / f"{i}.txt").write_text(make_text(2000, i))
+    (docs / "notes.bin").write_bytes(b"\x00\x01")  # not text: ignored in a folder
+    for source in (docs, str(docs / "*.txt")):
+        folder = prepare(cfg(tmp_path, source), min_tokens=33)
+        manifest = check_cache(folder)
+        assert manifest["splits"]["train"]["documents"] == 3
+        all_tokens = np.concatenate([open_split(folder, "train"), open_split(folder, "val")])
+        assert (all_tokens == EOT_ID).sum() == 3
+
+
+def test_local_huggingface_dataset_folder_uses_its_splits(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    lines = [
+        " = Alpha = \n",
+        "\n",
+        " Alpha text line .\n",
+        " = = Section = = \n",
+        " more .\n",
+        " = Beta = \n",
+        " Beta text .\n",
+    ]
+    split = datasets.Dataset.from_dict({"text": lines * 20})
+    datasets.DatasetDict({"train": split, "validation": split, "test": split}).save_to_disk(tmp_path / "wikitext")
+    folder = prepare(cfg(tmp_path, tmp_path / "wikitext"), min_tokens=17)
+    manifest = check_cache(folder)
+    assert set(manifest["splits"]) == {"train", "val", "test"} and not manifest["validation_held_out"]
+    assert manifest["splits"]["train"]["documents"] == 40  # one per ' = Title = ' line, not per row
+    train = open_split(folder, "train")
+    first_doc = decode(train[: list(train).index(EOT_ID)].tolist())
+    assert first_doc == "".join(lines[:5])
+
+    # parquet files in the hub's layout go through datasets.load_dataset on the folder
+    (tmp_path / "pq").mkdir()
+    split.to_parquet(tmp_path / "pq" / "train.parquet")
+    split.to_parquet(tmp_path / "pq" / "validation.parquet")
+    manifest = check_cache(prepare(cfg(tmp_path, tmp_path / "pq"), min_tokens=17))
+    assert manifest["splits"]["train"]["documents"] == 140  # not WikiText: one document per row
+
+
+def test_second_run_reuses_the_cache(tmp_path):
+    (tmp_path / "a.txt").write_text(make_text(3000, 1))
+    config = cfg(tmp_path, tmp_path / "a.txt")
+    folder = prepare(config, min_tokens=33)
+    stamp = (folder / "train.bin").stat().st_mtime_ns
+    assert prepare(config, min_tokens=33) == folder
+    assert (folder / "train.bin").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize("damage", ["truncate", "bitflip", "no_manifest", "edit_manifest"])
+def test_damaged_cache_is_detected_and_rebuilt(tmp_path, damage):
+    (tmp_path / "a.txt").write_text(make_text(3000, 2))
+    config = cfg(tmp_path, tmp_path / "a.txt")
+    folder = prepare(config, min_tokens=33)
+    good = bytes(open_split(folder, "train"))
+    if damage == "truncate":
+        os.truncate(folder / "train.bin", len(good) - 2)
+    elif damage == "bitflip":
+        raw = bytearray(good)
+        raw[len(raw) // 2] ^= 0x04
+        (folder / "train.bin").write_bytes(bytes(raw))
+    elif damage == "no_manifest":  # what a kill between writing the tokens and the manifest would leave
+        (folder / "manifest.json").unlink()
+    else:
+        manifest = json.loads((folder / "manifest.json").read_text())
+        manifest["splits"]["train"]["tokens"] -= 1
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError):
+        check_cache(folder)
+    assert prepare(config, min_tokens=33) == folder
+    assert bytes(open_split(folder, "train")) == good
+
+
+def test_split_document_tokenizes_exactly_like_the_whole():
+    text = "".join(make_text(600, seed) + ("\n\n  indented\n" if seed % 2 else "x\ny\n") for seed in range(20))
+    pieces = split_document(text, size=500)
+    assert len(pieces) > 5 and "".join(pieces) == text
+    assert sum((encode(p) for p in pieces), []) == encode(text)
+
+
+def test_invalid_utf8_is_replaced_and_counted(tmp_path):
+    (tmp_path / "bad.txt").write_bytes(make_text(2000, 3).encode() + b"\xff\xfe\xc3 tail\n")
+    manifest = check_cache(prepare(cfg(tmp_path, tmp_path / "bad.txt"), min_tokens=33))
+    assert manifest["invalid_utf8_bytes"] == 3
+
+
+@pytest.mark.parametrize(
+    "setup, words",
+    [
+        (lambda p: None, ["no such file"]),
+        (lambda p: (p / "empty.txt").write_text(""), ["no text"]),
+        (lambda p: (p / "short.txt").write_text("too short"), ["too short"]),
+        (lambda p: (p / "emptydir").mkdir(), ["no .txt files"]),
+    ],
+    ids=["missing", "empty", "shorter-than-a-block", "folder-without-text"],
+)
+def test_bad_sources_fail_in_one_line(tmp_path, setup, words):
+    setup(tmp_path)
+    target = next(tmp_path.iterdir(), tmp_path / "nope.txt")
+    proc = run_cli("prepare", "--data", str(target), "--cache-dir", str(tmp_path / "cache"), cwd=tmp_path)
+    assert_one_line_error(proc, *words)
+    assert not any((tmp_path / "cache").glob("*"))  # nothing half-written left behind
+
+
+def test_missing_text_column_is_reported(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"body": ["x"] * 5})}).save_to_disk(tmp_path / "ds")
+    with pytest.raises(UserError, match="no text column 'text'"):
+        prepare(cfg(tmp_path, tmp_path / "ds"), min_tokens=9)
+
+
+def test_hub_source_offline_fails_fast_and_leaves_nothing(tmp_path):
+    proc = run_cli("prepare", "--data", "wikitext-2", "--cache-dir", str(tmp_path / "cache"), timeout=60)
+    assert_one_line_error(proc, "cannot reach the Hugging Face hub", "--data")
+    assert not any((tmp_path / "cache").glob("*"))
+
+
+def windows_loader(rank=0, world_size=1, seed=7):
+    tokens = np.arange(1, 5 * 64 + 2, dtype=np.uint16)  # 64 windows of 5 tokens
+    return TokenWindows(tokens, seq_len=5, batch_size=8, seed=seed, rank=rank, world_size=world_size)
+
+
+def test_an_epoch_sees_every_window_once_and_targets_are_shifted_inputs():
+    loader = windows_loader()
+    seen = []
+    for index in range(loader.batches_per_epoch):
+        x, y = loader.batch(0, index)
+        assert x.shape == (8, 5) and np.array_equal(x[:, 1:], y[:, :-1])
+        seen.extend((x[:, 0] - 1) // 5)
+    assert sorted(seen) == list(range(64))
+    assert not np.array_equal(loader.batch(0, 0)[0], loader.batch(1, 0)[0])  # reshuffled each epoch
+
+
+def test_loader_position_resumes_exactly():
+    straight = [windows_loader().batch(e, i)[0] for e in range(2) for i in range(8)]
+    resumed_loader = windows_loader()  # a new process that only knows (epoch=1, index=3)
+    resumed = [resumed_loader.batch(1, i)[0] for i in range(3, 8)]
+    for a, b in zip(straight[8 + 3 :], resumed):
+        assert np.array_equal(a, b)
+
+
+def test_ranks_shard_the_global_batch_without_overlap():
+    whole = windows_loader()
+    for index in range(whole.batches_per_epoch):
+        parts = [windows_loader(rank=r, world_size=4).batch(0, index)[0] for r in range(4)]
+        assert np.array_equal(np.concatenate(parts), whole.batch(0, index)[0])
+
+
+def test_batch_larger_than_the_corpus_is_a_clear_error():
+    with pytest.raises(UserError, match="lower --batch-size"):
+        TokenWindows(np.zeros(20, dtype=np.uint16), seq_len=5, batch_size=8, seed=0)
