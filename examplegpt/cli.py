@@ -24,10 +24,10 @@ class Parser(argparse.ArgumentParser):
 
 
 def parse_optional(kind: type):
-    """Parser for an `X | None` field: 'none' or 'auto' mean None."""
+    """Parser for an `X | None` field: 'none' (and, for numbers, 'auto') mean None."""
 
     def parse(text: str):
-        if text.lower() in ("none", "auto"):
+        if text.lower() == "none" or (kind is int and text.lower() == "auto"):
             return None
         try:
             return kind(text)
@@ -93,8 +93,8 @@ def read_config_file(path: str) -> dict:
     return flat
 
 
-def resolve(args: argparse.Namespace, classes: dict[str, type]) -> dict[str, object]:
-    """Each config of a command from defaults < preset < config file < flags."""
+def resolve(args: argparse.Namespace, classes: dict[str, type], base: dict | None = None) -> dict[str, object]:
+    """Each config of a command from defaults < preset (or `base`, a saved run's config) < config file < flags."""
     given = {k: v for k, v in vars(args).items() if k not in ("run", "config", "preset")}
     from_file = read_config_file(args.config) if getattr(args, "config", None) else {}
     if "preset" in from_file and getattr(args, "preset", None) is None:
@@ -107,7 +107,7 @@ def resolve(args: argparse.Namespace, classes: dict[str, type]) -> dict[str, obj
     resolved = {}
     for name, cls in classes.items():
         names = {f.name for f in dataclasses.fields(cls)}
-        values = {}
+        values = dict((base or {}).get(name, {}))
         if cls is GPTConfig and getattr(args, "preset", None):
             if args.preset not in PRESETS:
                 raise UserError(f"unknown preset {args.preset!r}; choose from {', '.join(PRESETS)}")
@@ -121,8 +121,30 @@ def resolve(args: argparse.Namespace, classes: dict[str, type]) -> dict[str, obj
 def run_train(args: argparse.Namespace) -> int:
     from .train import train
 
-    configs = resolve(args, {"model": GPTConfig, "data": DataConfig, "train": TrainConfig})
-    return train(configs["model"], configs["data"], configs["train"])
+    classes = {"model": GPTConfig, "data": DataConfig, "train": TrainConfig}
+    configs = resolve(args, classes)
+    resume_state = None
+    if configs["train"].resume:
+        # A resumed run starts from the settings saved in its checkpoint; file and flags still win.
+        from .checkpoint import load_checkpoint, resolve_resume
+
+        resume_state = load_checkpoint(resolve_resume(configs["train"].resume, configs["train"].out_dir))
+        saved = resume_state["config"]
+        saved["train"] = {k: v for k, v in saved["train"].items() if k not in ("resume", "init_from")}
+        configs = resolve(args, classes, base=saved)
+    return train(configs["model"], configs["data"], configs["train"], resume_state)
+
+
+def run_plot(args: argparse.Namespace) -> int:
+    from .metrics import plot_runs
+
+    runs = [Path(r) for r in args.runs]
+    for run in runs:
+        if not (run / "metrics.jsonl").is_file() and not (run.is_file() and run.suffix == ".jsonl"):
+            raise UserError(f"{run} has no metrics.jsonl")
+    plot_runs(runs, Path(args.out))
+    print(f"wrote {args.out}")
+    return 0
 
 
 def run_prepare(args: argparse.Namespace) -> int:
@@ -162,6 +184,11 @@ def build_parser() -> Parser:
     generate.add_argument("--config", help="TOML or YAML file of settings (flags win over it)")
     add_config_flags(generate, GenerateConfig)
     generate.set_defaults(run=run_generate)
+
+    plot = commands.add_parser("plot", help="plot the loss curves of one or more runs")
+    plot.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (each with a metrics.jsonl)")
+    plot.add_argument("--out", default="loss.png", help="image to write (default: loss.png)")
+    plot.set_defaults(run=run_plot)
     return parser
 
 

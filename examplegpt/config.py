@@ -127,6 +127,8 @@ class TrainConfig:
     """Gradient checkpointing per transformer block: less memory for about a third more compute."""
     compile: bool = False
     """Compile the model with torch.compile."""
+    fsdp: bool = False
+    """Under torchrun: shard parameters, gradients and optimizer state per block (FSDP2) instead of DDP."""
     device: str = "auto"
     """auto (CUDA, then Apple MPS, then CPU), cuda, mps or cpu."""
     eval_interval: int = 500

@@ -306,7 +306,11 @@ def check_cache(folder: Path) -> dict:
 
 def prepare(cfg: DataConfig, min_tokens: int, verbose: bool = False) -> Path:
     """Make sure the token cache for `cfg` exists and is intact; returns its folder."""
-    log = (lambda msg: print(msg, file=sys.stderr)) if verbose else (lambda msg: None)
+    log = (
+        (lambda msg: print(msg, file=sys.stderr if msg.startswith("warning") else sys.stdout))
+        if verbose
+        else (lambda msg: None)
+    )
     source = resolve_source(cfg)
     folder = cache_folder(cfg, source, min_tokens)
     if folder.exists():

@@ -196,6 +196,8 @@ def chunked_cross_entropy(
     holds one chunk of (chunk_rows, V) float32 logits instead of the whole batch's.
     """
     h, targets = h.flatten(0, 1), targets.flatten()  # (N, C), (N,)
+    if h.shape[0] <= chunk_rows:  # one chunk: nothing to save by recomputing it
+        return _cross_entropy_sum(h, head_weight, targets, vocab_size) / (targets != -1).sum().clamp(min=1)
     total = h.new_zeros((), dtype=torch.float32)
     for start in range(0, h.shape[0], chunk_rows):
         rows = slice(start, start + chunk_rows)

@@ -1,0 +1,89 @@
+"""Scale and speed applied from outside the model: torchrun process groups, DDP, FSDP2, activation checkpointing.
+
+`model.py` stays a plain single-device module; these functions wrap it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.utils.checkpoint
+
+from .model import GPT
+
+
+@dataclass
+class World:
+    rank: int = 0
+    local_rank: int = 0
+    size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def print(self, *args, **kwargs) -> None:
+        """Print on rank 0 only."""
+        if self.is_main:
+            print(*args, **kwargs)
+
+
+def init_world(device_type: str) -> World:
+    """Join the process group that torchrun describes in the environment (NCCL on CUDA, gloo otherwise)."""
+    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
+        return World()
+    world = World(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
+    if device_type == "cuda":
+        torch.cuda.set_device(world.local_rank)
+    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    if not world.is_main:  # only rank 0 talks
+        sys.stdout = open(os.devnull, "w")
+    return world
+
+
+def mean_over_ranks(value: float, world: World, device: torch.device) -> float:
+    if world.size == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.item() / world.size
+
+
+def barrier(world: World) -> None:
+    if world.size > 1:
+        dist.barrier()
+
+
+def apply_activation_checkpointing(model: GPT) -> None:
+    """Recompute each block's activations in the backward pass instead of storing them.
+
+    The block's forward is replaced in place, so parameter names (and checkpoints) do not change.
+    """
+    for block in model.transformer.h:
+        block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block.forward, use_reentrant=False)
+
+
+def wrap_data_parallel(model: GPT, world: World, device: torch.device, fsdp: bool) -> torch.nn.Module:
+    """DDP (a full copy per rank, gradients all-reduced) or FSDP2 (parameters sharded per block)."""
+    if world.size == 1:
+        return model
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.transformer.h:
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def shutdown(world: World) -> None:
+    if world.size > 1 and dist.is_initialized():
+        dist.destroy_process_group()

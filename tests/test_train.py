@@ -1,0 +1,217 @@
+"""Training: the schedule, the optimizer groups, accumulation, checkpoints, exact resume, signals, NaN, tracking."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from examplegpt import GPT
+from examplegpt.optim import lr_at, parameter_groups
+from examplegpt.train import accumulate_gradients
+from examplegpt.weights import read_torch_file
+
+from .conftest import REPO, assert_one_line_error, run_cli, tiny_config
+from .test_data import make_text
+
+MICRO_MODEL = ["--d-model", "32", "--num-heads", "2", "--num-layers", "2", "--d-ff", "64", "--max-seq-len", "32"]
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text(make_text(6000, 5))
+    return path
+
+
+def train_args(corpus, out_dir, *extra):
+    return [
+        "train", *MICRO_MODEL, "--data", str(corpus), "--cache-dir", str(out_dir.parent / "cache"),
+        "--out-dir", str(out_dir), "--batch-size", "4", "--micro-batch-size", "2", "--learning-rate", "3e-3",
+        "--warmup-steps", "2", "--log-interval", "1", "--eval-interval", "4", "--eval-batches", "2",
+        "--device", "cpu", "--no-amp", *extra,
+    ]  # fmt: skip
+
+
+def losses(out_dir):
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r.get("train_loss"), r.get("val_loss")) for r in records]
+
+
+def final_weights(out_dir):
+    return read_torch_file(out_dir / "gpt_model.pt")["model"]
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    lrs = [lr_at(s, 1e-3, warmup_steps=10, total_steps=100, min_lr_ratio=0.1) for s in range(120)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:10]))  # warmup rises
+    assert all(a >= b for a, b in zip(lrs[10:100], lrs[11:100]))  # cosine falls
+    assert lrs[55] == pytest.approx(1e-4 + 0.5 * 0.9e-3, rel=1e-2)  # half way: the midpoint
+    assert lrs[100] == lrs[119] == pytest.approx(1e-4)
+
+
+def test_every_parameter_is_in_exactly_one_optimizer_group():
+    model = GPT(tiny_config())
+    decay, no_decay = (g["params"] for g in parameter_groups(model, 0.1))
+    ids = [id(p) for p in decay + no_decay]
+    assert sorted(ids) == sorted(id(p) for p in model.parameters()) and len(set(ids)) == len(ids)
+    assert all(p.dim() >= 2 for p in decay) and all(p.dim() == 1 for p in no_decay)
+    assert any(p is model.transformer.wte.weight for p in decay)
+
+
+def test_two_by_four_accumulation_gives_the_gradient_of_a_batch_of_eight():
+    torch.manual_seed(0)
+    model = GPT(tiny_config())
+    x = torch.randint(0, 50257, (8, 16))
+    y = torch.randint(0, 50257, (8, 16))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    grads = []
+    for micro in (8, 2):
+        model.zero_grad()
+        loss = accumulate_gradients(model, x, y, micro, torch.device("cpu"), torch.float32, scaler)
+        grads.append([p.grad.clone() for p in model.parameters()])
+        if micro == 8:
+            full_loss = loss
+    torch.testing.assert_close(loss, full_loss)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_training_writes_metrics_plot_checkpoints_and_model(corpus, tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli(*train_args(corpus, out, "--max-steps", "8", "--checkpoint-interval", "4", "--keep-last", "1"))
+    assert proc.returncode == 0, proc.stderr
+    assert "step 8/8" in proc.stdout and "val loss" in proc.stdout
+    record = losses(out)
+    train_losses = [loss for _, loss, _ in record if loss is not None]
+    assert len(train_losses) == 8 and train_losses[-1] < train_losses[0]  # it learns
+    assert [s for s, _, v in record if v is not None] == [4, 8]
+    assert (out / "loss.png").stat().st_size > 10_000
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["checkpoint_epoch1_batch8.pt"]  # keep-last 1
+    gen = run_cli("generate", "-c", str(out / "gpt_model.pt"), "-p", "The history of", "-n", "5", "-t", "0")
+    assert gen.returncode == 0 and gen.stdout.startswith("The history of"), gen.stderr
+    plot = run_cli("plot", str(out), str(out), "--out", str(tmp_path / "both.png"))
+    assert plot.returncode == 0 and (tmp_path / "both.png").exists(), plot.stderr
+
+
+def test_kill_and_resume_is_bit_identical_to_an_uninterrupted_run(corpus, tmp_path):
+    steps = ["--max-steps", "30", "--checkpoint-interval", "6"]
+    straight = tmp_path / "straight"
+    assert run_cli(*train_args(corpus, straight, *steps)).returncode == 0
+
+    killed = tmp_path / "killed"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "examplegpt", *train_args(corpus, killed, *steps)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    first = killed / "checkpoints" / "checkpoint_epoch1_batch6.pt"
+    deadline = time.time() + 240
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert first.exists() and not (killed / "gpt_model.pt").exists()
+    resumed = run_cli(*train_args(corpus, killed, *steps, "--resume", "auto"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from step" in resumed.stdout
+
+    a, b = final_weights(straight), final_weights(killed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert losses(straight) == losses(killed)
+
+
+def test_resume_with_another_model_shape_is_refused(corpus, tmp_path):
+    out = tmp_path / "run"
+    assert run_cli(*train_args(corpus, out, "--max-steps", "2")).returncode == 0
+    proc = run_cli(*train_args(corpus, out, "--max-steps", "4", "--resume", "auto", "--d-model", "64"))
+    assert_one_line_error(proc, "another model configuration")
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(corpus, tmp_path):
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "examplegpt", *train_args(corpus, out, "--max-steps", "100000")],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.time() + 240
+    while not (out / "metrics.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    assert "SIGTERM" in stdout and "--resume auto" in stdout
+    (saved,) = (out / "checkpoints").iterdir()
+    state = read_torch_file(saved)
+    assert state["step"] >= 1 and state["optimizer"]["state"]
+
+
+def test_non_finite_loss_is_skipped_then_stops_with_the_last_checkpoint_intact(corpus, tmp_path, monkeypatch):
+    from examplegpt.cli import main
+
+    out = tmp_path / "run"
+    original = GPT.forward
+    calls = {"n": 0}
+
+    def poisoned(self, idx, targets=None, return_logits=True):
+        logits, loss = original(self, idx, targets, return_logits)
+        if self.training and loss is not None:
+            calls["n"] += 1
+            # micro-steps 9-10 (step 5) are poisoned once, then from micro-step 15 (step 8) on for good
+            if calls["n"] in (9, 10) or calls["n"] >= 15:
+                loss = loss * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(GPT, "forward", poisoned)
+    status = main(train_args(corpus, out, "--max-steps", "20", "--checkpoint-interval", "3"))
+    assert status == 1
+    good = read_torch_file(out / "checkpoints" / "checkpoint_epoch1_batch6.pt")
+    assert good["step"] == 6 and good["nonfinite_skips"] == 1
+    assert all(torch.isfinite(t).all() for t in good["model"].values())
+    assert not (out / "gpt_model.pt").exists()
+
+
+def test_wandb_offline_run_logs_without_credentials(corpus, tmp_path):
+    pytest.importorskip("wandb")
+    out = tmp_path / "run"
+    proc = run_cli(*train_args(corpus, out, "--max-steps", "2", "--wandb"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert list((tmp_path / "wandb").glob("offline-run-*"))
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--batch-size", "4096", "--micro-batch-size", "2"], ["lower --batch-size"]),
+        (["--batch-size", "6", "--micro-batch-size", "4"], ["multiple of micro_batch_size"]),
+        (["--learning-rate", "-1"], ["learning_rate"]),
+        (["--resume", "auto"], ["no checkpoint"]),
+        (["--preset", "huge"], ["unknown preset"]),
+        (["--num-layers", "two"], ["--num-layers"]),
+    ],
+)
+def test_bad_training_input_is_one_line(corpus, tmp_path, extra, words):
+    proc = run_cli(*train_args(corpus, tmp_path / "run", *extra))
+    assert_one_line_error(proc, *words)
+
+
+def test_out_dir_that_cannot_be_written_is_one_line(corpus, tmp_path):
+    (tmp_path / "file").write_text("")
+    proc = run_cli(*train_args(corpus, tmp_path / "file" / "run"))
+    assert_one_line_error(proc, "cannot write to the output folder")
+
+
+def test_fine_tune_from_a_hugging_face_folder(corpus, tmp_path, hf_dir):
+    out = tmp_path / "run"
+    proc = run_cli(*train_args(corpus, out, "--max-steps", "2", "--init-from", str(hf_dir)))
+    assert proc.returncode == 0, proc.stderr
+    assert "initialised from" in proc.stdout
+    assert read_torch_file(out / "gpt_model.pt")["model_config"]["d_model"] == 64  # the HF model's shape
+    assert math.isfinite(losses(out)[-1][2])
