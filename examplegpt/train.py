@@ -48,6 +48,7 @@ from .tokenizer import TOKENIZER_ID
 from .weights import load_model, save_model_file
 
 MAX_NONFINITE_IN_A_ROW = 3
+SINGLE_PROCESS = World()
 CPU_MICRO_BATCH = 8  # on CPU, larger micro-batches do not raise throughput, only memory
 
 
@@ -380,7 +381,7 @@ def accumulate_gradients(
     device: torch.device,
     dtype: torch.dtype,
     scaler: torch.amp.GradScaler,
-    world: World = World(),
+    world: World = SINGLE_PROCESS,
     fsdp: bool = False,
 ) -> torch.Tensor:
     """Forward and backward over (x, y) (b, T) in micro-batches of `micro` rows: the gradients add up to
