@@ -17,7 +17,12 @@ from .errors import UserError
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line on stderr (exit 2) instead of the usage block."""
+    """argparse, but a usage error is one line on stderr (exit 2) instead of the usage block,
+    and a misspelt flag is an error rather than a guess (no abbreviations)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:
         self.exit(2, f"{self.prog}: error: {message}\n")

@@ -1,0 +1,99 @@
+"""Configuration: flags generated from the dataclasses, config files, precedence, validation."""
+
+import argparse
+
+import pytest
+
+from examplegpt.cli import build_parser, resolve
+from examplegpt.config import DataConfig, GenerateConfig, GPTConfig, TrainConfig, field_docs
+from examplegpt.errors import UserError
+
+from .conftest import assert_one_line_error, run_cli
+
+CLASSES = {"model": GPTConfig, "data": DataConfig, "train": TrainConfig}
+
+
+def parse(*argv: str) -> dict:
+    return resolve(build_parser().parse_args(["train", *argv]), CLASSES)
+
+
+def test_defaults_are_the_original_readme_values():
+    train = parse()["train"]
+    assert (train.num_epochs, train.batch_size, train.learning_rate, train.warmup_steps) == (3, 64, 1e-4, 100)
+    assert train.use_amp and train.use_checkpointing and not train.use_wandb
+    assert train.wandb_project == "gpt-training" and train.checkpoint_interval == 500
+    model = parse()["model"]
+    assert (model.d_model, model.num_heads, model.num_layers, model.d_ff, model.max_seq_len) == (
+        768,
+        12,
+        12,
+        3072,
+        1024,
+    )
+
+
+def test_every_field_has_a_flag_with_its_docstring_as_help():
+    help_text = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+    for cls in CLASSES.values():
+        for name, doc in field_docs(cls).items():
+            assert "--" + name.replace("_", "-") in help_text
+            assert doc.split()[0] in help_text
+    assert set(field_docs(GenerateConfig)) == set(GenerateConfig.__dataclass_fields__)
+
+
+def test_flags_aliases_and_negations():
+    configs = parse("--num-layers", "6", "--learning-rate", "3e-4", "--no-amp", "--no-checkpointing", "--wandb",
+                    "--micro-batch-size", "auto", "--max-steps", "none")  # fmt: skip
+    assert configs["model"].num_layers == 6 and configs["train"].learning_rate == 3e-4
+    assert not configs["train"].use_amp and not configs["train"].use_checkpointing and configs["train"].use_wandb
+    assert configs["train"].micro_batch_size is None and configs["train"].max_steps is None
+
+
+@pytest.mark.parametrize("suffix", [".toml", ".yaml"])
+def test_config_file_sets_fields_and_flags_win(tmp_path, suffix):
+    path = tmp_path / f"run{suffix}"
+    if suffix == ".toml":
+        path.write_text('preset = "tiny"\n[train]\nlearning_rate = 0.001\nbatch_size = 32\n[model]\ndropout = 0.1\n')
+    else:
+        path.write_text("preset: tiny\ntrain:\n  learning_rate: 0.001\n  batch_size: 32\nmodel:\n  dropout: 0.1\n")
+    configs = parse("--config", str(path), "--batch-size", "16")
+    assert configs["model"].d_model == 192 and configs["model"].dropout == 0.1  # preset, then the file
+    assert configs["train"].learning_rate == 0.001 and configs["train"].batch_size == 16  # the flag wins
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("learning_rat = 0.1\n", "unknown setting 'learning_rat'"),
+        ('batch_size = "big"\n', "batch_size must be int"),
+        ("use_amp = 1\n", "use_amp must be bool"),
+        ("num_heads = 5\n", "divisible by num_heads"),
+        ("batch_size = [\n", "cannot parse"),
+    ],
+)
+def test_config_file_errors(tmp_path, content, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(content)
+    with pytest.raises(UserError, match=message):
+        parse("--config", str(path))
+
+
+def test_config_file_errors_reach_the_user_as_one_line(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("dropout = 2.0\n")
+    assert_one_line_error(run_cli("train", "--config", str(path)), "dropout")
+    assert_one_line_error(run_cli("train", "--config", str(tmp_path / "missing.toml")), "not found")
+
+
+def test_unknown_command_and_flag_are_one_line():
+    assert_one_line_error(run_cli("frobnicate"), "invalid choice")
+    assert_one_line_error(run_cli("train", "--num-layer", "3"), "unrecognized")
+    assert run_cli("train", "--help").returncode == 0
+
+
+def test_config_namespace_rejects_stray_values():
+    with pytest.raises(UserError, match="unknown GPTConfig setting"):
+        from examplegpt.config import build
+
+        build(GPTConfig, {"layers": 3})
+    assert isinstance(build_parser().parse_args(["generate", "-p", "x"]), argparse.Namespace)

@@ -1,0 +1,204 @@
+"""The sampler: exact KV-cached decoding, the filters on hand-built distributions, and the generate command."""
+
+import json
+
+import pytest
+import torch
+
+from examplegpt import GPT
+from examplegpt.generate import TextStream, generate, min_p_filter, sample_next, top_k_filter, top_p_filter
+from examplegpt.tokenizer import EOT_ID, encode
+from examplegpt.weights import save_model_file
+
+from .conftest import assert_one_line_error, run_cli, tiny_config
+
+NEG = float("-inf")
+
+
+def greedy_without_cache(model, idx, steps):
+    """Reference: recompute the whole sequence for every new token."""
+    for _ in range(steps):
+        logits, _ = model(idx[:, -model.config.max_seq_len :])
+        idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return idx
+
+
+@pytest.fixture(scope="module")
+def spread_model():
+    """A random model with larger weights: peaked distributions, so greedy has no near-ties."""
+    torch.manual_seed(0)
+    model = GPT(tiny_config(max_seq_len=256)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.mul_(8)
+    return model
+
+
+def test_kv_cache_greedy_equals_full_recompute_for_200_tokens(spread_model):
+    prompt = torch.randint(0, 50257, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = greedy_without_cache(spread_model, prompt, 200)
+    assert torch.equal(generate(spread_model, prompt, 200, temperature=0), expected)
+
+
+def test_generation_continues_past_the_context_with_a_sliding_window():
+    torch.manual_seed(0)
+    model = GPT(tiny_config(max_seq_len=32)).eval()
+    out = generate(model, torch.zeros(1, 30, dtype=torch.long), 100, temperature=0)
+    assert out.shape == (1, 130)
+    # right after a slide the cache holds the last 16 tokens: same as recomputing on that window
+    with torch.no_grad():
+        window = out[:, 32 - 16 : 32]
+        logits, _ = model(window)
+    assert logits[0, -1].argmax().item() == out[0, 32].item()
+
+
+def test_seeded_sampling_is_reproducible_and_samples_differ(spread_model):
+    prompt = torch.tensor([encode("Once upon a time")] * 3)
+    run = lambda seed: generate(spread_model, prompt, 30, temperature=1.0, top_p=0.95,
+                                generator=torch.Generator().manual_seed(seed))  # fmt: skip
+    a, b = run(7), run(7)
+    assert torch.equal(a, b)
+    assert not torch.equal(a[0], a[1])  # the batch rows are independent samples
+
+
+def test_top_k_keeps_the_k_largest_and_their_ties():
+    logits = torch.tensor([[1.0, 5.0, 3.0, 5.0, 0.0]])
+    assert top_k_filter(logits, 1).tolist() == [[NEG, 5.0, NEG, 5.0, NEG]]  # a tie at the top stays
+    assert top_k_filter(logits, 3).tolist() == [[NEG, 5.0, 3.0, 5.0, NEG]]
+    assert torch.equal(top_k_filter(logits, 5), logits)
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = torch.tensor([[0.5, 0.2, 0.2, 0.1]])
+    logits = probs.log()
+    kept = lambda p: torch.isfinite(top_p_filter(logits, p))[0].tolist()  # noqa: E731
+    assert kept(0.5) == [True, False, False, False]
+    assert kept(0.55) == [True, True, True, False]  # the two tied at 0.2 are both kept
+    assert kept(0.95) == [True, True, True, True]
+    assert torch.equal(top_p_filter(logits, 1.0), logits)  # p = 1 keeps everything
+
+
+def test_min_p_drops_tokens_below_a_fraction_of_the_best():
+    logits = torch.tensor([[0.6, 0.3, 0.06, 0.04]]).log()
+    assert torch.isfinite(min_p_filter(logits, 0.1))[0].tolist() == [True, True, False, False]
+
+
+def test_sampling_never_picks_a_filtered_token():
+    logits = torch.tensor([[0.0, 3.0, 2.9, -1.0]]).repeat(2000, 1)
+    picks = sample_next(logits, temperature=1.0, top_p=1.0, top_k=2, generator=torch.Generator().manual_seed(0))
+    assert set(picks.tolist()) == {1, 2}
+    assert (sample_next(logits[:1], temperature=0) == 1).all()
+
+
+def test_repetition_penalty_discourages_repeats(spread_model):
+    prompt = torch.tensor([encode("the the the")])
+    plain = generate(spread_model, prompt, 40, temperature=0)
+    penalised = generate(spread_model, prompt, 40, temperature=0, repetition_penalty=5.0)
+    assert len(set(penalised[0, 3:].tolist())) > len(set(plain[0, 3:].tolist()))
+
+
+def test_text_stream_never_splits_a_character():
+    text = "naïve 東京 🚀 ok"
+    stream = TextStream()
+    pieces = [stream.push(t) for t in encode(text)] + [stream.flush()]
+    assert "".join(pieces) == text and all("\ufffd" not in p for p in pieces)
+
+
+def test_eos_ends_a_row_and_pads_it():
+    torch.manual_seed(0)
+    model = GPT(tiny_config()).eval()
+    with torch.no_grad():  # the final hidden state becomes e_0, and only <|endoftext|> scores on it
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.zero_()
+        model.transformer.ln_f.bias[0] = 1.0
+        model.transformer.wte.weight[EOT_ID, 0] = 100.0
+    out = generate(model, torch.tensor([[5, 6]]), 10, temperature=0, eos_id=EOT_ID)
+    assert out.tolist() == [[5, 6, EOT_ID]]  # generation ended at the first <|endoftext|>
+    assert generate(model, torch.tensor([[5, 6]]), 4, temperature=0).tolist() == [[5, 6] + [EOT_ID] * 4]
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory, spread_model):
+    path = tmp_path_factory.mktemp("model") / "gpt_model.pt"
+    save_model_file(spread_model, path)
+    return path
+
+
+def test_cli_json_num_samples_and_seed(model_file):
+    args = ["generate", "-c", str(model_file), "-p", "Hello", "-n", "12", "--seed", "3", "--num-samples", "3",
+            "--json", "--ignore-eos", "--top-k", "50", "--min-p", "0.01", "--repetition-penalty", "1.2"]  # fmt: skip
+    first = run_cli(*args)
+    assert first.returncode == 0, first.stderr
+    records = [json.loads(line) for line in first.stdout.splitlines()]
+    assert len(records) == 3 and all(r["prompt"] == "Hello" and r["tokens"] == 12 for r in records)
+    again = [json.loads(line) for line in run_cli(*args).stdout.splitlines()]
+    assert [r["text"] for r in again] == [r["text"] for r in records]  # same seed, same text
+    assert len({r["text"] for r in records}) > 1
+
+
+def test_cli_streams_prompt_then_continuation_and_honours_stop(model_file, spread_model):
+    greedy = run_cli("generate", "-c", str(model_file), "-p", "Hello", "-n", "30", "-t", "0", "--ignore-eos")
+    assert greedy.returncode == 0 and greedy.stdout.startswith("Hello")
+    continuation = greedy.stdout[len("Hello") : -1]
+    stop_text = continuation[5:9]
+    stopped = run_cli("generate", "-c", str(model_file), "-p", "Hello", "-n", "30", "-t", "0", "--stop", stop_text)
+    expected = "Hello" + continuation[: continuation.find(stop_text)] + "\n"
+    assert stopped.stdout == expected
+
+
+def test_cli_reads_the_prompt_from_stdin_and_interactively(model_file):
+    piped = run_cli("generate", "-c", str(model_file), "-n", "3", "-t", "0", stdin="From a pipe")
+    assert piped.returncode == 0 and piped.stdout.startswith("From a pipe")
+    dash = run_cli("generate", "-c", str(model_file), "-p", "-", "-n", "3", "-t", "0", stdin="Dash")
+    assert dash.stdout.startswith("Dash")
+    chat = run_cli("generate", "-c", str(model_file), "--interactive", "-n", "3", "-t", "0", stdin="one\ntwo\n")
+    assert chat.returncode == 0
+    assert chat.stdout.count("one") >= 1 and "two" in chat.stdout
+
+
+def test_cli_long_prompt_is_cut_from_the_left_with_a_warning(model_file):
+    proc = run_cli("generate", "-c", str(model_file), "-p", "word " * 400, "-n", "2", "-t", "0")
+    assert proc.returncode == 0
+    assert "keeping the last 255" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "args, stdin, words",
+    [
+        (["-t", "-1"], None, ["temperature"]),
+        (["--top-p", "0"], None, ["top_p"]),
+        (["--top-p", "1.5"], None, ["top_p"]),
+        (["--top-k", "0"], None, ["top_k"]),
+        (["-n", "0"], None, ["max_tokens"]),
+        (["-n", "many"], None, ["-n"]),
+        (["-p", ""], None, ["prompt is empty"]),
+        (["-p", "-"], b"\xff\xfe bad", ["not valid UTF-8"]),
+        (["--dtype", "int8"], None, ["dtype"]),
+        (["--bogus"], None, ["unrecognized"]),
+    ],
+)
+def test_cli_bad_generation_input_is_one_line(model_file, args, stdin, words):
+    base = ["generate", "-c", str(model_file)] + ([] if "-p" in args else ["-p", "hi"])
+    assert_one_line_error(run_cli(*base, *args, stdin=stdin), *words)
+
+
+@pytest.mark.parametrize("kind", ["missing", "junk", "directory", "hostile"])
+def test_cli_refuses_files_that_are_not_models(tmp_path, kind):
+    path = tmp_path / "model.pt"
+    if kind == "junk":
+        path.write_bytes(b"\x00junk" * 100)
+    elif kind == "directory":
+        path.mkdir()
+    elif kind == "hostile":
+        import os
+
+        class Hostile:
+            def __reduce__(self):
+                return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+        torch.save({"model": Hostile(), "model_config": {}}, path)
+    proc = run_cli("generate", "-c", str(path), "-p", "hi")
+    assert_one_line_error(proc, str(path))
+    assert not (tmp_path / "pwned").exists()
