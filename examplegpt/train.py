@@ -214,9 +214,12 @@ def run(
         raise UserError(f"the per-process batch ({per_rank}) must be a multiple of micro_batch_size ({micro})")
     accum_steps = per_rank // micro
     val_tokens = open_split(folder, "val")
-    val_windows = (len(val_tokens) - 1) // seq_len // world.size * world.size
-    val_rows = min(micro * world.size, max(val_windows, world.size))  # a small validation split gives smaller batches
-    val = TokenWindows(val_tokens, seq_len, val_rows, HOLDOUT_SEED, world.rank, world.size)
+    val_windows = (len(val_tokens) - 1) // seq_len
+    if val_windows >= world.size:  # each rank evaluates its own share (a small split gives smaller batches)
+        val_rows = min(micro * world.size, val_windows // world.size * world.size)
+        val = TokenWindows(val_tokens, seq_len, val_rows, HOLDOUT_SEED, world.rank, world.size)
+    else:  # fewer windows than ranks: every rank evaluates the same ones
+        val = TokenWindows(val_tokens, seq_len, min(micro, val_windows), HOLDOUT_SEED)
 
     compiled = torch.compile(model) if cfg.compile else model
     wrapped = wrap_data_parallel(compiled, world, device, cfg.fsdp)
@@ -355,6 +358,8 @@ def run(
 
         if step % cfg.checkpoint_interval == 0 or step == total_steps or stop.signal:
             save_checkpoint()
+        if step % cfg.eval_interval == 0 or step % cfg.checkpoint_interval == 0:
+            window_start = time.perf_counter()  # keep evaluation and saving out of the throughput figure
         if stop.signal:
             bar.close()
             world.print(
@@ -366,8 +371,10 @@ def run(
             return 0
 
     bar.close()
+    weights = model_state(model, world, cfg.fsdp)  # collective under FSDP: every rank takes part
     if world.is_main:
-        save_model_file(model, out_dir / "gpt_model.pt", {"tokenizer": TOKENIZER_ID, "config": full_config})
+        extra = {"tokenizer": TOKENIZER_ID, "config": full_config}
+        save_model_file(model, out_dir / "gpt_model.pt", extra, weights)
         metrics.close()
         world.print(f"done: {out_dir / 'gpt_model.pt'} ({skipped} non-finite steps skipped)")
     return 0

@@ -60,13 +60,16 @@ def model_from_state(state: dict, path: str | Path) -> GPT:
     return model
 
 
-def save_model_file(model: GPT, path: str | Path, extra: dict | None = None) -> None:
-    """Write the final model (weights + config) atomically: `gpt_model.pt`."""
+def save_model_file(model: GPT, path: str | Path, extra: dict | None = None, weights: dict | None = None) -> None:
+    """Write the final model (weights + config) atomically: `gpt_model.pt`.
+
+    `weights` replaces model.state_dict() where the parameters are sharded (FSDP gathers them first)."""
     from dataclasses import asdict
 
     from .checkpoint import atomic_torch_save
 
-    state = {"format": MODEL_FORMAT, "model_config": asdict(model.config), "model": model.state_dict()}
+    weights = model.state_dict() if weights is None else weights
+    state = {"format": MODEL_FORMAT, "model_config": asdict(model.config), "model": weights}
     state.update(extra or {})
     atomic_torch_save(state, path)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -69,3 +70,20 @@ def assert_one_line_error(proc, *words: str) -> None:
     assert "Traceback" not in proc.stderr
     for word in words:
         assert word in lines[0], lines[0]
+
+
+WORDS = "the of and to in a is that for it as was with be by on not he this are or his from at which".split()
+
+
+def make_text(n_words: int, seed: int) -> str:
+    """Seeded sentences of common English words, one per line."""
+    rng = random.Random(seed)
+    lines = [" ".join(rng.choice(WORDS) for _ in range(12)).capitalize() + "." for _ in range(n_words // 12)]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture
+def corpus(tmp_path) -> Path:
+    path = tmp_path / "corpus.txt"
+    path.write_text(make_text(6000, 5))
+    return path

@@ -2,7 +2,6 @@
 
 import json
 import os
-import random
 
 import numpy as np
 import pytest
@@ -12,17 +11,7 @@ from examplegpt.data import TokenWindows, check_cache, open_split, prepare, spli
 from examplegpt.errors import UserError
 from examplegpt.tokenizer import EOT_ID, decode, encode
 
-from .conftest import assert_one_line_error, run_cli
-
-WORDS = "the of and to in a is that for it as was with be by on not he this are or his from at which".split()
-
-
-def make_text(n_words: int, seed: int) -> str:
-    rng = random.Random(seed)
-    lines = []
-    for _ in range(n_words // 12):
-        lines.append(" ".join(rng.choice(WORDS) for _ in range(12)).capitalize() + ".")
-    return "\n".join(lines) + "\n"
+from .conftest import assert_one_line_error, make_text, run_cli
 
 
 def cfg(tmp_path, data, **kw) -> DataConfig:

@@ -17,16 +17,8 @@ from examplegpt.train import accumulate_gradients
 from examplegpt.weights import read_torch_file
 
 from .conftest import REPO, assert_one_line_error, run_cli, tiny_config
-from .test_data import make_text
 
 MICRO_MODEL = ["--d-model", "32", "--num-heads", "2", "--num-layers", "2", "--d-ff", "64", "--max-seq-len", "32"]
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    path = tmp_path / "corpus.txt"
-    path.write_text(make_text(6000, 5))
-    return path
 
 
 def train_args(corpus, out_dir, *extra):

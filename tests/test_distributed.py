@@ -1,0 +1,70 @@
+"""Data-parallel training launched the way users launch it (torchrun, gloo on CPU)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from .conftest import REPO, run_cli
+from .test_train import final_weights, losses, train_args
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
+
+STEPS = ["--batch-size", "8", "--micro-batch-size", "2", "--val-fraction", "0.1"]
+
+
+def torchrun(*args, nproc=2):
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone"]
+    command += ["-m", "examplegpt", *args]
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    return command, env
+
+
+def max_difference(a, b):
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_match_one_process_with_the_same_global_batch(corpus, tmp_path, mode):
+    one = tmp_path / "one"
+    assert run_cli(*train_args(corpus, one, *STEPS, "--max-steps", "6", "--micro-batch-size", "4")).returncode == 0
+    two = tmp_path / "two"
+    extra = ["--fsdp"] if mode == "fsdp" else []
+    command, env = torchrun(*train_args(corpus, two, *STEPS, "--max-steps", "6", *extra))
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "x2" in proc.stdout and proc.stdout.count("step 6/6") == 1  # only rank 0 prints
+    assert max_difference(final_weights(one), final_weights(two)) < 1e-5
+    for (s1, l1, _), (s2, l2, _) in zip(losses(one), losses(two)):
+        assert s1 == s2 and (l1 is None or abs(l1 - l2) < 1e-5)
+
+
+def test_kill_and_resume_under_two_processes(corpus, tmp_path):
+    steps = [*STEPS, "--max-steps", "24", "--checkpoint-interval", "4"]
+    straight = tmp_path / "straight"
+    command, env = torchrun(*train_args(corpus, straight, *steps))
+    assert subprocess.run(command, env=env, capture_output=True, timeout=300).returncode == 0
+
+    killed = tmp_path / "killed"
+    command, env = torchrun(*train_args(corpus, killed, *steps))
+    proc = subprocess.Popen(
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    first = killed / "checkpoints" / "checkpoint_epoch1_batch4.pt"
+    deadline = time.time() + 240
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers
+    proc.wait()
+    assert first.exists() and not (killed / "gpt_model.pt").exists()
+
+    command, env = torchrun(*train_args(corpus, killed, *steps, "--resume", "auto"))
+    resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    difference = max_difference(final_weights(straight), final_weights(killed))
+    assert difference < 1e-6, (difference, resumed.stdout[-1500:])
+    assert [s for s, _, _ in losses(straight)] == [s for s, _, _ in losses(killed)]
