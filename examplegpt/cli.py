@@ -152,6 +152,29 @@ def run_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import EvaluateConfig, evaluate_command
+
+    configs = resolve(args, {"evaluate": EvaluateConfig, "data": DataConfig})
+    return evaluate_command(configs["evaluate"], configs["data"])
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from .tokenizer import write_hf_tokenizer_files
+    from .weights import load_model, save_hf_folder
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise UserError(f"{out} already exists: pass --force to overwrite it")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file, not a folder")
+    model = load_model(args.checkpoint)
+    save_hf_folder(model, out)
+    write_hf_tokenizer_files(out)
+    print(f"wrote {out}: config.json, model.safetensors, vocab.json, merges.txt, tokenizer_config.json")
+    return 0
+
+
 def run_prepare(args: argparse.Namespace) -> int:
     from .data import prepare
 
@@ -189,6 +212,20 @@ def build_parser() -> Parser:
     generate.add_argument("--config", help="TOML or YAML file of settings (flags win over it)")
     add_config_flags(generate, GenerateConfig)
     generate.set_defaults(run=run_generate)
+
+    from .evaluate import EvaluateConfig
+
+    evaluate = commands.add_parser("evaluate", help="perplexity over a whole split, with a sliding window")
+    evaluate.add_argument("--config", help="TOML or YAML file of settings (flags win over it)")
+    add_config_flags(evaluate, EvaluateConfig)
+    add_config_flags(evaluate, DataConfig)
+    evaluate.set_defaults(run=run_evaluate)
+
+    export = commands.add_parser("export", help="write a Hugging Face GPT-2 folder (safetensors)")
+    export.add_argument("-c", "--checkpoint", default="gpt_model.pt", help="model to export (default: gpt_model.pt)")
+    export.add_argument("--out", required=True, help="folder to write")
+    export.add_argument("--force", action="store_true", help="overwrite the folder if it exists")
+    export.set_defaults(run=run_export)
 
     plot = commands.add_parser("plot", help="plot the loss curves of one or more runs")
     plot.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (each with a metrics.jsonl)")

@@ -196,27 +196,32 @@ def hf_documents(split, text_column: str, wikitext: bool) -> Iterator[str]:
 # --- tokenizing into the cache ---------------------------------------------------------------------
 
 
-def tokenize_to_file(documents: Iterator[str], path: Path, workers: int, progress: tqdm | None) -> tuple[int, int]:
-    """Tokenize documents with `workers` threads, streaming uint16 ids to `path`: (tokens, documents)."""
+def tokenize_to_file(documents: Iterator[str], path: Path, workers: int, progress: tqdm | None) -> dict[str, int]:
+    """Tokenize documents with `workers` threads, streaming uint16 ids to `path`.
+
+    Returns counts of tokens, documents, and the text's whitespace-separated words and UTF-8 bytes
+    (the denominators of word-level perplexity and bits per byte).
+    """
     encoding = get_tokenizer()
-    tokens = docs = 0
+    stats = dict(tokens=0, documents=0, words=0, bytes=0)
     with open(path, "wb") as out:
 
         def flush(segments: list[str], ends: list[bool]) -> None:
-            nonlocal tokens
             encoded = encoding.encode_ordinary_batch(segments, num_threads=workers)
             for ids, end in zip(encoded, ends):
                 out.write(np.asarray(ids + [EOT_ID] if end else ids, dtype=TOKEN_DTYPE).tobytes())
-                tokens += len(ids) + end
+                stats["tokens"] += len(ids) + end
             if progress is not None:
                 progress.update(sum(len(s) for s in segments))
-                progress.set_postfix(tokens=f"{tokens:,}")
+                progress.set_postfix(tokens=f"{stats['tokens']:,}")
 
         segments, ends, chars = [], [], 0
         for doc in documents:
             if not doc:
                 continue
-            docs += 1
+            stats["documents"] += 1
+            stats["words"] += len(doc.split())
+            stats["bytes"] += len(doc.encode("utf-8", errors="replace"))
             pieces = split_document(doc)
             for i, piece in enumerate(pieces):
                 segments.append(piece)
@@ -229,7 +234,7 @@ def tokenize_to_file(documents: Iterator[str], path: Path, workers: int, progres
             flush(segments, ends)
         out.flush()
         os.fsync(out.fileno())
-    return tokens, docs
+    return stats
 
 
 def file_crc32(path: Path, chunk: int = 16 << 20) -> int:
@@ -379,8 +384,7 @@ def write_splits(cfg: DataConfig, source: Source, tmp: Path, min_tokens: int, lo
         with tqdm(
             total=total_chars, unit="B", unit_scale=True, desc=f"tokenizing {split}", disable=not sys.stderr.isatty()
         ) as bar:
-            tokens, docs = tokenize_to_file(documents, tmp / f"{split}.bin", workers, bar)
-        splits[split] = {"tokens": tokens, "documents": docs}
+            splits[split] = tokenize_to_file(documents, tmp / f"{split}.bin", workers, bar)
     if splits.get("all", splits.get("train", {"tokens": 0}))["tokens"] == 0:
         raise UserError(f"{source.name} holds no text")
     if "all" in splits:
@@ -390,7 +394,7 @@ def write_splits(cfg: DataConfig, source: Source, tmp: Path, min_tokens: int, lo
         (tmp / "all.bin").unlink()
         docs = splits.pop("all")["documents"]
         splits["train"] = {"tokens": train_tokens, "documents": docs}
-        splits["val"] = {"tokens": val_tokens, "documents": None}
+        splits["val"] = {"tokens": val_tokens, "documents": None}  # a span of tokens: no word or byte count
         held_out = True
         log(f"{source.name} has no validation split: held out {val_tokens:,} tokens ({cfg.val_fraction:.1%}, seeded)")
     if splits["val"]["tokens"] < min_tokens:

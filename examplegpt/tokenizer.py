@@ -45,3 +45,47 @@ def encode(text: str, allow_eot: bool = True) -> list[int]:
 
 def decode(tokens: list[int]) -> str:
     return get_tokenizer().decode(tokens)
+
+
+def byte_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from bytes to printable characters, used in its vocab.json and merges.txt."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    mapping, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            mapping[b] = chr(b)
+        else:
+            mapping[b] = chr(256 + extra)
+            extra += 1
+    return mapping
+
+
+def merge_of(token: bytes, ranks: dict[bytes, int]) -> tuple[bytes, bytes]:
+    """The pair that BPE merged to make `token`: run BPE on its bytes with only the lower-ranked merges."""
+    limit = ranks[token]
+    parts = [bytes([b]) for b in token]
+    while len(parts) > 2:
+        candidates = [(ranks.get(a + b, limit), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
+        rank, i = min(candidates)
+        if rank >= limit:
+            break
+        parts[i : i + 2] = [parts[i] + parts[i + 1]]
+    return parts[0], parts[1]
+
+
+def write_hf_tokenizer_files(folder: Path) -> None:
+    """vocab.json and merges.txt in Hugging Face's GPT-2 format, derived from the shipped ranks (no download)."""
+    import json
+
+    encoding = get_tokenizer()
+    ranks = encoding._mergeable_ranks
+    show = byte_to_unicode()
+    text = lambda token: "".join(show[b] for b in token)  # noqa: E731
+    vocab = {text(token): rank for token, rank in ranks.items()}
+    vocab[EOT] = EOT_ID
+    merges = [merge_of(token, ranks) for token, _ in sorted(ranks.items(), key=lambda kv: kv[1]) if len(token) > 1]
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{text(a)} {text(b)}\n" for a, b in merges))
+    special = {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT, "model_max_length": 1024}
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GPT2Tokenizer", **special}))

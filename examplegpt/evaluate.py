@@ -1,0 +1,172 @@
+"""Perplexity the way papers report it: every token scored once, by a sliding window over a whole split.
+
+With window W (the model's context) and stride S, the windows start at 0, S, 2S, ...; each scores
+only the targets that no earlier window scored, so after the first window every token is predicted
+from at least W - S tokens of context. S = W gives plain non-overlapping chunks; smaller S gives
+more context per token at more compute.
+
+Reported: the mean loss per token and its perplexity; for corpora with known text, the word-level
+perplexity exp(total NLL / words), where words are the whitespace-separated words of the text (the
+convention of GPT-2's zero-shot WikiText-103 figure, 37.50 for the 117M model), and bits per byte.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .config import DataConfig
+from .data import (
+    ReplacementCounter,
+    check_cache,
+    open_split,
+    prepare,
+    resolve_source,
+    text_file_documents,
+    tokenize_to_file,
+)
+from .device import autocast, pick_device
+from .errors import UserError
+from .model import GPT
+from .tokenizer import TOKENIZER_ID
+from .weights import load_model, read_torch_file
+
+
+@dataclass
+class EvaluateConfig:
+    """How to evaluate a model on a corpus split."""
+
+    checkpoint: str = field(default="gpt_model.pt", metadata={"aliases": ("-c",)})
+    """Our model file or checkpoint, or a Hugging Face GPT-2 folder."""
+    split: str = "test"
+    """Split to score: test, validation (val) or train; a local text file is scored whole."""
+    stride: int | None = None
+    """Tokens between window starts (default: half the context)."""
+    batch_size: int = 8
+    """Windows per forward pass."""
+    device: str = "auto"
+    """auto, cpu, cuda or mps."""
+    json: bool = False
+    """Print one JSON object instead of the table."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise UserError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.device not in ("auto", "cpu", "cuda", "mps"):
+            raise UserError(f"device must be auto, cpu, cuda or mps, got {self.device!r}")
+
+
+def window_plan(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:
+    """(start, end, first_scored) per window: inputs tokens[start:end] predict tokens[start+1:end+1];
+    targets at positions >= first_scored are the ones this window scores."""
+    plan, scored_up_to, start = [], 1, 0  # token 0 has no context and is never a target
+    last_target = n_tokens - 1
+    while scored_up_to <= last_target:
+        end = min(start + window, last_target)  # inputs [start, end), targets [start + 1, end + 1)
+        plan.append((start, end, scored_up_to))
+        scored_up_to = end + 1
+        start += stride
+    return plan
+
+
+@torch.no_grad()
+def sliding_window_nll(
+    model: GPT, tokens: np.ndarray, stride: int, batch_size: int, device: torch.device, progress: bool = False
+) -> tuple[float, int]:
+    """Total negative log-likelihood (nats) of tokens[1:], and the number of tokens scored."""
+    model.eval()
+    window = model.config.max_seq_len
+    plan = window_plan(len(tokens), window, stride)
+    dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    total, count = 0.0, 0
+    for first in tqdm(range(0, len(plan), batch_size), disable=not progress, unit="batch", desc="evaluating"):
+        batch = plan[first : first + batch_size]
+        x = torch.zeros(len(batch), window, dtype=torch.long)  # (b, W), padded after the end
+        y = torch.full((len(batch), window), -1, dtype=torch.long)  # -1: not scored here
+        for row, (start, end, scored_from) in enumerate(batch):
+            chunk = torch.from_numpy(tokens[start : end + 1].astype(np.int64))
+            x[row, : end - start] = chunk[:-1]
+            keep = scored_from - (start + 1)  # targets before this are scored by an earlier window
+            y[row, keep : end - start] = chunk[1 + keep :]
+        x, y = x.to(device), y.to(device)
+        with autocast(device, dtype):
+            logits, _ = model(x)
+        nll = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-1, reduction="sum")
+        total += nll.item()
+        count += int((y != -1).sum())
+    return total, count
+
+
+def load_for_eval(path: str) -> GPT:
+    """The model, refusing one whose tokenizer is not ours (its token ids would mean other things)."""
+    p = Path(path)
+    if p.is_file():
+        saved = read_torch_file(p).get("tokenizer")
+        if saved is not None and saved != TOKENIZER_ID:
+            raise UserError(f"{path} was trained with tokenizer {saved}, not {TOKENIZER_ID}")
+    model = load_model(path)
+    if model.config.vocab_size != 50257:
+        raise UserError(f"{path} has a vocabulary of {model.config.vocab_size}, not GPT-2's 50257 tokens")
+    return model
+
+
+def split_tokens(data: DataConfig, split: str, min_tokens: int, scratch: Path) -> tuple[np.ndarray, dict]:
+    """Tokens of the split to score, with its word and byte counts when known."""
+    source = resolve_source(data)
+    if source.kind == "text":  # a local file or folder is scored whole, not a held-out part of it
+        counter = ReplacementCounter()
+        stats = tokenize_to_file(text_file_documents(source.files, counter), scratch / "eval.bin", 1, None)
+        if stats["tokens"] < 2:
+            raise UserError(f"{data.data} holds no text to score")
+        return np.memmap(scratch / "eval.bin", dtype=np.uint16, mode="r"), stats
+    folder = prepare(data, min_tokens=min_tokens, verbose=True)
+    name = {"validation": "val", "valid": "val"}.get(split, split)
+    splits = check_cache(folder)["splits"]
+    if name not in splits:
+        raise UserError(f"{data.data} has no split {split!r} (it has {', '.join(splits)})")
+    return open_split(folder, name), splits[name]
+
+
+def evaluate_command(cfg: EvaluateConfig, data: DataConfig) -> int:
+    device = pick_device(cfg.device)
+    model = load_for_eval(cfg.checkpoint).to(device)
+    window = model.config.max_seq_len
+    stride = window // 2 if cfg.stride is None else cfg.stride
+    if not 1 <= stride <= window:
+        raise UserError(f"stride must be between 1 and the window ({window}), got {stride}")
+    with tempfile.TemporaryDirectory() as scratch:
+        tokens, stats = split_tokens(data, cfg.split, window + 1, Path(scratch))
+        start = time.perf_counter()
+        total, count = sliding_window_nll(model, tokens, stride, cfg.batch_size, device, progress=sys.stderr.isatty())
+        seconds = time.perf_counter() - start
+    result = {
+        "checkpoint": cfg.checkpoint,
+        "data": data.data,
+        "split": cfg.split,
+        "window": window,
+        "stride": stride,
+        "tokens_scored": count,
+        "loss": total / count,
+        "perplexity": math.exp(total / count),
+        "tokens_per_second": count / seconds,
+    }
+    if stats.get("words"):
+        result["words"] = stats["words"]
+        result["word_perplexity"] = math.exp(total / stats["words"])
+        result["bits_per_byte"] = total / math.log(2) / stats["bytes"]
+    if cfg.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key:>18}  {value:,.4f}" if isinstance(value, float) else f"{key:>18}  {value}")
+    return 0

@@ -1,0 +1,108 @@
+"""Evaluation: the sliding-window protocol against brute force, the command, export to Hugging Face."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from examplegpt import GPT
+from examplegpt.evaluate import sliding_window_nll, window_plan
+from examplegpt.tokenizer import encode
+from examplegpt.weights import save_model_file
+
+from .conftest import assert_one_line_error, make_text, run_cli, tiny_config
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    torch.manual_seed(0)
+    return GPT(tiny_config(max_seq_len=16)).eval()
+
+
+@pytest.mark.parametrize("n, window, stride", [(100, 16, 8), (100, 16, 5), (17, 16, 16), (50, 16, 1), (3, 16, 8)])
+def test_every_target_is_scored_exactly_once(n, window, stride):
+    scored = []
+    for start, end, first in window_plan(n, window, stride):
+        assert end - start <= window and first > start
+        scored.extend(range(first, end + 1))
+    assert scored == list(range(1, n))
+
+
+@pytest.mark.parametrize("stride", [16, 8, 3])
+def test_sliding_window_equals_brute_force_per_token(small_model, stride):
+    tokens = np.random.default_rng(0).integers(0, 50257, 70).astype(np.uint16)
+    total, count = sliding_window_nll(small_model, tokens, stride, batch_size=3, device=torch.device("cpu"))
+    brute = 0.0
+    with torch.no_grad():
+        for start, end, first in window_plan(len(tokens), 16, stride):
+            for target in range(first, end + 1):  # each token alone, on the context the protocol gives it
+                context = torch.from_numpy(tokens[start:target].astype(np.int64))[None]
+                logits, _ = small_model(context)
+                brute -= torch.log_softmax(logits[0, -1], -1)[int(tokens[target])].item()
+    assert count == 69
+    assert total == pytest.approx(brute, rel=1e-5)
+
+
+def test_stride_equal_to_the_window_is_the_plain_chunked_loss(small_model):
+    tokens = np.random.default_rng(1).integers(0, 50257, 16 * 5 + 1).astype(np.uint16)
+    total, count = sliding_window_nll(small_model, tokens, 16, batch_size=2, device=torch.device("cpu"))
+    t = torch.from_numpy(tokens.astype(np.int64))
+    x, y = t[:-1].view(5, 16), t[1:].view(5, 16)
+    with torch.no_grad():
+        _, loss = small_model(x, y)
+    assert count == 80 and total / count == pytest.approx(loss.item(), rel=1e-5)
+
+
+@pytest.fixture
+def model_file(tmp_path, small_model):
+    path = tmp_path / "gpt_model.pt"
+    save_model_file(small_model, path)
+    return path
+
+
+def test_evaluate_command_on_a_text_file(tmp_path, model_file):
+    text = make_text(600, 9)
+    (tmp_path / "eval.txt").write_text(text)
+    proc = run_cli("evaluate", "-c", str(model_file), "--data", str(tmp_path / "eval.txt"), "--json", "--stride", "8")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.splitlines()[-1])
+    assert result["tokens_scored"] == len(encode(text))  # the whole file plus its <|endoftext|>, minus token 0
+    assert result["words"] == len(text.split())
+    assert result["word_perplexity"] == pytest.approx(
+        np.exp(result["loss"] * result["tokens_scored"] / result["words"])
+    )
+    table = run_cli("evaluate", "-c", str(model_file), "--data", str(tmp_path / "eval.txt"))
+    assert "word_perplexity" in table.stdout and "bits_per_byte" in table.stdout
+
+
+def test_evaluate_bad_input(tmp_path, model_file, small_model):
+    datasets = pytest.importorskip("datasets")
+    (tmp_path / "eval.txt").write_text(make_text(600, 9))
+    text = str(tmp_path / "eval.txt")
+    assert_one_line_error(run_cli("evaluate", "-c", str(model_file), "--data", text, "--stride", "0"), "stride")
+    assert_one_line_error(run_cli("evaluate", "-c", str(model_file), "--data", text, "--stride", "17"), "stride")
+    split = datasets.Dataset.from_dict({"text": [make_text(300, i) for i in range(4)]})
+    datasets.DatasetDict({"train": split, "validation": split}).save_to_disk(tmp_path / "ds")
+    proc = run_cli("evaluate", "-c", str(model_file), "--data", str(tmp_path / "ds"), "--split", "test",
+                   "--cache-dir", str(tmp_path / "cache"))  # fmt: skip
+    assert_one_line_error(proc, "no split 'test'")
+    other = tmp_path / "other.pt"
+    save_model_file(small_model, other, extra={"tokenizer": "cl100k_base-0000"})
+    assert_one_line_error(run_cli("evaluate", "-c", str(other), "--data", text), "tokenizer")
+
+
+def test_export_writes_a_folder_transformers_loads(tmp_path, model_file, small_model):
+    transformers = pytest.importorskip("transformers")
+    out = tmp_path / "hf"
+    proc = run_cli("export", "-c", str(model_file), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    hf = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+    idx = torch.randint(0, 50257, (2, 16))
+    with torch.no_grad():
+        assert (hf(idx).logits - small_model(idx)[0]).abs().max().item() < 1e-4
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    for text in ["Hello, world!  naïve 東京 🚀\n\n x", "it's 2026: 1,234 <|endoftext|> next"]:
+        assert tokenizer.encode(text) == encode(text)
+    assert_one_line_error(run_cli("export", "-c", str(model_file), "--out", str(out)), "--force")
+    assert run_cli("export", "-c", str(model_file), "--out", str(out), "--force").returncode == 0
