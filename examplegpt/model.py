@@ -12,9 +12,9 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torch.utils.checkpoint
 
 from .config import GPTConfig
+from .loss import fused_linear_cross_entropy
 
 
 class KVCache:
@@ -160,14 +160,14 @@ class GPT(nn.Module):
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Logits (B, T, vocab_size) and, given `targets` (B, T; -1 is ignored), the mean cross-entropy.
 
-        Training passes `return_logits=False`: the loss is then computed in chunks of rows, so the
-        full (B, T, vocab) float32 logits never exist at once (see `chunked_cross_entropy`).
+        Training passes `return_logits=False`: the loss is then fused with the LM head and computed in
+        chunks of rows, so the (B, T, vocab) float32 logits never exist at once (see `loss.py`).
         """
         h = self.hidden_states(idx)  # (B, T, C)
         if targets is None:
             return self.logits(h), None
         if not return_logits:
-            return None, chunked_cross_entropy(h, self.lm_head.weight, targets, self.config.vocab_size)
+            return None, fused_linear_cross_entropy(h, self.lm_head.weight, targets, self.config.vocab_size)
         logits = self.logits(h)  # (B, T, V)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
         return logits, loss
@@ -185,28 +185,3 @@ class GPT(nn.Module):
         from .generate import generate
 
         return generate(self, idx, max_new_tokens, **sampling)
-
-
-def chunked_cross_entropy(
-    h: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor, vocab_size: int, chunk_rows: int = 4096
-) -> torch.Tensor:
-    """Mean cross-entropy of `h @ head_weight.T` against `targets`, `chunk_rows` rows at a time.
-
-    Each chunk's logits are recomputed in the backward pass instead of being stored, so memory
-    holds one chunk of (chunk_rows, V) float32 logits instead of the whole batch's.
-    """
-    h, targets = h.flatten(0, 1), targets.flatten()  # (N, C), (N,)
-    if h.shape[0] <= chunk_rows:  # one chunk: nothing to save by recomputing it
-        return _cross_entropy_sum(h, head_weight, targets, vocab_size) / (targets != -1).sum().clamp(min=1)
-    total = h.new_zeros((), dtype=torch.float32)
-    for start in range(0, h.shape[0], chunk_rows):
-        rows = slice(start, start + chunk_rows)
-        total = total + torch.utils.checkpoint.checkpoint(
-            _cross_entropy_sum, h[rows], head_weight, targets[rows], vocab_size, use_reentrant=False
-        )
-    return total / (targets != -1).sum().clamp(min=1)
-
-
-def _cross_entropy_sum(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    logits = (h @ weight.t())[:, :vocab_size].float()  # (rows, V)
-    return F.cross_entropy(logits, targets, ignore_index=-1, reduction="sum")

@@ -5,7 +5,7 @@ import torch
 
 from examplegpt import GPT, GPTConfig
 from examplegpt.config import PRESETS
-from examplegpt.model import chunked_cross_entropy
+from examplegpt.loss import fused_linear_cross_entropy
 
 from .conftest import tiny_config
 
@@ -61,19 +61,22 @@ def test_attention_is_causal(tiny_model):
     assert not torch.allclose(a[:, 10:], b[:, 10:])
 
 
-def test_chunked_loss_equals_full_loss_and_gradient(tiny_model):
+@pytest.mark.parametrize("chunk_rows", [7, 4096])
+def test_fused_loss_equals_the_plain_loss_and_gradients(tiny_model, chunk_rows):
     idx = torch.randint(0, 50257, (2, 40))
     targets = idx.roll(-1, dims=1)
     targets[0, :5] = -1  # ignored positions
     _, full = tiny_model(idx, targets)
     full.backward()
-    full_grad = tiny_model.transformer.wte.weight.grad.clone()
+    expected = [p.grad.clone() for p in tiny_model.parameters()]
     tiny_model.zero_grad()
     h = tiny_model.hidden_states(idx)
-    chunked = chunked_cross_entropy(h, tiny_model.lm_head.weight, targets, 50257, chunk_rows=7)
-    chunked.backward()
-    torch.testing.assert_close(chunked, full)
-    torch.testing.assert_close(tiny_model.transformer.wte.weight.grad, full_grad)
+    fused = fused_linear_cross_entropy(h, tiny_model.lm_head.weight, targets, 50257, chunk_rows=chunk_rows)
+    (fused * 3).backward()  # the upstream gradient scales the saved gradients
+    torch.testing.assert_close(fused, full)
+    for p, grad in zip(tiny_model.parameters(), expected):
+        torch.testing.assert_close(p.grad, 3 * grad, rtol=1e-4, atol=1e-5)
+    assert tiny_model(idx, targets, return_logits=False)[0] is None
 
 
 def test_sequence_longer_than_context_is_refused(tiny_model):

@@ -1,0 +1,86 @@
+"""Generation speed: GPT.generate (KV cache) against transformers' GPT2LMHeadModel.generate, same weights.
+
+Greedy decoding, KV cache on in both, a 16-token prompt and 256 new tokens. Reported per batch size:
+time to first token (prefill + one sample) and decode tokens/s (the other 255 steps, per sequence
+and summed over the batch), median of the repeats, the two runs alternating.
+
+    python benchmarks/bench_generate.py                 # CPU, 6 layers, 384 wide
+    python benchmarks/bench_generate.py --device cuda --layers 12 --d-model 768
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import torch
+
+from examplegpt import GPT
+
+
+def timed(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--d-model", type=int, default=384)
+    parser.add_argument("--heads", type=int, default=6)
+    parser.add_argument("--prompt-tokens", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="both models' weights")
+    args = parser.parse_args()
+
+    import transformers
+
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_embd=args.d_model, n_head=args.heads, n_layer=args.layers)
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    with tempfile.TemporaryDirectory() as folder:
+        hf.save_pretrained(folder)
+        ours = GPT.from_pretrained(folder).eval().to(device, getattr(torch, args.dtype))
+    hf.to(device, getattr(torch, args.dtype))
+    n = args.new_tokens
+    print(f"GPT-2 {args.layers} layers x {args.d_model}, {args.prompt_tokens}-token prompt, {n} new tokens, greedy,"
+          f" {device}, {args.dtype}, torch {torch.__version__}, transformers {transformers.__version__}")  # fmt: skip
+    print("| batch | model | time to first token (ms) | decode tokens/s per sequence | decode tokens/s, batch |")
+    print("|---:|---|---:|---:|---:|")
+    for batch in args.batches:
+        prompt = torch.randint(0, 50257, (batch, args.prompt_tokens), device=device)
+        runs = {
+            "huggingface": lambda k: hf.generate(
+                prompt, max_new_tokens=k, min_new_tokens=k, do_sample=False, use_cache=True, pad_token_id=0
+            ),  # fmt: skip
+            "examplegpt": lambda k: ours.generate(prompt, k, temperature=0),
+        }
+        same = torch.equal(runs["huggingface"](32), runs["examplegpt"](32))
+        first = {name: [] for name in runs}
+        whole = {name: [] for name in runs}
+        with torch.inference_mode():
+            for _ in range(args.repeats):
+                for name, run in runs.items():
+                    first[name].append(timed(lambda: run(1), device))
+                    whole[name].append(timed(lambda: run(n), device))
+        rates = {}
+        for name in runs:
+            ttft = statistics.median(first[name])
+            rates[name] = (n - 1) / (statistics.median(whole[name]) - ttft)
+            print(f"| {batch} | {name} | {ttft * 1000:.1f} | {rates[name]:,.0f} | {rates[name] * batch:,.0f} |")
+        print(f"| {batch} | ratio | | {rates['examplegpt'] / rates['huggingface']:.2f}x | (same tokens: {same}) |")
+
+
+if __name__ == "__main__":
+    main()

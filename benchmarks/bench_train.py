@@ -1,0 +1,159 @@
+"""Training throughput: ExampleGPT's training step against Hugging Face's GPT2LMHeadModel, side by side.
+
+Both do the same step: forward, cross-entropy, backward, AdamW (same hyper-parameters, same
+shapes, same weights). Reported: median tokens/s over the timed steps and the ratio.
+
+CPU:  python benchmarks/bench_train.py --preset tiny --steps 10
+      python benchmarks/bench_train.py --layers 6 --d-model 384 --heads 6 --seq-len 256 --batch 8
+GPU:  python benchmarks/bench_train.py --gpu   (124M, seq 1024, bf16: compile, checkpointing, micro-batches)
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from examplegpt import GPT, GPTConfig
+from examplegpt.config import PRESETS
+from examplegpt.device import autocast, peak_flops
+from examplegpt.distributed import apply_activation_checkpointing
+from examplegpt.optim import flops_per_token, parameter_groups
+
+
+def time_steps(step, steps: int, warmup: int, device: torch.device) -> list[float]:
+    """Seconds per call of step(), after warm-up, synchronised on CUDA (events would be equivalent)."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def ours_step(config, batch, device, dtype, checkpointing=False, compile=False, fused=False):
+    torch.manual_seed(0)
+    model = GPT(config).to(device)
+    if checkpointing:
+        apply_activation_checkpointing(model)
+    forward = torch.compile(model) if compile else model
+    optimizer = torch.optim.AdamW(parameter_groups(model, 0.1), lr=1e-4, betas=(0.9, 0.95), fused=fused or None)
+    x = torch.randint(0, config.vocab_size, (batch, config.max_seq_len), device=device)
+
+    def step():
+        with autocast(device, dtype):
+            _, loss = forward(x, x, return_logits=False)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return model, step
+
+
+def hf_step(config, batch, device, dtype):
+    import transformers
+
+    torch.manual_seed(0)
+    hf_config = transformers.GPT2Config(
+        vocab_size=config.vocab_size, n_embd=config.d_model, n_head=config.num_heads, n_layer=config.num_layers,
+        n_inner=config.d_ff, n_positions=config.max_seq_len, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )  # fmt: skip
+    model = transformers.GPT2LMHeadModel(hf_config).to(device)
+    optimizer = torch.optim.AdamW(parameter_groups(model, 0.1), lr=1e-4, betas=(0.9, 0.95))
+    x = torch.randint(0, config.vocab_size, (batch, config.max_seq_len), device=device)
+
+    def step():
+        with autocast(device, dtype):
+            loss = model(x, labels=x).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return model, step
+
+
+def cpu_comparison(args) -> None:
+    config = GPTConfig(**PRESETS[args.preset]) if args.preset else GPTConfig(
+        d_model=args.d_model, num_heads=args.heads, num_layers=args.layers, d_ff=4 * args.d_model,
+        max_seq_len=args.seq_len,
+    )  # fmt: skip
+    device, dtype = torch.device("cpu"), torch.float32
+    tokens = args.batch * config.max_seq_len
+    steps = {"huggingface": hf_step(config, args.batch, device, dtype)[1],
+             "examplegpt": ours_step(config, args.batch, device, dtype, fused=True)[1]}  # fmt: skip
+    times = {name: [] for name in steps}
+    for _ in range(args.warmup):
+        for step in steps.values():
+            step()
+    for _ in range(args.steps):  # alternate, so that both see the same noise of a shared machine
+        for name, step in steps.items():
+            times[name].extend(time_steps(step, 1, 0, device))
+    results = {name: tokens / statistics.median(t) for name, t in times.items()}
+    for name, value in results.items():
+        print(f"{name:>12}: {value:,.0f} tokens/s (median of {args.steps} steps, {tokens} tokens each)")
+    print(f"ratio examplegpt / huggingface: {results['examplegpt'] / results['huggingface']:.2f}x")
+    print(f"config: {config} batch {args.batch}, fp32, torch {torch.__version__}, {torch.get_num_threads()} threads")
+
+
+def gpu_sweep(args) -> None:
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    torch.backends.cuda.matmul.allow_tf32 = True
+    config = GPTConfig()  # 124M, seq 1024
+    peak = peak_flops(device)
+    model = GPT(config)
+    fpt = flops_per_token(model.num_parameters(False), config.num_layers, config.d_model, config.max_seq_len)
+    del model
+    print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | peak {peak / 1e12 if peak else 0:.0f} TFLOP/s")
+    print(f"FLOPs per token: 6N + 12*L*d*T = {fpt / 1e6:.0f} M")
+    print("| compile | checkpointing | micro-batch | tokens/s | MFU | peak memory (GiB) |")
+    print("|---|---|---|---:|---:|---:|")
+    for compile in (False, True):
+        for checkpointing in (False, True):
+            for batch in args.micro_batches:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+                try:
+                    _, step = ours_step(config, batch, device, dtype, checkpointing, compile, fused=True)
+                    times = time_steps(step, args.steps, args.warmup, device)
+                except torch.cuda.OutOfMemoryError:
+                    print(f"| {compile} | {checkpointing} | {batch} | out of memory | | |")
+                    continue
+                tps = batch * config.max_seq_len / statistics.median(times)
+                mfu = tps * fpt / peak if peak else float("nan")
+                memory = torch.cuda.max_memory_allocated() / 2**30
+                print(f"| {compile} | {checkpointing} | {batch} | {tps:,.0f} | {mfu:.1%} | {memory:.1f} |", flush=True)
+                del step
+    if args.with_hf:
+        for batch in args.micro_batches[:1]:
+            _, step = hf_step(config, batch, device, dtype)
+            tps = batch * config.max_seq_len / statistics.median(time_steps(step, args.steps, args.warmup, device))
+            print(f"huggingface GPT2LMHeadModel, micro-batch {batch}, bf16 autocast, no compile: {tps:,.0f} tokens/s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=list(PRESETS))
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--d-model", type=int, default=384)
+    parser.add_argument("--heads", type=int, default=6)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--gpu", action="store_true", help="the 124M sweep on CUDA")
+    parser.add_argument("--micro-batches", type=int, nargs="+", default=[8, 16, 32])
+    parser.add_argument("--with-hf", action="store_true", help="on GPU, also time Hugging Face's model")
+    args = parser.parse_args()
+    gpu_sweep(args) if args.gpu else cpu_comparison(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""Cross-entropy of the LM head, fused with the head's matmul and computed in chunks of rows.
+
+The plain way materialises (B*T, V) logits, then a float32 copy, then log-softmax, then their
+gradients: several passes over the largest tensor of the step (for GPT-2 small at batch 16 x 1024,
+3.3 GB in float32). Here each chunk's logits are made, turned into softmax - onehot in place, and
+used at once for both gradients (dL/dh = G @ W, dL/dW += G^T @ h). The gradients are ready when
+the forward pass ends, so backward only scales them. Same FLOPs as the plain way; one chunk of
+logits in memory at a time.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class FusedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int, chunk_rows: int):
+        # h (N, C), weight (V_padded, C), targets (N,) with -1 = ignore
+        if torch.is_autocast_enabled(h.device.type):
+            compute_dtype = torch.get_autocast_dtype(h.device.type)
+        else:
+            compute_dtype = h.dtype
+        with torch.autocast(h.device.type, enabled=False):
+            w = weight.to(compute_dtype)
+            valid_count = (targets != -1).sum().clamp(min=1)
+            grad_h = torch.empty(h.shape, dtype=h.dtype, device=h.device)
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device)
+            total = torch.zeros((), dtype=torch.float32, device=h.device)
+            for start in range(0, h.shape[0], chunk_rows):
+                hs = h[start : start + chunk_rows].to(compute_dtype)  # (c, C)
+                ts = targets[start : start + chunk_rows]  # (c,)
+                logits = (hs @ w.t()).float()  # (c, V_padded)
+                logits[:, vocab_size:] = float("-inf")  # padding rows of the vocabulary are never predicted
+                valid = ts != -1
+                safe = ts.clamp(min=0)[:, None]  # (c, 1)
+                lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (c, 1)
+                total += ((lse - logits.gather(1, safe)).squeeze(1) * valid).sum()
+                probs = logits.sub_(lse).exp_()  # softmax, in place
+                probs.scatter_add_(1, safe, -torch.ones_like(safe, dtype=probs.dtype))  # softmax - onehot
+                probs.mul_(valid[:, None])  # ignored rows contribute nothing
+                g = probs.to(compute_dtype)
+                grad_h[start : start + chunk_rows] = (g @ w).to(h.dtype)  # (c, C)
+                grad_w.addmm_(g.t().float() if compute_dtype != torch.float32 else g.t(), hs.float())
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype), valid_count)
+        return total / valid_count
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        grad_h, grad_w, valid_count = ctx.saved_tensors
+        scale = grad_loss / valid_count
+        return grad_h * scale.to(grad_h.dtype), grad_w * scale.to(grad_w.dtype), None, None, None
+
+
+def fused_linear_cross_entropy(
+    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int, chunk_rows: int = 4096
+) -> torch.Tensor:
+    """Mean cross-entropy of `h @ weight.T` (first vocab_size columns) against `targets` (-1 ignored)."""
+    return FusedLinearCrossEntropy.apply(h.flatten(0, 1), weight, targets.flatten(), vocab_size, chunk_rows)
