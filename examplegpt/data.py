@@ -39,6 +39,7 @@ SHORT_NAMES = {
 }
 WIKITEXT_TITLE = re.compile(r"^ = [^=].* = \n?$")  # ' = Title = ' starts an article; ' = = Section = = ' does not
 SEGMENT_CHARS = 1 << 20  # long documents are cut into ~1 MB pieces so all threads get work
+READ_BYTES = 8 << 20  # local text files are read in blocks of this size
 BATCH_CHARS = 16 << 20  # text handed to the tokenizer threads at once
 HOLDOUT_SEED = 20261125
 
@@ -101,12 +102,13 @@ class ReplacementCounter:
         return "\ufffd", error.end
 
 
-def split_document(text: str, size: int = SEGMENT_CHARS) -> list[str]:
+def split_document(text: str, size: int | None = None) -> list[str]:
     """Cut a long text into pieces of about `size` characters that tokenize exactly as the whole.
 
     A cut is made only after a single newline that sits between two non-space characters: GPT-2's
     pre-tokenizer always ends a piece there, so no BPE merge can cross the cut.
     """
+    size = size or SEGMENT_CHARS
     pieces, start = [], 0
     while len(text) - start > size:
         cut = start + size
@@ -122,14 +124,35 @@ def split_document(text: str, size: int = SEGMENT_CHARS) -> list[str]:
     return pieces
 
 
-def text_file_documents(files: list[Path], counter: ReplacementCounter) -> Iterator[str]:
-    """Each file is one document, decoded as UTF-8 with undecodable bytes replaced (and counted)."""
+Piece = tuple[str, bool]  # a piece of a document's text, and whether it ends the document
+
+
+def document_pieces(documents: Iterator[str]) -> Iterator[Piece]:
+    """Each non-empty document as pieces that tokenize exactly as the whole (see split_document)."""
+    for doc in documents:
+        if doc:
+            pieces = split_document(doc)
+            for i, piece in enumerate(pieces):
+                yield piece, i == len(pieces) - 1
+
+
+def text_file_pieces(files: list[Path], counter: ReplacementCounter) -> Iterator[Piece]:
+    """Each file is one document, read in blocks (so a huge file never sits in memory whole) and decoded
+    as UTF-8, undecodable bytes replaced with U+FFFD and counted."""
     for path in files:
+        decoder = codecs.getincrementaldecoder("utf-8")(errors=counter.name)
+        pending = ""
         try:
-            raw = path.read_bytes()
+            with open(path, "rb") as f:
+                while block := f.read(READ_BYTES):
+                    pieces = split_document(pending + decoder.decode(block))
+                    yield from ((piece, False) for piece in pieces[:-1])
+                    pending = pieces[-1]
         except OSError as e:
             raise UserError(f"cannot read {path}: {e.strerror}") from None
-        yield raw.decode("utf-8", errors=counter.name)
+        pieces = [p for p in split_document(pending + decoder.decode(b"", final=True)) if p]
+        for i, piece in enumerate(pieces):
+            yield piece, i == len(pieces) - 1
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -196,8 +219,9 @@ def hf_documents(split, text_column: str, wikitext: bool) -> Iterator[str]:
 # --- tokenizing into the cache ---------------------------------------------------------------------
 
 
-def tokenize_to_file(documents: Iterator[str], path: Path, workers: int, progress: tqdm | None) -> dict[str, int]:
-    """Tokenize documents with `workers` threads, streaming uint16 ids to `path`.
+def tokenize_to_file(pieces: Iterator[Piece], path: Path, workers: int, progress: tqdm | None) -> dict[str, int]:
+    """Tokenize document pieces with `workers` threads, streaming uint16 ids to `path`, <|endoftext|>
+    after each document.
 
     Returns counts of tokens, documents, and the text's whitespace-separated words and UTF-8 bytes
     (the denominators of word-level perplexity and bits per byte).
@@ -206,32 +230,28 @@ def tokenize_to_file(documents: Iterator[str], path: Path, workers: int, progres
     stats = dict(tokens=0, documents=0, words=0, bytes=0)
     with open(path, "wb") as out:
 
-        def flush(segments: list[str], ends: list[bool]) -> None:
-            encoded = encoding.encode_ordinary_batch(segments, num_threads=workers)
+        def flush(texts: list[str], ends: list[bool]) -> None:
+            encoded = encoding.encode_ordinary_batch(texts, num_threads=workers)
             for ids, end in zip(encoded, ends):
                 out.write(np.asarray(ids + [EOT_ID] if end else ids, dtype=TOKEN_DTYPE).tobytes())
                 stats["tokens"] += len(ids) + end
             if progress is not None:
-                progress.update(sum(len(s) for s in segments))
+                progress.update(sum(len(t) for t in texts))
                 progress.set_postfix(tokens=f"{stats['tokens']:,}")
 
-        segments, ends, chars = [], [], 0
-        for doc in documents:
-            if not doc:
-                continue
-            stats["documents"] += 1
-            stats["words"] += len(doc.split())
-            stats["bytes"] += len(doc.encode("utf-8", errors="replace"))
-            pieces = split_document(doc)
-            for i, piece in enumerate(pieces):
-                segments.append(piece)
-                ends.append(i == len(pieces) - 1)
-                chars += len(piece)
+        texts, ends, chars = [], [], 0
+        for text, end in pieces:
+            stats["documents"] += end
+            stats["words"] += len(text.split())
+            stats["bytes"] += len(text.encode("utf-8", errors="replace"))
+            texts.append(text)
+            ends.append(end)
+            chars += len(text)
             if chars >= BATCH_CHARS:
-                flush(segments, ends)
-                segments, ends, chars = [], [], 0
-        if segments:
-            flush(segments, ends)
+                flush(texts, ends)
+                texts, ends, chars = [], [], 0
+        if texts:
+            flush(texts, ends)
         out.flush()
         os.fsync(out.fileno())
     return stats
@@ -371,20 +391,22 @@ def write_splits(cfg: DataConfig, source: Source, tmp: Path, min_tokens: int, lo
     splits: dict[str, dict] = {}
     held_out = False
     if source.kind == "text":
-        inputs = {"all": (text_file_documents(source.files, counter), sum(f.stat().st_size for f in source.files))}
+        inputs = {"all": (text_file_pieces(source.files, counter), sum(f.stat().st_size for f in source.files))}
     else:
         hf = load_hf_splits(source, cfg)
         wikitext = "wikitext" in source.dataset.lower()
         names = {cfg.train_split: "train", cfg.val_split: "val", cfg.test_split: "test"}
-        inputs = {names[s]: (hf_documents(hf[s], cfg.text_column, wikitext), None) for s in names if s in hf}
+        inputs = {
+            names[s]: (document_pieces(hf_documents(hf[s], cfg.text_column, wikitext)), None) for s in names if s in hf
+        }
         if "val" not in inputs:
             inputs["all"] = inputs.pop("train")
     start = time.perf_counter()
-    for split, (documents, total_chars) in inputs.items():
+    for split, (pieces, total_chars) in inputs.items():
         with tqdm(
             total=total_chars, unit="B", unit_scale=True, desc=f"tokenizing {split}", disable=not sys.stderr.isatty()
         ) as bar:
-            splits[split] = tokenize_to_file(documents, tmp / f"{split}.bin", workers, bar)
+            splits[split] = tokenize_to_file(pieces, tmp / f"{split}.bin", workers, bar)
     if splits.get("all", splits.get("train", {"tokens": 0}))["tokens"] == 0:
         raise UserError(f"{source.name} holds no text")
     if "all" in splits:

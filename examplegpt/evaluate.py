@@ -32,7 +32,7 @@ from .data import (
     open_split,
     prepare,
     resolve_source,
-    text_file_documents,
+    text_file_pieces,
     tokenize_to_file,
 )
 from .device import autocast, pick_device
@@ -125,7 +125,7 @@ def split_tokens(data: DataConfig, split: str, min_tokens: int, scratch: Path) -
     source = resolve_source(data)
     if source.kind == "text":  # a local file or folder is scored whole, not a held-out part of it
         counter = ReplacementCounter()
-        stats = tokenize_to_file(text_file_documents(source.files, counter), scratch / "eval.bin", 1, None)
+        stats = tokenize_to_file(text_file_pieces(source.files, counter), scratch / "eval.bin", 1, None)
         if stats["tokens"] < 2:
             raise UserError(f"{data.data} holds no text to score")
         return np.memmap(scratch / "eval.bin", dtype=np.uint16, mode="r"), stats

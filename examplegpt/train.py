@@ -341,7 +341,7 @@ def run(
                 mfu = f" | mfu {record['mfu']:.1%}"
             line = (
                 f"step {step}/{total_steps} | loss {train_loss:.4f} | lr {lr:.2e} | norm {norm.item():.2f}"
-                f" | dt {elapsed / cfg.log_interval * 1000:.0f}ms | tok/s {tokens_per_sec:,.0f}{mfu}"
+                f" | dt {elapsed / (window_tokens / tokens_per_step) * 1000:.0f}ms | tok/s {tokens_per_sec:,.0f}{mfu}"
             )
             bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tokens_per_sec:,.0f}")
             if world.is_main:

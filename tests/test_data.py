@@ -184,3 +184,17 @@ def test_ranks_shard_the_global_batch_without_overlap():
 def test_batch_larger_than_the_corpus_is_a_clear_error():
     with pytest.raises(UserError, match="lower --batch-size"):
         TokenWindows(np.zeros(20, dtype=np.uint16), seq_len=5, batch_size=8, seed=0)
+
+
+def test_text_files_are_read_in_blocks_without_changing_tokens(tmp_path, monkeypatch):
+    from examplegpt import data
+
+    text = "".join(make_text(300, seed) + "naïve 東京 🚀\n" for seed in range(10))
+    (tmp_path / "a.txt").write_text(text)
+    monkeypatch.setattr(data, "READ_BYTES", 61)  # blocks cut through multi-byte characters
+    monkeypatch.setattr(data, "SEGMENT_CHARS", 200)
+    counter = data.ReplacementCounter()
+    pieces = list(data.text_file_pieces([tmp_path / "a.txt"], counter))
+    assert len(pieces) > 10 and [end for _, end in pieces].count(True) == 1 and pieces[-1][1]
+    assert "".join(p for p, _ in pieces) == text and counter.count == 0
+    assert sum((encode(p) for p, _ in pieces), []) == encode(text)
