@@ -5,7 +5,7 @@ shapes, same weights). Reported: median tokens/s over the timed steps and the ra
 
 CPU:  python benchmarks/bench_train.py --preset tiny --steps 10
       python benchmarks/bench_train.py --layers 6 --d-model 384 --heads 6 --seq-len 256 --batch 8
-GPU:  python benchmarks/bench_train.py --gpu   (124M, seq 1024, bf16: compile, checkpointing, micro-batches)
+GPU:  python benchmarks/bench_train.py --sweep   (124M, seq 1024, bf16: compile x checkpointing x micro-batch)
 """
 
 from __future__ import annotations
@@ -103,39 +103,46 @@ def cpu_comparison(args) -> None:
     print(f"config: {config} batch {args.batch}, fp32, torch {torch.__version__}, {torch.get_num_threads()} threads")
 
 
-def gpu_sweep(args) -> None:
-    device, dtype = torch.device("cuda"), torch.bfloat16
+def sweep(args) -> None:
+    """Our training step alone over compile x checkpointing x micro-batch: tokens/s, MFU, peak memory.
+
+    On CUDA: the 124M model at sequence length 1024 in bf16. On CPU (to test the script): --preset's
+    model in fp32, without MFU or memory figures."""
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
     torch.backends.cuda.matmul.allow_tf32 = True
-    config = GPTConfig()  # 124M, seq 1024
+    config = GPTConfig(**PRESETS[args.preset or "124M"])
     peak = peak_flops(device)
     model = GPT(config)
     fpt = flops_per_token(model.num_parameters(False), config.num_layers, config.d_model, config.max_seq_len)
     del model
-    print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | peak {peak / 1e12 if peak else 0:.0f} TFLOP/s")
-    print(f"FLOPs per token: 6N + 12*L*d*T = {fpt / 1e6:.0f} M")
+    name = torch.cuda.get_device_name() if cuda else "CPU"
+    print(f"{name} | torch {torch.__version__} | peak {peak / 1e12 if peak else 0:.0f} TFLOP/s | {dtype}")
+    print(
+        f"model {args.preset or '124M'}, sequence {config.max_seq_len}; FLOPs per token 6N + 12*L*d*T = {fpt / 1e6:.0f} M"
+    )
     print("| compile | checkpointing | micro-batch | tokens/s | MFU | peak memory (GiB) |")
-    print("|---|---|---|---:|---:|---:|")
-    for compile in (False, True):
-        for checkpointing in (False, True):
+    print("|---|---|---:|---:|---:|---:|")
+    for compile in args.compile_options:
+        for checkpointing in args.checkpointing_options:
             for batch in args.micro_batches:
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
+                if cuda:
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats()
                 try:
-                    _, step = ours_step(config, batch, device, dtype, checkpointing, compile, fused=True)
+                    _, step = ours_step(config, batch, device, dtype, bool(checkpointing), bool(compile), fused=True)
                     times = time_steps(step, args.steps, args.warmup, device)
                 except torch.cuda.OutOfMemoryError:
                     print(f"| {compile} | {checkpointing} | {batch} | out of memory | | |")
                     continue
                 tps = batch * config.max_seq_len / statistics.median(times)
-                mfu = tps * fpt / peak if peak else float("nan")
-                memory = torch.cuda.max_memory_allocated() / 2**30
-                print(f"| {compile} | {checkpointing} | {batch} | {tps:,.0f} | {mfu:.1%} | {memory:.1f} |", flush=True)
+                mfu = f"{tps * fpt / peak:.1%}" if peak else "n/a"
+                memory = f"{torch.cuda.max_memory_allocated() / 2**30:.1f}" if cuda else "n/a"
+                print(
+                    f"| {bool(compile)} | {bool(checkpointing)} | {batch} | {tps:,.0f} | {mfu} | {memory} |", flush=True
+                )
                 del step
-    if args.with_hf:
-        for batch in args.micro_batches[:1]:
-            _, step = hf_step(config, batch, device, dtype)
-            tps = batch * config.max_seq_len / statistics.median(time_steps(step, args.steps, args.warmup, device))
-            print(f"huggingface GPT2LMHeadModel, micro-batch {batch}, bf16 autocast, no compile: {tps:,.0f} tokens/s")
 
 
 def main() -> None:
@@ -148,11 +155,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--gpu", action="store_true", help="the 124M sweep on CUDA")
+    parser.add_argument("--sweep", action="store_true", help="our step alone over compile/checkpointing/micro-batch")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--micro-batches", type=int, nargs="+", default=[8, 16, 32])
-    parser.add_argument("--with-hf", action="store_true", help="on GPU, also time Hugging Face's model")
+    parser.add_argument("--compile-options", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--checkpointing-options", type=int, nargs="+", default=[0, 1])
     args = parser.parse_args()
-    gpu_sweep(args) if args.gpu else cpu_comparison(args)
+    sweep(args) if args.sweep else cpu_comparison(args)
 
 
 if __name__ == "__main__":

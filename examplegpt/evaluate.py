@@ -99,11 +99,12 @@ def sliding_window_nll(
             keep = scored_from - (start + 1)  # targets before this are scored by an earlier window
             y[row, keep : end - start] = chunk[1 + keep :]
         x, y = x.to(device), y.to(device)
+        scored = y != -1  # (b, W)
         with autocast(device, dtype):
-            logits, _ = model(x)
-        nll = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-1, reduction="sum")
-        total += nll.item()
-        count += int((y != -1).sum())
+            h = model.hidden_states(x)  # (b, W, C)
+            logits = model.logits(h[scored])  # (n, V): the LM head only where a token is scored
+        total += F.cross_entropy(logits.float(), y[scored], reduction="sum").item()
+        count += int(scored.sum())
     return total, count
 
 

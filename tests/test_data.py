@@ -198,3 +198,10 @@ def test_text_files_are_read_in_blocks_without_changing_tokens(tmp_path, monkeyp
     assert len(pieces) > 10 and [end for _, end in pieces].count(True) == 1 and pieces[-1][1]
     assert "".join(p for p, _ in pieces) == text and counter.count == 0
     assert sum((encode(p) for p, _ in pieces), []) == encode(text)
+
+
+@pytest.mark.parametrize("text", ["", " ", "one", " two  words\n", "a\tb\nc  d \x0be\x1ff ", "naïve 東京 🚀 x"])
+def test_word_count_matches_str_split(text):
+    from examplegpt.data import count_words
+
+    assert count_words(text.encode()) == len(text.split())

@@ -60,3 +60,19 @@ def test_export_round_trip_is_identity_and_loads_in_transformers(models, tmp_pat
     with torch.no_grad():
         assert (reloaded_hf(idx).logits - ours(idx)[0]).abs().max().item() < 1e-4
     assert set(state_to_hf(ours)) <= set(reloaded_hf.state_dict())
+
+
+def test_pytorch_model_bin_folders_load_too(models, tmp_path):
+    hf, ours = models
+    hf.save_pretrained(tmp_path, safe_serialization=False)
+    assert (tmp_path / "pytorch_model.bin").exists() or list(tmp_path.glob("*.safetensors"))
+    loaded = GPT.from_pretrained(str(tmp_path))
+    for name, tensor in ours.state_dict().items():
+        assert torch.equal(tensor, loaded.state_dict()[name]), name
+
+
+def test_hub_id_offline_is_one_line():
+    from .conftest import assert_one_line_error
+
+    proc = run_cli("generate", "-c", "gpt2", "-p", "hi")
+    assert_one_line_error(proc, "cannot get 'gpt2' from the Hugging Face hub")

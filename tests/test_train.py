@@ -207,3 +207,28 @@ def test_fine_tune_from_a_hugging_face_folder(corpus, tmp_path, hf_dir):
     assert "initialised from" in proc.stdout
     assert read_torch_file(out / "gpt_model.pt")["model_config"]["d_model"] == 64  # the HF model's shape
     assert math.isfinite(losses(out)[-1][2])
+
+
+def test_full_disk_while_saving_keeps_the_previous_checkpoint(corpus, tmp_path, monkeypatch):
+    import errno
+
+    from examplegpt import checkpoint
+    from examplegpt.cli import main
+
+    out = tmp_path / "run"
+    real_save = torch.save
+    saves = {"n": 0}
+
+    def save_then_fill_the_disk(obj, f, *args, **kwargs):
+        saves["n"] += 1
+        if saves["n"] >= 2:  # the second checkpoint hits a full disk half-way
+            f.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.torch, "save", save_then_fill_the_disk)
+    status = main(train_args(corpus, out, "--max-steps", "8", "--checkpoint-interval", "4"))
+    assert status == 1
+    files = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert files == ["checkpoint_epoch1_batch4.pt"]  # no partial file of the second one is left
+    assert read_torch_file(out / "checkpoints" / files[0])["step"] == 4
