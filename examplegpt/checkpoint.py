@@ -17,6 +17,7 @@ from .errors import UserError
 from .weights import read_torch_file
 
 CHECKPOINT_FORMAT = "examplegpt-checkpoint"
+CHECKPOINT_KEYS = {"model", "model_config", "config", "optimizer", "scaler", "step", "epoch", "rng"}
 CHECKPOINT_NAME = re.compile(r"checkpoint_epoch(\d+)_batch(\d+)\.pt$")
 
 
@@ -71,6 +72,9 @@ def load_checkpoint(path: str | Path) -> dict:
     state = read_torch_file(path)
     if state.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path} is a model file, not a training checkpoint: it cannot be resumed")
+    missing = sorted(CHECKPOINT_KEYS - set(state))
+    if missing:
+        raise UserError(f"{path} is not a complete training checkpoint (no {missing[0]})")
     return state
 
 

@@ -23,8 +23,8 @@ class MetricsLog:
         """On resume, drop records of steps the resumed run will redo, so the history has no duplicates."""
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        kept = [record for record in read_metrics(self.path) if record["step"] <= step]
+        self.path.write_text("".join(json.dumps(record) + "\n" for record in kept))
 
     def log(self, record: dict) -> None:
         with open(self.path, "a") as f:
@@ -60,8 +60,15 @@ def has_netrc_login() -> bool:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
+    """The records of a metrics.jsonl (or of the one in a run folder), skipping a line cut short by a kill."""
     path = run_dir / "metrics.jsonl" if run_dir.is_dir() else run_dir
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
 
 
 def plot_runs(run_dirs: list[Path], out: Path) -> None:

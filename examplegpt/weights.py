@@ -50,7 +50,10 @@ def read_torch_file(path: str | Path, map_location: str | torch.device = "cpu") 
 
 def model_from_state(state: dict, path: str | Path) -> GPT:
     """Build a GPT from the `model_config` and `model` entries of one of our files."""
-    config = build(GPTConfig, state["model_config"])
+    try:
+        config = build(GPTConfig, state["model_config"])
+    except UserError as e:
+        raise UserError(f"{path} is not a valid ExampleGPT model: its config says {e}") from None
     model = GPT(config)
     try:
         model.load_state_dict(state["model"])

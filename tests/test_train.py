@@ -232,3 +232,14 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(corpus, tmp_path, 
     files = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert files == ["checkpoint_epoch1_batch4.pt"]  # no partial file of the second one is left
     assert read_torch_file(out / "checkpoints" / files[0])["step"] == 4
+
+
+def test_resume_survives_a_metrics_line_cut_short_by_a_kill(corpus, tmp_path):
+    out = tmp_path / "run"
+    assert run_cli(*train_args(corpus, out, "--max-steps", "4", "--checkpoint-interval", "2")).returncode == 0
+    (out / "checkpoints" / "checkpoint_epoch1_batch4.pt").unlink()
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "train_lo')  # what a kill -9 in the middle of a write leaves
+    proc = run_cli(*train_args(corpus, out, "--max-steps", "4", "--checkpoint-interval", "2", "--resume", "auto"))
+    assert proc.returncode == 0, proc.stderr
+    assert [s for s, _, _ in losses(out)] == [1, 2, 3, 4, 4]  # 4 twice: the train line and the val line

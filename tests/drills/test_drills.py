@@ -1,0 +1,175 @@
+"""Failure drills: the real commands, as subprocesses, under kills, corruption, hostile files and bad input."""
+
+import hashlib
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+
+import pytest
+import torch
+
+from examplegpt.checkpoint import CHECKPOINT_NAME
+from examplegpt.weights import read_torch_file
+
+from ..conftest import REPO, assert_one_line_error, make_text, run_cli
+from ..test_train import final_weights, train_args
+
+KILLS = 20
+
+
+def launch(args):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.Popen([sys.executable, "-m", "examplegpt", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+
+def complete_checkpoints(out_dir):
+    folder = out_dir / "checkpoints"
+    return [p for p in folder.iterdir() if CHECKPOINT_NAME.match(p.name)] if folder.exists() else []
+
+
+def test_kill_9_at_random_moments_then_resume_gives_the_uninterrupted_weights(corpus, tmp_path, capsys):
+    steps = ["--max-steps", "500", "--checkpoint-interval", "3", "--eval-interval", "1000", "--log-interval", "50"]
+    straight = tmp_path / "straight"
+    assert run_cli(*train_args(corpus, straight, *steps)).returncode == 0
+
+    out = tmp_path / "killed"
+    rng = random.Random(0)
+    kills, resumed_steps = 0, []
+    while kills < KILLS:
+        resume = ["--resume", "auto"] if complete_checkpoints(out) else []
+        proc = launch(train_args(corpus, out, *steps, *resume))
+        time.sleep(rng.uniform(1.0, 3.0))  # start-up takes ~1.5 s: some kills land before training
+        if proc.poll() is not None:  # it ended by itself: the run is shorter than the drill, or it failed
+            assert proc.returncode == 0, proc.stderr.read()
+            break
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kills += 1
+        for path in complete_checkpoints(out):  # every checkpoint that looks complete loads
+            resumed_steps.append(read_torch_file(path)["step"])
+    final = run_cli(*train_args(corpus, out, *steps, "--resume", "auto"))
+    assert final.returncode == 0, final.stderr
+    a, b = final_weights(straight), final_weights(out)
+    exact = all(torch.equal(a[k], b[k]) for k in a)
+    with capsys.disabled():
+        print(f"\n[drill] kill -9: {kills} kills tried, checkpoints reached step {max(resumed_steps, default=0)}"
+              f" before the last kill; final weights bit-identical: {exact}")  # fmt: skip
+    assert kills == KILLS and exact
+
+
+def test_kill_9_during_prepare_leaves_nothing_that_passes_for_a_cache(tmp_path):
+    (tmp_path / "big").mkdir()
+    for i in range(30):
+        (tmp_path / "big" / f"{i}.txt").write_text(make_text(60000, i))
+    cache = tmp_path / "cache"
+    args = ["prepare", "--data", str(tmp_path / "big"), "--cache-dir", str(cache)]
+    proc = launch(args)
+    deadline = time.time() + 60
+    while not list(cache.glob("*.tmp-*")) and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not [p for p in cache.iterdir() if (p / "manifest.json").exists()]  # nothing complete-looking
+    again = run_cli(*args)
+    assert again.returncode == 0 and "token cache" in again.stdout, again.stderr
+    assert not list(cache.glob("*.tmp-*"))  # the killed run's leftovers are cleaned up
+
+
+def corrupt(kind, good, path, tmp_path):
+    raw = good.read_bytes()
+    if kind == "truncated":
+        path.write_bytes(raw[: len(raw) // 2])
+    elif kind == "random-bytes":
+        path.write_bytes(random.Random(1).randbytes(len(raw)))
+    elif kind == "zip-missing-entry":
+        with zipfile.ZipFile(good) as src, zipfile.ZipFile(path, "w") as dst:
+            for item in src.infolist():
+                if not item.filename.endswith("data.pkl"):
+                    dst.writestr(item, src.read(item.filename))
+    elif kind == "other-architecture":
+        torch.save({"format": "examplegpt-checkpoint", "model": {"w": torch.zeros(3)},
+                    "model_config": {"d_model": 64, "num_heads": 5}}, path)  # fmt: skip
+    elif kind == "hostile":
+        marker = tmp_path / "PWNED"
+
+        class Hostile:
+            def __reduce__(self):
+                return (os.system, (f"touch {marker}",))
+
+        torch.save({"model": Hostile(), "model_config": {}}, path)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    base = tmp_path_factory.mktemp("trained")
+    (base / "corpus.txt").write_text(make_text(6000, 5))
+    out = base / "run"
+    proc = run_cli(*train_args(base / "corpus.txt", out, "--max-steps", "2", "--checkpoint-interval", "2"))
+    assert proc.returncode == 0, proc.stderr
+    return base, out
+
+
+@pytest.mark.parametrize("kind", ["truncated", "random-bytes", "zip-missing-entry", "other-architecture", "hostile"])
+@pytest.mark.parametrize("command", ["generate", "evaluate", "train-resume"])
+def test_bad_checkpoints_are_refused_in_one_line_and_left_untouched(trained, tmp_path, kind, command):
+    base, out = trained
+    good = out / "checkpoints" / "checkpoint_epoch1_batch2.pt"
+    bad_dir = tmp_path / "run"
+    (bad_dir / "checkpoints").mkdir(parents=True)
+    bad = bad_dir / "checkpoints" / "checkpoint_epoch1_batch2.pt"
+    corrupt(kind, good, bad, tmp_path)
+    before = hashlib.sha256(bad.read_bytes()).hexdigest()
+    if command == "generate":
+        proc = run_cli("generate", "-c", str(bad), "-p", "hi")
+    elif command == "evaluate":
+        proc = run_cli("evaluate", "-c", str(bad), "--data", str(base / "corpus.txt"))
+    else:
+        proc = run_cli(*train_args(base / "corpus.txt", bad_dir, "--resume", "auto"))
+    assert_one_line_error(proc, "checkpoint_epoch1_batch2.pt")
+    assert hashlib.sha256(bad.read_bytes()).hexdigest() == before
+    assert not (tmp_path / "PWNED").exists()
+
+
+BAD_INPUT = {
+    "train": [["--batch-size", "0"], ["--batch-size", "x"], ["--learning-rate", "-1"], ["--max-steps", "0"],
+              ["--num-heads", "5"], ["--dropout", "1.5"], ["--precision", "fp8"], ["--device", "tpu"],
+              ["--warmup-steps", "-1"], ["--data", "/no/such.txt"], ["--init-from", "/no/such.pt"],
+              ["--config", "/no/such.toml"], ["--resume", "/no/such.pt"], ["--val-fraction", "0.9"],
+              ["--micro-batch-size", "3"], ["--keep-last", "0"], ["--workers", "0"], ["--preset", "9B"]],
+    "generate": [["-n", "0"], ["-n", "x"], ["-t", "-0.5"], ["--top-p", "0"], ["--top-p", "2"], ["--top-k", "0"],
+                 ["--min-p", "2"], ["--repetition-penalty", "0"], ["--num-samples", "0"], ["--dtype", "int4"],
+                 ["--device", "tpu"], ["-c", "/no/such.pt"], ["-c", "/"], ["-p", ""]],
+    "evaluate": [["--stride", "0"], ["--stride", "100000"], ["--batch-size", "0"], ["-c", "/no/such.pt"],
+                 ["--data", "/no/such.txt"], ["--device", "tpu"]],
+    "prepare": [["--data", "/no/such.txt"], ["--val-fraction", "0"], ["--workers", "-2"], ["--data", "/no/such/folder/"]],
+    "export": [["-c", "/no/such.pt"]],
+    "plot": [["/no/such/run"]],
+}  # fmt: skip
+
+
+def test_bad_input_on_every_command_is_one_line(trained, tmp_path, capsys):
+    base, out = trained
+    model = str(out / "gpt_model.pt")
+    defaults = {
+        "train": train_args(base / "corpus.txt", tmp_path / "run")[1:],
+        "generate": ["-c", model, "-p", "hi"],
+        "evaluate": ["-c", model, "--data", str(base / "corpus.txt")],
+        "prepare": ["--cache-dir", str(tmp_path / "cache")],
+        "export": ["--out", str(tmp_path / "hf")],
+        "plot": [],
+    }
+    cases = 0
+    for command, bad_flags in BAD_INPUT.items():
+        for flags in bad_flags:
+            proc = run_cli(command, *defaults[command], *flags)
+            assert proc.returncode != 0, (command, flags)
+            assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr, (command, flags)
+            cases += 1
+    with capsys.disabled():
+        print(f"\n[drill] bad input: {cases} cases over {len(BAD_INPUT)} commands, each one line and non-zero")
