@@ -12,31 +12,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
+from timing import time_steps
 
 from examplegpt import GPT, GPTConfig
 from examplegpt.config import PRESETS
 from examplegpt.device import autocast, peak_flops
 from examplegpt.distributed import apply_activation_checkpointing
 from examplegpt.optim import flops_per_token, parameter_groups
-
-
-def time_steps(step, steps: int, warmup: int, device: torch.device) -> list[float]:
-    """Seconds per call of step(), after warm-up, synchronised on CUDA (events would be equivalent)."""
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def ours_step(config, batch, device, dtype, checkpointing=False, compile=False, fused=False):

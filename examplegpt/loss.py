@@ -38,7 +38,8 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                 total += ((lse - logits.gather(1, safe)).squeeze(1) * valid).sum()
                 probs = logits.sub_(lse).exp_()  # softmax, in place
                 probs.scatter_add_(1, safe, -torch.ones_like(safe, dtype=probs.dtype))  # softmax - onehot
-                probs.mul_(valid[:, None])  # ignored rows contribute nothing
+                if not valid.all():
+                    probs.mul_(valid[:, None])  # ignored rows contribute nothing
                 g = probs.to(compute_dtype)
                 grad_h[start : start + chunk_rows] = (g @ w).to(h.dtype)  # (c, C)
                 grad_w.addmm_(g.t().float() if compute_dtype != torch.float32 else g.t(), hs.float())

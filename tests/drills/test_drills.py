@@ -33,32 +33,49 @@ def complete_checkpoints(out_dir):
 
 
 def test_kill_9_at_random_moments_then_resume_gives_the_uninterrupted_weights(corpus, tmp_path, capsys):
-    steps = ["--max-steps", "500", "--checkpoint-interval", "3", "--eval-interval", "1000", "--log-interval", "50"]
+    steps = [
+        "--max-steps",
+        "1000",
+        "--num-epochs",
+        "100",
+        "--checkpoint-interval",
+        "3",
+        "--eval-interval",
+        "1000",
+        "--log-interval",
+        "50",
+    ]
     straight = tmp_path / "straight"
     assert run_cli(*train_args(corpus, straight, *steps)).returncode == 0
 
     out = tmp_path / "killed"
     rng = random.Random(0)
-    kills, resumed_steps = 0, []
+    kills, reached = 0, []
     while kills < KILLS:
-        resume = ["--resume", "auto"] if complete_checkpoints(out) else []
-        proc = launch(train_args(corpus, out, *steps, *resume))
-        time.sleep(rng.uniform(1.0, 3.0))  # start-up takes ~1.5 s: some kills land before training
-        if proc.poll() is not None:  # it ended by itself: the run is shorter than the drill, or it failed
+        done = max((read_torch_file(p)["step"] for p in complete_checkpoints(out)), default=0)
+        proc = launch(train_args(corpus, out, *steps, *(["--resume", "auto"] if done else [])))
+        # wait until this run has written a checkpoint of its own, then kill it at a random moment:
+        # mid-step, mid-evaluation or mid-checkpoint-write (one is written every ~30 ms)
+        deadline = time.time() + 120
+        while proc.poll() is None and time.time() < deadline:
+            if any(read_torch_file(p)["step"] > done for p in complete_checkpoints(out)):
+                break
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.3))
+        if proc.poll() is not None:  # it ended by itself: it failed, or the drill outran the run
             assert proc.returncode == 0, proc.stderr.read()
             break
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         kills += 1
-        for path in complete_checkpoints(out):  # every checkpoint that looks complete loads
-            resumed_steps.append(read_torch_file(path)["step"])
+        reached.append(max(read_torch_file(p)["step"] for p in complete_checkpoints(out)))
     final = run_cli(*train_args(corpus, out, *steps, "--resume", "auto"))
     assert final.returncode == 0, final.stderr
     a, b = final_weights(straight), final_weights(out)
     exact = all(torch.equal(a[k], b[k]) for k in a)
     with capsys.disabled():
-        print(f"\n[drill] kill -9: {kills} kills tried, checkpoints reached step {max(resumed_steps, default=0)}"
-              f" before the last kill; final weights bit-identical: {exact}")  # fmt: skip
+        print(f"\n[drill] kill -9: {kills} kills, the newest checkpoint then at steps {reached}; resumed to"
+              f" step 400: final weights bit-identical to an uninterrupted run: {exact}")  # fmt: skip
     assert kills == KILLS and exact
 
 
