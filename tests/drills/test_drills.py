@@ -190,3 +190,37 @@ def test_bad_input_on_every_command_is_one_line(trained, tmp_path, capsys):
             cases += 1
     with capsys.disabled():
         print(f"\n[drill] bad input: {cases} cases over {len(BAD_INPUT)} commands, each one line and non-zero")
+
+
+def every_typed_flag():
+    """(command, flag) for every flag generated from a config field that takes a number."""
+    import dataclasses
+
+    from examplegpt.cli import build_parser
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+    for command, parser in commands.items():
+        for action in parser._actions:
+            kind = getattr(action.type, "__name__", None)
+            if kind in ("int", "float") and action.option_strings:
+                yield command, action.option_strings[0]
+    assert dataclasses  # the flags come from the dataclasses in config.py
+
+
+@pytest.mark.parametrize("command, flag", list(every_typed_flag()))
+def test_every_numeric_flag_rejects_a_word_in_one_line(command, flag, capsys):
+    from examplegpt.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, flag, "many"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and flag in err[0] and "Traceback" not in err[0]
+
+
+def test_prompts_with_control_characters_and_unicode(trained):
+    _, out = trained
+    model = str(out / "gpt_model.pt")
+    for prompt in ["\x00\x07\x1b[31m tab\tbell", "naïve 東京 🚀 <|endoftext|>", "\n"]:  # through stdin: argv has no NUL
+        proc = run_cli("generate", "-c", model, "-p", "-", "-n", "3", "-t", "0", "--ignore-eos", stdin=prompt)
+        assert proc.returncode == 0 and proc.stdout.startswith(prompt), proc.stderr
