@@ -281,6 +281,3 @@ def check_type(name: str, value: object, hint: str) -> None:
     if not any(ok[kind](value) for kind in allowed):
         raise UserError(f"{name} must be {' or '.join(allowed)}, got {value!r}")
 
-
-def to_dict(config: object) -> dict:
-    return dataclasses.asdict(config)
