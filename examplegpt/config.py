@@ -280,4 +280,3 @@ def check_type(name: str, value: object, hint: str) -> None:
     }
     if not any(ok[kind](value) for kind in allowed):
         raise UserError(f"{name} must be {' or '.join(allowed)}, got {value!r}")
-
