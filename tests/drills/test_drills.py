@@ -75,7 +75,7 @@ def test_kill_9_at_random_moments_then_resume_gives_the_uninterrupted_weights(co
     exact = all(torch.equal(a[k], b[k]) for k in a)
     with capsys.disabled():
         print(f"\n[drill] kill -9: {kills} kills, the newest checkpoint then at steps {reached}; resumed to"
-              f" step 400: final weights bit-identical to an uninterrupted run: {exact}")  # fmt: skip
+              f" step 300: final weights bit-identical to an uninterrupted run: {exact}")  # fmt: skip
     assert kills == KILLS and exact
 
 
