@@ -33,18 +33,8 @@ def complete_checkpoints(out_dir):
 
 
 def test_kill_9_at_random_moments_then_resume_gives_the_uninterrupted_weights(corpus, tmp_path, capsys):
-    steps = [
-        "--max-steps",
-        "1000",
-        "--num-epochs",
-        "100",
-        "--checkpoint-interval",
-        "3",
-        "--eval-interval",
-        "1000",
-        "--log-interval",
-        "50",
-    ]
+    steps = ["--max-steps", "300", "--num-epochs", "100", "--checkpoint-interval", "3", "--eval-interval", "1000",
+             "--log-interval", "50"]  # fmt: skip
     straight = tmp_path / "straight"
     assert run_cli(*train_args(corpus, straight, *steps)).returncode == 0
 
