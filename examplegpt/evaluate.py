@@ -39,7 +39,7 @@ from .device import autocast, pick_device
 from .errors import UserError
 from .model import GPT
 from .tokenizer import TOKENIZER_ID
-from .weights import load_model, read_torch_file
+from .weights import load_model, model_from_state, read_torch_file
 
 
 @dataclass
@@ -111,11 +111,14 @@ def sliding_window_nll(
 def load_for_eval(path: str) -> GPT:
     """The model, refusing one whose tokenizer is not ours (its token ids would mean other things)."""
     p = Path(path)
-    if p.is_file():
-        saved = read_torch_file(p).get("tokenizer")
+    if p.is_file():  # our file: read it once, and check its tokenizer before building the model
+        state = read_torch_file(p)
+        saved = state.get("tokenizer")
         if saved is not None and saved != TOKENIZER_ID:
             raise UserError(f"{path} was trained with tokenizer {saved}, not {TOKENIZER_ID}")
-    model = load_model(path)
+        model = model_from_state(state, p)
+    else:
+        model = load_model(path)
     if model.config.vocab_size != 50257:
         raise UserError(f"{path} has a vocabulary of {model.config.vocab_size}, not GPT-2's 50257 tokens")
     return model

@@ -13,36 +13,43 @@ from __future__ import annotations
 import torch
 
 
+def loss_and_gradients(
+    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int, chunk_rows: int, with_grads: bool
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Summed cross-entropy of h (N, C) @ weight.T (V_padded, C) against targets (N,; -1 ignored), and,
+    with_grads, its gradients with respect to h and weight (for the summed loss)."""
+    compute_dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
+    with torch.autocast(h.device.type, enabled=False):
+        w = weight.to(compute_dtype)
+        grad_h = torch.empty(h.shape, dtype=h.dtype, device=h.device) if with_grads else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if with_grads else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for start in range(0, h.shape[0], chunk_rows):
+            hs = h[start : start + chunk_rows].to(compute_dtype)  # (c, C)
+            ts = targets[start : start + chunk_rows]  # (c,)
+            logits = (hs @ w.t()).float()  # (c, V_padded)
+            logits[:, vocab_size:] = float("-inf")  # padding rows of the vocabulary are never predicted
+            valid = ts != -1
+            safe = ts.clamp(min=0)[:, None]  # (c, 1)
+            lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (c, 1)
+            total += ((lse - logits.gather(1, safe)).squeeze(1) * valid).sum()
+            if not with_grads:  # evaluation: the loss is all that is wanted
+                continue
+            probs = logits.sub_(lse).exp_()  # softmax, in place
+            probs.scatter_add_(1, safe, -torch.ones_like(safe, dtype=probs.dtype))  # softmax - onehot
+            if not valid.all():
+                probs.mul_(valid[:, None])  # ignored rows contribute nothing
+            g = probs.to(compute_dtype)
+            grad_h[start : start + chunk_rows] = (g @ w).to(h.dtype)  # (c, C)
+            grad_w.addmm_(g.t().float() if compute_dtype != torch.float32 else g.t(), hs.float())
+    return total, grad_h, grad_w
+
+
 class FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int, chunk_rows: int):
-        # h (N, C), weight (V_padded, C), targets (N,) with -1 = ignore
-        if torch.is_autocast_enabled(h.device.type):
-            compute_dtype = torch.get_autocast_dtype(h.device.type)
-        else:
-            compute_dtype = h.dtype
-        with torch.autocast(h.device.type, enabled=False):
-            w = weight.to(compute_dtype)
-            valid_count = (targets != -1).sum().clamp(min=1)
-            grad_h = torch.empty(h.shape, dtype=h.dtype, device=h.device)
-            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device)
-            total = torch.zeros((), dtype=torch.float32, device=h.device)
-            for start in range(0, h.shape[0], chunk_rows):
-                hs = h[start : start + chunk_rows].to(compute_dtype)  # (c, C)
-                ts = targets[start : start + chunk_rows]  # (c,)
-                logits = (hs @ w.t()).float()  # (c, V_padded)
-                logits[:, vocab_size:] = float("-inf")  # padding rows of the vocabulary are never predicted
-                valid = ts != -1
-                safe = ts.clamp(min=0)[:, None]  # (c, 1)
-                lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (c, 1)
-                total += ((lse - logits.gather(1, safe)).squeeze(1) * valid).sum()
-                probs = logits.sub_(lse).exp_()  # softmax, in place
-                probs.scatter_add_(1, safe, -torch.ones_like(safe, dtype=probs.dtype))  # softmax - onehot
-                if not valid.all():
-                    probs.mul_(valid[:, None])  # ignored rows contribute nothing
-                g = probs.to(compute_dtype)
-                grad_h[start : start + chunk_rows] = (g @ w).to(h.dtype)  # (c, C)
-                grad_w.addmm_(g.t().float() if compute_dtype != torch.float32 else g.t(), hs.float())
+        total, grad_h, grad_w = loss_and_gradients(h, weight, targets, vocab_size, chunk_rows, with_grads=True)
+        valid_count = (targets != -1).sum().clamp(min=1)
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype), valid_count)
         return total / valid_count
 
@@ -56,5 +63,11 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
 def fused_linear_cross_entropy(
     h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int, chunk_rows: int = 4096
 ) -> torch.Tensor:
-    """Mean cross-entropy of `h @ weight.T` (first vocab_size columns) against `targets` (-1 ignored)."""
-    return FusedLinearCrossEntropy.apply(h.flatten(0, 1), weight, targets.flatten(), vocab_size, chunk_rows)
+    """Mean cross-entropy of `h @ weight.T` (first vocab_size columns) against `targets` (-1 ignored).
+
+    Without autograd (evaluation), only the loss is computed: no gradient work in the forward pass."""
+    h, targets = h.flatten(0, 1), targets.flatten()
+    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        return FusedLinearCrossEntropy.apply(h, weight, targets, vocab_size, chunk_rows)
+    total, _, _ = loss_and_gradients(h, weight, targets, vocab_size, chunk_rows, with_grads=False)
+    return total / (targets != -1).sum().clamp(min=1)

@@ -161,14 +161,19 @@ def load_hf_folder(folder: Path) -> GPT:
         config = config_from_hf(hf_config)
     except (json.JSONDecodeError, KeyError) as e:
         raise UserError(f"{config_file} is not a GPT-2 config ({type(e).__name__}: {e})") from None
-    if (folder / "model.safetensors").exists():
-        hf_state = load_file(folder / "model.safetensors")
-    elif (folder / "pytorch_model.bin").exists():
-        hf_state = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    else:
+    safetensors, pickled = folder / "model.safetensors", folder / "pytorch_model.bin"
+    if not safetensors.exists() and not pickled.exists():
         raise UserError(f"{folder} has no model.safetensors or pytorch_model.bin")
-    model = GPT(config)
-    model.load_state_dict(state_from_hf(hf_state, config), strict=True)
+    try:
+        if safetensors.exists():
+            hf_state = load_file(safetensors)
+        else:
+            hf_state = torch.load(pickled, map_location="cpu", weights_only=True)
+        model = GPT(config)
+        model.load_state_dict(state_from_hf(hf_state, config), strict=True)
+    except Exception as e:  # corrupt file, missing or misshapen tensors: all mean "not these weights"
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        raise UserError(f"{folder}: the weights cannot be loaded as GPT-2 ({reason})") from None
     return model
 
 

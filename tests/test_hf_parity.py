@@ -76,3 +76,15 @@ def test_hub_id_offline_is_one_line():
 
     proc = run_cli("generate", "-c", "gpt2", "-p", "hi")
     assert_one_line_error(proc, "cannot get 'gpt2' from the Hugging Face hub")
+
+
+def test_corrupt_hugging_face_weights_are_one_line(hf_dir, tmp_path):
+    import shutil
+
+    from .conftest import assert_one_line_error
+
+    broken = tmp_path / "broken"
+    shutil.copytree(hf_dir, broken)
+    data = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(data[: len(data) // 3])
+    assert_one_line_error(run_cli("generate", "-c", str(broken), "-p", "hi"), "cannot be loaded as GPT-2")

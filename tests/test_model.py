@@ -82,3 +82,14 @@ def test_fused_loss_equals_the_plain_loss_and_gradients(tiny_model, chunk_rows):
 def test_sequence_longer_than_context_is_refused(tiny_model):
     with pytest.raises(ValueError, match="max_seq_len"):
         tiny_model(torch.zeros(1, 129, dtype=torch.long))
+
+
+def test_fused_loss_without_autograd_is_the_same_loss(tiny_model):
+    idx = torch.randint(0, 50257, (2, 30))
+    targets = idx.roll(-1, dims=1)
+    targets[1, :3] = -1
+    with torch.no_grad():
+        _, plain = tiny_model(idx, targets)
+        _, fused = tiny_model(idx, targets, return_logits=False)
+    torch.testing.assert_close(fused, plain)
+    assert not fused.requires_grad
