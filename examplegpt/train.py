@@ -8,8 +8,10 @@ seed and the saved state, which is why a resumed run retraces an uninterrupted o
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -64,14 +66,28 @@ class StopFlag:
         self.signal = signal.Signals(signum).name
 
 
-def check_writable(out_dir: Path) -> None:
+@contextlib.contextmanager
+def claim_out_dir(out_dir: Path):
+    """Hold an exclusive lock on out_dir for the run: two runs writing one folder would overwrite each other's
+    checkpoints. The operating system drops the lock when the process ends, kill -9 included."""
     try:
         (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".write-test-{id(out_dir)}"
-        probe.write_text("")
-        probe.unlink()
+        lock = open(out_dir / ".lock", "a+")
     except OSError as e:
         raise UserError(f"cannot write to the output folder {out_dir}: {e.strerror}") from None
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            raise UserError(
+                f"another training run (pid {lock.read().strip() or '?'}) is writing to {out_dir}:"
+                " wait for it to end or choose another --out-dir"
+            ) from None
+        lock.truncate(0)
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        yield
 
 
 def find_micro_batch(model: GPT, per_rank: int, seq_len: int, device: torch.device, dtype: torch.dtype) -> int:
@@ -161,7 +177,8 @@ def train(model_cfg: GPTConfig, data_cfg: DataConfig, cfg: TrainConfig, resume_s
     device = pick_device(cfg.device)
     world = init_world(device.type)
     try:
-        return run(model_cfg, data_cfg, cfg, resume_state, world, device)
+        with claim_out_dir(Path(cfg.out_dir)) if world.is_main else contextlib.nullcontext():
+            return run(model_cfg, data_cfg, cfg, resume_state, world, device)
     finally:
         shutdown(world)
 
@@ -176,8 +193,6 @@ def run(
         torch.backends.cudnn.allow_tf32 = True
     dtype = pick_dtype(cfg.precision, device, cfg.use_amp)
     out_dir = Path(cfg.out_dir)
-    if world.is_main:
-        check_writable(out_dir)
 
     if resume_state is None and cfg.resume:
         resume_state = load_checkpoint(resolve_resume(cfg.resume, out_dir))

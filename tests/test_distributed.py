@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +23,32 @@ def torchrun(*args, nproc=2):
     command += ["-m", "examplegpt", *args]
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     return command, env
+
+
+def children(pid: int) -> list[int]:
+    tasks = Path(f"/proc/{pid}/task")
+    return [int(c) for t in tasks.iterdir() for c in (t / "children").read_text().split()]
+
+
+def kill_launcher_and_workers(proc: subprocess.Popen) -> None:
+    """SIGKILL torchrun and its workers at once, as a machine crash would.
+
+    torchrun starts every worker in a session of its own, so killing the launcher's process group
+    leaves the workers running on (and writing checkpoints) as orphans.
+    """
+    workers = children(proc.pid)
+    for pid in [proc.pid, *workers]:
+        os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    while any(Path(f"/proc/{pid}").exists() and "zombie" not in state(pid) for pid in workers):
+        time.sleep(0.05)  # orphans are reaped by init, not by us: wait until they are gone
+
+
+def state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].splitlines()[0].lower()
+    except (FileNotFoundError, IndexError):
+        return "zombie"
 
 
 def max_difference(a, b):
@@ -51,15 +78,12 @@ def test_kill_and_resume_under_two_processes(corpus, tmp_path):
 
     killed = tmp_path / "killed"
     command, env = torchrun(*train_args(corpus, killed, *steps))
-    proc = subprocess.Popen(
-        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first = killed / "checkpoints" / "checkpoint_epoch1_batch4.pt"
     deadline = time.time() + 240
     while not first.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers
-    proc.wait()
+    kill_launcher_and_workers(proc)
     assert first.exists() and not (killed / "gpt_model.pt").exists()
 
     command, env = torchrun(*train_args(corpus, killed, *steps, "--resume", "auto"))

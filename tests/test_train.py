@@ -145,6 +145,24 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(corpus, tmp_path):
     assert state["step"] >= 1 and state["optimizer"]["state"]
 
 
+def test_a_second_run_on_a_folder_in_use_is_refused_and_the_first_goes_on(corpus, tmp_path):
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    first = subprocess.Popen(
+        [sys.executable, "-m", "examplegpt", *train_args(corpus, out, "--max-steps", "100000")],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.time() + 240
+    while not (out / "metrics.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    second = run_cli(*train_args(corpus, out, "--max-steps", "2"))
+    assert_one_line_error(second, f"another training run (pid {first.pid}) is writing to")
+    assert first.poll() is None  # untouched
+    first.send_signal(signal.SIGTERM)
+    assert first.communicate(timeout=120) and first.returncode == 0
+    assert run_cli(*train_args(corpus, out, "--max-steps", "2")).returncode == 0  # free once it ended
+
+
 def test_non_finite_loss_is_skipped_then_stops_with_the_last_checkpoint_intact(corpus, tmp_path, monkeypatch):
     from examplegpt.cli import main
 
