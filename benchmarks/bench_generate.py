@@ -2,7 +2,9 @@
 
 Greedy decoding, KV cache on in both, a 16-token prompt and 256 new tokens. Reported per batch size:
 time to first token (prefill + one sample) and decode tokens/s (the other 255 steps, per sequence
-and summed over the batch), median of the repeats, the two runs alternating.
+and summed over the batch), median of the repeats, the two runs alternating. Last, the LM head's
+product alone (batch x d_model by d_model x vocab): no decoder that computes every logit can take a
+step in less, so transformers' step time over it bounds the ratio any such decoder could reach here.
 
     python benchmarks/bench_generate.py                 # CPU, 6 layers, 384 wide
     python benchmarks/bench_generate.py --device cuda --layers 12 --d-model 768
@@ -70,6 +72,11 @@ def main() -> None:
             rates[name] = (n - 1) / (statistics.median(whole[name]) - ttft)
             print(f"| {batch} | {name} | {ttft * 1000:.1f} | {rates[name]:,.0f} | {rates[name] * batch:,.0f} |")
         print(f"| {batch} | ratio | | {rates['examplegpt'] / rates['huggingface']:.2f}x | (same tokens: {same}) |")
+        h = torch.randn(batch, args.d_model, device=device, dtype=ours.lm_head.weight.dtype)  # (B, C)
+        with torch.inference_mode():
+            head = statistics.median(timed(lambda: ours.lm_head(h), device) for _ in range(20))
+        bound = 1 / rates["huggingface"] / head
+        print(f"| {batch} | LM head alone | | {1 / head:,.0f} (bound) | ratio this bound allows: {bound:.2f}x |")
 
 
 if __name__ == "__main__":

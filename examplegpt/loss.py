@@ -60,13 +60,19 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         return grad_h * scale.to(grad_h.dtype), grad_w * scale.to(grad_w.dtype), None, None, None
 
 
+# 1024 rows of GPT-2 logits are 206 MB in float32. 4096-row chunks made the loss the peak of a 124M step:
+# 4.5 GB of live tensors at micro-batch 8 against 2.8 GB with 1024 (benchmarks/bench_memory.py, BENCHMARKS.md).
+CHUNK_ROWS = 1024
+
+
 def fused_linear_cross_entropy(
-    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int, chunk_rows: int = 4096
+    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int, chunk_rows: int | None = None
 ) -> torch.Tensor:
     """Mean cross-entropy of `h @ weight.T` (first vocab_size columns) against `targets` (-1 ignored).
 
     Without autograd (evaluation), only the loss is computed: no gradient work in the forward pass."""
     h, targets = h.flatten(0, 1), targets.flatten()
+    chunk_rows = chunk_rows or CHUNK_ROWS
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
         return FusedLinearCrossEntropy.apply(h, weight, targets, vocab_size, chunk_rows)
     total, _, _ = loss_and_gradients(h, weight, targets, vocab_size, chunk_rows, with_grads=False)
