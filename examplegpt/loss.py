@@ -24,18 +24,25 @@ def loss_and_gradients(
         grad_h = torch.empty(h.shape, dtype=h.dtype, device=h.device) if with_grads else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if with_grads else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
+        # One logits buffer for every chunk, worked on in place: on CPU a fresh 200 MB tensor per chunk
+        # costs more in page faults than the softmax itself.
+        buffer = torch.empty(min(chunk_rows, h.shape[0]), weight.shape[0], dtype=torch.float32, device=h.device)
         for start in range(0, h.shape[0], chunk_rows):
             hs = h[start : start + chunk_rows].to(compute_dtype)  # (c, C)
             ts = targets[start : start + chunk_rows]  # (c,)
-            logits = (hs @ w.t()).float()  # (c, V_padded)
+            logits = buffer[: hs.shape[0]]  # (c, V_padded) float32
+            if compute_dtype == torch.float32:
+                torch.mm(hs, w.t(), out=logits)
+            else:
+                logits.copy_(hs @ w.t())
             logits[:, vocab_size:] = float("-inf")  # padding rows of the vocabulary are never predicted
+            log_probs = torch.log_softmax(logits, dim=-1, out=logits)  # (c, V_padded), in place
             valid = ts != -1
             safe = ts.clamp(min=0)[:, None]  # (c, 1)
-            lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (c, 1)
-            total += ((lse - logits.gather(1, safe)).squeeze(1) * valid).sum()
+            total -= (log_probs.gather(1, safe).squeeze(1) * valid).sum()
             if not with_grads:  # evaluation: the loss is all that is wanted
                 continue
-            probs = logits.sub_(lse).exp_()  # softmax, in place
+            probs = log_probs.exp_()  # softmax, in place
             probs.scatter_add_(1, safe, -torch.ones_like(safe, dtype=probs.dtype))  # softmax - onehot
             if not valid.all():
                 probs.mul_(valid[:, None])  # ignored rows contribute nothing

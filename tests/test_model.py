@@ -79,6 +79,22 @@ def test_fused_loss_equals_the_plain_loss_and_gradients(tiny_model, chunk_rows):
     assert tiny_model(idx, targets, return_logits=False)[0] is None
 
 
+def test_fused_loss_under_bf16_autocast_follows_the_plain_loss(tiny_model):
+    idx = torch.randint(0, 50257, (2, 40))
+    targets = idx.roll(-1, dims=1)
+    with torch.autocast("cpu", torch.bfloat16):
+        _, plain = tiny_model(idx, targets)
+        plain.backward()
+        expected = tiny_model.lm_head.weight.grad.clone()
+        tiny_model.zero_grad()
+        _, fused = tiny_model(idx, targets, return_logits=False)
+        fused.backward()
+    assert fused.dtype == torch.float32
+    torch.testing.assert_close(fused, plain, rtol=1e-2, atol=1e-2)
+    error = (tiny_model.lm_head.weight.grad - expected).norm() / expected.norm()
+    assert error < 1e-2  # both are bf16 products: elementwise they differ by bf16 rounding
+
+
 def test_sequence_longer_than_context_is_refused(tiny_model):
     with pytest.raises(ValueError, match="max_seq_len"):
         tiny_model(torch.zeros(1, 129, dtype=torch.long))

@@ -126,16 +126,22 @@ def test_resume_with_another_model_shape_is_refused(corpus, tmp_path):
     assert_one_line_error(proc, "another model configuration")
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(corpus, tmp_path):
-    out = tmp_path / "run"
+def start_long_run(corpus, out) -> subprocess.Popen:
+    """A training run with no end in sight, returned once its first step is logged."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.Popen(
         [sys.executable, "-m", "examplegpt", *train_args(corpus, out, "--max-steps", "100000")],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     deadline = time.time() + 240
-    while not (out / "metrics.jsonl").exists() and time.time() < deadline:
+    while not (out / "metrics.jsonl").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
+    return proc
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(corpus, tmp_path):
+    out = tmp_path / "run"
+    proc = start_long_run(corpus, out)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr
@@ -147,14 +153,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(corpus, tmp_path):
 
 def test_a_second_run_on_a_folder_in_use_is_refused_and_the_first_goes_on(corpus, tmp_path):
     out = tmp_path / "run"
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    first = subprocess.Popen(
-        [sys.executable, "-m", "examplegpt", *train_args(corpus, out, "--max-steps", "100000")],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    deadline = time.time() + 240
-    while not (out / "metrics.jsonl").exists() and time.time() < deadline:
-        time.sleep(0.05)
+    first = start_long_run(corpus, out)
     second = run_cli(*train_args(corpus, out, "--max-steps", "2"))
     assert_one_line_error(second, f"another training run (pid {first.pid}) is writing to")
     assert first.poll() is None  # untouched
