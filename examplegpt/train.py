@@ -178,7 +178,11 @@ def train(model_cfg: GPTConfig, data_cfg: DataConfig, cfg: TrainConfig, resume_s
     world = init_world(device.type)
     try:
         with claim_out_dir(Path(cfg.out_dir)) if world.is_main else contextlib.nullcontext():
-            return run(model_cfg, data_cfg, cfg, resume_state, world, device)
+            status = run(model_cfg, data_cfg, cfg, resume_state, world, device)
+        # Ranks leave together: a rank that tore gloo down while rank 0 still wrote the final model
+        # was once seen to abort (SIGABRT) in CI.
+        barrier(world)
+        return status
     finally:
         shutdown(world)
 
