@@ -68,7 +68,9 @@ def child(args) -> None:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    tensors = tracker.get_tracker_snapshot("peak")[device]["Total"] / 2**20
+    # keyed by the tensors' own device ("cuda:0" when asked for "cuda")
+    peaks = tracker.get_tracker_snapshot("peak")
+    tensors = next(stats["Total"] for where, stats in peaks.items() if where.type == device.type) / 2**20
     print(json.dumps({"peak_mb": peak, "tensor_mb": tensors, "tokens_per_sec": tokens_per_sec, "dtype": str(dtype)}))
 
 

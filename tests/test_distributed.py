@@ -40,15 +40,17 @@ def kill_launcher_and_workers(proc: subprocess.Popen) -> None:
     for pid in [proc.pid, *workers]:
         os.kill(pid, signal.SIGKILL)
     proc.wait()
-    while any(Path(f"/proc/{pid}").exists() and "zombie" not in state(pid) for pid in workers):
+    while not all(is_gone(pid) for pid in workers):
         time.sleep(0.05)  # orphans are reaped by init, not by us: wait until they are gone
 
 
-def state(pid: int) -> str:
+def is_gone(pid: int) -> bool:
+    """Exited: no longer in /proc, or a zombie waiting for init to reap it."""
     try:
-        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].splitlines()[0].lower()
-    except (FileNotFoundError, IndexError):
-        return "zombie"
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+    return "zombie" in status.split("State:")[1].splitlines()[0].lower()
 
 
 def max_difference(a, b):
