@@ -2,7 +2,10 @@
 
 The prompt is run once (prefill) and fills the cache; each new token then costs one position.
 When the cache is full (max_seq_len), the last half of the context is run again from position 0
-(a sliding window), so generation can go on for any length.
+(a sliding window), so generation can go on for any length. On CPU the model's matrix products run
+on packed weights (`cpu_inference.py`), and the sampler avoids PyTorch's slow CPU sort and
+multinomial (see `sort_descending` and `sample_from`): one step of a small model is a few ms, and
+a full-vocabulary sort alone would take 3.
 """
 
 from __future__ import annotations
@@ -13,9 +16,11 @@ import sys
 import time
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from .config import GenerateConfig
+from .cpu_inference import fast_cpu_inference
 from .device import pick_device
 from .errors import UserError
 from .model import GPT, KVCache
@@ -47,12 +52,33 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     if p >= 1.0:
         return logits
     probs = torch.softmax(logits.float(), dim=-1)  # (B, V)
-    sorted_probs, _ = torch.sort(probs, dim=-1, descending=True)
+    sorted_probs = sort_descending(probs)  # (B, V)
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # probability of the tokens ranked above
     needed = mass_before < p  # (B, V): this token is needed to reach p
     last_needed = needed.sum(dim=-1, keepdim=True) - 1  # (B, 1), index into the sorted order
     threshold = sorted_probs.gather(-1, last_needed)  # (B, 1)
     return logits.masked_fill(probs < threshold, float("-inf"))
+
+
+def sort_descending(values: torch.Tensor) -> torch.Tensor:
+    """The values of each row (B, V), largest first, without their indices."""
+    if values.device.type == "cpu":
+        # torch.sort also sorts the indices, and on CPU takes 2.9 ms for one row of 50,257 probabilities;
+        # NumPy's values-only (SIMD) sort takes 0.085 ms (2-core EPYC).
+        return torch.from_numpy(np.flip(np.sort(values.numpy(), axis=-1), axis=-1).copy())
+    return torch.sort(values, dim=-1, descending=True).values
+
+
+def sample_from(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One index per row of probs (B, V), drawn by inverting the cumulative distribution: (B,).
+
+    Same distribution as torch.multinomial(probs, 1), 20x faster on CPU for a 50,257-token row
+    (0.04 ms vs 0.76 ms, 2-core EPYC): multinomial draws an exponential variate per token.
+    """
+    cdf = probs.cumsum(dim=-1)  # (B, V)
+    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device) * cdf[:, -1:]  # (B, 1)
+    # the first token whose cumulative probability passes u; a zero-probability token never is
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1).squeeze(-1)
 
 
 def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
@@ -71,15 +97,14 @@ def sample_next(
 ) -> torch.Tensor:
     """One token per row of logits (B, V): greedy at temperature 0, else sampled after the filters."""
     if temperature == 0:
-        return logits.argmax(dim=-1)
+        return logits.float().argmax(dim=-1)  # on CPU a bfloat16 argmax is 5x slower than a float32 copy's
     logits = logits.float() / temperature
     if top_k is not None:
         logits = top_k_filter(logits, top_k)
     if min_p is not None:
         logits = min_p_filter(logits, min_p)
     logits = top_p_filter(logits, top_p)
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
+    return sample_from(torch.softmax(logits, dim=-1), generator)  # (B,)
 
 
 @torch.inference_mode()
@@ -115,31 +140,32 @@ def generate(
         seen = torch.zeros(B, config.vocab_size, dtype=torch.bool, device=idx.device)
         seen.scatter_(1, idx, True)
 
-    logits = model.logits(model.hidden_states(idx[:, -context:], cache)[:, -1])  # (B, V)
-    end = T
-    for _ in range(max_new_tokens):
-        if seen is not None:
-            logits = apply_repetition_penalty(logits, seen, repetition_penalty)
-        next_token = sample_next(logits, temperature, top_p, top_k, min_p, generator)  # (B,)
-        if eos_id is not None:
-            next_token = torch.where(finished, eos_id, next_token)
-            finished |= next_token == eos_id
-        tokens[:, end] = next_token
-        end += 1
-        if seen is not None:
-            seen.scatter_(1, next_token[:, None], True)
-        if on_step is not None:
-            stop = on_step(next_token)
-            if stop is not None:
-                finished |= stop
-        if finished.all() or end == T + max_new_tokens:
-            break
-        if cache.pos == context:  # cache full: slide, keeping the last half of the context
-            cache.pos = 0
-            window = tokens[:, end - context // 2 : end]  # (B, context // 2)
-            logits = model.logits(model.hidden_states(window, cache)[:, -1])
-        else:
-            logits = model.logits(model.hidden_states(next_token[:, None], cache)[:, -1])  # (B, V)
+    with fast_cpu_inference(model):  # on CPU: packed weights, several times faster (no-op elsewhere)
+        logits = model.logits(model.hidden_states(idx[:, -context:], cache)[:, -1])  # (B, V)
+        end = T
+        for _ in range(max_new_tokens):
+            if seen is not None:
+                logits = apply_repetition_penalty(logits, seen, repetition_penalty)
+            next_token = sample_next(logits, temperature, top_p, top_k, min_p, generator)  # (B,)
+            if eos_id is not None:
+                next_token = torch.where(finished, eos_id, next_token)
+                finished |= next_token == eos_id
+            tokens[:, end] = next_token
+            end += 1
+            if seen is not None:
+                seen.scatter_(1, next_token[:, None], True)
+            if on_step is not None:
+                stop = on_step(next_token)
+                if stop is not None:
+                    finished |= stop
+            if finished.all() or end == T + max_new_tokens:
+                break
+            if cache.pos == context:  # cache full: slide, keeping the last half of the context
+                cache.pos = 0
+                window = tokens[:, end - context // 2 : end]  # (B, context // 2)
+                logits = model.logits(model.hidden_states(window, cache)[:, -1])
+            else:
+                logits = model.logits(model.hidden_states(next_token[:, None], cache)[:, -1])  # (B, V)
     return tokens[:, :end]
 
 

@@ -6,7 +6,16 @@ import pytest
 import torch
 
 from examplegpt import GPT
-from examplegpt.generate import TextStream, generate, min_p_filter, sample_next, top_k_filter, top_p_filter
+from examplegpt.generate import (
+    TextStream,
+    generate,
+    min_p_filter,
+    sample_from,
+    sample_next,
+    sort_descending,
+    top_k_filter,
+    top_p_filter,
+)
 from examplegpt.tokenizer import EOT_ID, encode
 from examplegpt.weights import save_model_file
 
@@ -202,3 +211,20 @@ def test_cli_refuses_files_that_are_not_models(tmp_path, kind):
     proc = run_cli("generate", "-c", str(path), "-p", "hi")
     assert_one_line_error(proc, str(path))
     assert not (tmp_path / "pwned").exists()
+
+
+def test_sorting_values_largest_first_matches_torch_sort():
+    values = torch.tensor([[0.1, 0.4, 0.1, 0.3, 0.1], [0.0, 0.0, 1.0, 0.0, 0.0]])
+    assert torch.equal(sort_descending(values), torch.sort(values, dim=-1, descending=True).values)
+    wide = torch.softmax(torch.randn(3, 50257), dim=-1)
+    assert torch.equal(sort_descending(wide), torch.sort(wide, dim=-1, descending=True).values)
+
+
+def test_sampling_follows_the_distribution_and_never_draws_a_zero():
+    probs = torch.tensor([[0.5, 0.0, 0.3, 0.2, 0.0]]).repeat(20_000, 1)
+    picks = sample_from(probs, torch.Generator().manual_seed(0))
+    counts = torch.bincount(picks, minlength=5) / len(picks)
+    assert counts[1] == 0 and counts[4] == 0
+    assert torch.allclose(counts, probs[0], atol=0.015)  # 3 standard deviations at n = 20,000 is < 0.011
+    first_only = sample_from(torch.tensor([[1.0, 0.0, 0.0]]), torch.Generator().manual_seed(1))
+    assert first_only.tolist() == [0]

@@ -1,0 +1,73 @@
+"""Packed CPU inference: the same products as nn.Linear, packed once, packed again when the weights change."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from examplegpt import GPT, cpu_inference
+from examplegpt.cpu_inference import can_pack, fast_cpu_inference, packed_weight
+from examplegpt.generate import generate
+
+from .conftest import tiny_config
+
+pytestmark = pytest.mark.skipif(not can_pack(torch.ones(1)), reason="this PyTorch build has no oneDNN")
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("rows", [(1,), (8,), (3, 5)])
+def test_a_packed_linear_computes_what_nn_linear_does(dtype, tolerance, bias, rows):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 200, bias=bias).to(dtype)
+    x = torch.randn(*rows, 96, dtype=dtype)
+    with torch.inference_mode():
+        expected = linear(x)
+        with fast_cpu_inference(linear):
+            packed = linear(x)
+        after = linear(x)
+    assert "forward" in type(linear).__dict__ and "forward" not in vars(linear)  # the class's forward is back
+    assert packed.shape == expected.shape == (*rows, 200)
+    assert torch.allclose(packed.float(), expected.float(), atol=tolerance, rtol=tolerance)
+    assert torch.equal(after, expected)
+
+
+def test_the_packed_weight_is_kept_and_made_again_when_the_weight_changes():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 32)
+    first = packed_weight(linear)
+    assert packed_weight(linear) is first  # kept between generations
+    with torch.no_grad():
+        linear.weight.mul_(2)  # as an optimizer step would: in place
+    x = torch.randn(4, 64)
+    with torch.inference_mode(), fast_cpu_inference(linear):
+        assert torch.allclose(linear(x), F.linear(x, linear.weight, linear.bias), atol=1e-5)
+    linear.to(torch.bfloat16)  # replaced: new storage, new dtype
+    with torch.inference_mode(), fast_cpu_inference(linear):
+        y = linear(x.bfloat16())
+    assert y.dtype == torch.bfloat16
+    assert torch.allclose(y.float(), F.linear(x, linear.weight.float(), linear.bias.float()), atol=2e-2)
+
+
+def test_generation_is_the_same_with_and_without_packing(monkeypatch):
+    torch.manual_seed(0)
+    model = GPT(tiny_config(max_seq_len=64)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.mul_(8)  # peaked distributions: no near-ties for rounding to flip
+    prompt = torch.randint(0, 50257, (2, 8), generator=torch.Generator().manual_seed(1))
+    packed = generate(model, prompt, 80, temperature=0)
+    assert model.lm_head in cpu_inference._packed_weights  # the packed path did run
+    monkeypatch.setattr(cpu_inference, "can_pack", lambda weight: False)
+    assert torch.equal(generate(model, prompt, 80, temperature=0), packed)
+
+
+def test_bfloat16_logits_under_fast_cpu_inference_follow_the_plain_model():
+    torch.manual_seed(0)
+    model = GPT(tiny_config(max_seq_len=64)).eval().to(torch.bfloat16)
+    idx = torch.randint(0, 50257, (2, 40))
+    with torch.inference_mode():
+        expected, _ = model(idx)
+        with fast_cpu_inference(model):
+            fast, _ = model(idx)
+    assert torch.allclose(fast.float(), expected.float(), atol=3e-2, rtol=3e-2)
