@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .config import DataConfig
+from .cpu_inference import fast_cpu_inference
 from .data import (
     ReplacementCounter,
     check_cache,
@@ -89,22 +90,23 @@ def sliding_window_nll(
     plan = window_plan(len(tokens), window, stride)
     dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     total, count = 0.0, 0
-    for first in tqdm(range(0, len(plan), batch_size), disable=not progress, unit="batch", desc="evaluating"):
-        batch = plan[first : first + batch_size]
-        x = torch.zeros(len(batch), window, dtype=torch.long)  # (b, W), padded after the end
-        y = torch.full((len(batch), window), -1, dtype=torch.long)  # -1: not scored here
-        for row, (start, end, scored_from) in enumerate(batch):
-            chunk = torch.from_numpy(tokens[start : end + 1].astype(np.int64))
-            x[row, : end - start] = chunk[:-1]
-            keep = scored_from - (start + 1)  # targets before this are scored by an earlier window
-            y[row, keep : end - start] = chunk[1 + keep :]
-        x, y = x.to(device), y.to(device)
-        scored = y != -1  # (b, W)
-        with autocast(device, dtype):
-            h = model.hidden_states(x)  # (b, W, C)
-            logits = model.logits(h[scored])  # (n, V): the LM head only where a token is scored
-        total += F.cross_entropy(logits.float(), y[scored], reduction="sum").item()
-        count += int(scored.sum())
+    with fast_cpu_inference(model):  # on CPU: packed weights, ~2.5x faster products (no-op elsewhere)
+        for first in tqdm(range(0, len(plan), batch_size), disable=not progress, unit="batch", desc="evaluating"):
+            batch = plan[first : first + batch_size]
+            x = torch.zeros(len(batch), window, dtype=torch.long)  # (b, W), padded after the end
+            y = torch.full((len(batch), window), -1, dtype=torch.long)  # -1: not scored here
+            for row, (start, end, scored_from) in enumerate(batch):
+                chunk = torch.from_numpy(tokens[start : end + 1].astype(np.int64))
+                x[row, : end - start] = chunk[:-1]
+                keep = scored_from - (start + 1)  # targets before this are scored by an earlier window
+                y[row, keep : end - start] = chunk[1 + keep :]
+            x, y = x.to(device), y.to(device)
+            scored = y != -1  # (b, W)
+            with autocast(device, dtype):
+                h = model.hidden_states(x)  # (b, W, C)
+                logits = model.logits(h[scored])  # (n, V): the LM head only where a token is scored
+            total += F.cross_entropy(logits.float(), y[scored], reduction="sum").item()
+            count += int(scored.sum())
     return total, count
 
 
