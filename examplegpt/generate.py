@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .config import GenerateConfig
-from .cpu_inference import fast_cpu_inference
+from .cpu_inference import fast_cpu_inference, kv_cache_dtype
 from .device import pick_device
 from .errors import UserError
 from .model import GPT, KVCache
@@ -64,7 +64,7 @@ def sort_descending(values: torch.Tensor) -> torch.Tensor:
     """The values of each row (B, V), largest first, without their indices."""
     if values.device.type == "cpu":
         # torch.sort also sorts the indices, and on CPU takes 2.9 ms for one row of 50,257 probabilities;
-        # NumPy's values-only (SIMD) sort takes 0.085 ms (2-core EPYC).
+        # NumPy's values-only (SIMD) sort takes 0.1 ms (2-core EPYC; bench_decode_parts.py).
         return torch.from_numpy(np.flip(np.sort(values.numpy(), axis=-1), axis=-1).copy())
     return torch.sort(values, dim=-1, descending=True).values
 
@@ -72,8 +72,8 @@ def sort_descending(values: torch.Tensor) -> torch.Tensor:
 def sample_from(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """One index per row of probs (B, V), drawn by inverting the cumulative distribution: (B,).
 
-    Same distribution as torch.multinomial(probs, 1), 20x faster on CPU for a 50,257-token row
-    (0.04 ms vs 0.76 ms, 2-core EPYC): multinomial draws an exponential variate per token.
+    Same distribution as torch.multinomial(probs, 1), 18x faster on CPU for a 50,257-token row
+    (0.04 ms vs 0.78 ms, 2-core EPYC; bench_decode_parts.py): multinomial draws a variate per token.
     """
     cdf = probs.cumsum(dim=-1)  # (B, V)
     u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device) * cdf[:, -1:]  # (B, 1)
@@ -130,7 +130,7 @@ def generate(
     config = model.config
     B, T = idx.shape
     context = config.max_seq_len
-    dtype = next(model.parameters()).dtype
+    dtype = kv_cache_dtype(idx.device, next(model.parameters()).dtype)
     cache = KVCache(config, B, context, idx.device, dtype)
     tokens = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=idx.device)  # (B, T + new)
     tokens[:, :T] = idx

@@ -65,7 +65,9 @@ class CausalSelfAttention(nn.Module):
                 mask = torch.ones(T, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
 
         dropout = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal)
+        # (a cache may keep keys and values in a wider dtype than the model's: float32 for bfloat16 on CPU)
+        y = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal)
+        y = y.to(x.dtype)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
         return self.resid_dropout(self.c_proj(y))
 

@@ -5,10 +5,10 @@ import torch
 import torch.nn.functional as F
 
 from examplegpt import GPT, cpu_inference
-from examplegpt.cpu_inference import can_pack, fast_cpu_inference, packed_weight
+from examplegpt.cpu_inference import can_pack, fast_cpu_inference, kv_cache_dtype, packed_weight
 from examplegpt.generate import generate
 
-from .conftest import tiny_config
+from .conftest import peaked_model, tiny_config
 
 pytestmark = pytest.mark.skipif(not can_pack(torch.ones(1)), reason="this PyTorch build has no oneDNN")
 
@@ -49,12 +49,7 @@ def test_the_packed_weight_is_kept_and_made_again_when_the_weight_changes():
 
 
 def test_generation_is_the_same_with_and_without_packing(monkeypatch):
-    torch.manual_seed(0)
-    model = GPT(tiny_config(max_seq_len=64)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.mul_(8)  # peaked distributions: no near-ties for rounding to flip
+    model = peaked_model(max_seq_len=64)
     prompt = torch.randint(0, 50257, (2, 8), generator=torch.Generator().manual_seed(1))
     packed = generate(model, prompt, 80, temperature=0)
     assert model.lm_head in cpu_inference._packed_weights  # the packed path did run
@@ -71,3 +66,27 @@ def test_bfloat16_logits_under_fast_cpu_inference_follow_the_plain_model():
         with fast_cpu_inference(model):
             fast, _ = model(idx)
     assert torch.allclose(fast.float(), expected.float(), atol=3e-2, rtol=3e-2)
+
+
+def test_weights_made_under_inference_mode_are_packed_afresh_each_time():
+    with torch.inference_mode():
+        linear = torch.nn.Linear(64, 32)
+        x = torch.randn(4, 64)
+        with fast_cpu_inference(linear):
+            before = linear(x)
+        linear.weight.mul_(2)  # an inference tensor changes without a version counter to show it
+        with fast_cpu_inference(linear):
+            after = linear(x)
+    assert torch.allclose(after, F.linear(x, linear.weight, linear.bias), atol=1e-5)
+    assert not torch.allclose(after, before)
+
+
+def test_a_bfloat16_model_on_cpu_decodes_over_a_float32_cache_as_it_would_recompute():
+    model = peaked_model(max_seq_len=64).to(torch.bfloat16)
+    assert kv_cache_dtype(torch.device("cpu"), torch.bfloat16) == torch.float32
+    prompt = torch.randint(0, 50257, (2, 8), generator=torch.Generator().manual_seed(1))
+    out = generate(model, prompt, 40, temperature=0)
+    with torch.inference_mode():  # the reference: the whole sequence again for every token, no cache
+        for step in range(8, 48):
+            logits, _ = model(out[:, :step])
+            assert torch.equal(logits[:, -1].float().argmax(-1), out[:, step])

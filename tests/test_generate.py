@@ -19,7 +19,7 @@ from examplegpt.generate import (
 from examplegpt.tokenizer import EOT_ID, encode
 from examplegpt.weights import save_model_file
 
-from .conftest import assert_one_line_error, run_cli, tiny_config
+from .conftest import assert_one_line_error, peaked_model, run_cli, tiny_config
 
 NEG = float("-inf")
 
@@ -34,14 +34,7 @@ def greedy_without_cache(model, idx, steps):
 
 @pytest.fixture(scope="module")
 def spread_model():
-    """A random model with larger weights: peaked distributions, so greedy has no near-ties."""
-    torch.manual_seed(0)
-    model = GPT(tiny_config(max_seq_len=256)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.mul_(8)
-    return model
+    return peaked_model(max_seq_len=256)
 
 
 def test_kv_cache_greedy_equals_full_recompute_for_200_tokens(spread_model):
