@@ -26,3 +26,22 @@ def test_memory_benchmark_counts_what_checkpointing_saves():
     live = {name: float(row[3].replace(",", "")) for name, row in rows.items()}  # MB of live tensors at the peak
     # the tiny model's weights and AdamW state alone are ~130 MB: a peak below that would count nothing
     assert live.keys() == {"off", "on"} and 130 < live["on"] < live["off"]
+
+
+def test_generation_benchmark_runs_and_matches_transformers_tokens():
+    command = [sys.executable, str(REPO / "benchmarks" / "bench_generate.py"), "--layers", "1", "--d-model", "64",
+               "--heads", "2", "--new-tokens", "8", "--repeats", "1", "--batches", "1", "2"]  # fmt: skip
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    ratios = [line for line in proc.stdout.splitlines() if "| ratio |" in line]
+    assert len(ratios) == 2 and all("same tokens: True" in line for line in ratios)
+    assert all(float(line.split("|")[4].strip().rstrip("x")) > 0 for line in ratios)
+
+
+def test_decode_parts_benchmark_times_every_part():
+    command = [sys.executable, str(REPO / "benchmarks" / "bench_decode_parts.py"), "--repeats", "3"]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split("|") for line in proc.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(rows) == 15  # the header and 14 parts
+    assert all(float(row[2]) > 0 and float(row[3]) > 0 for row in rows[1:])
