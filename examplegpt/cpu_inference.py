@@ -17,12 +17,14 @@ they are packed afresh each time.
 from __future__ import annotations
 
 import contextlib
+import functools
 import weakref
 from collections.abc import Iterator
 from functools import partial
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 # The number of rows oneDNN is told to expect, which picks the layout; any number still works. In float32
 # a hint of 1 picks a layout 1.2x slower for one row and 1.7x for eight (LM head; bench_decode_parts.py).
@@ -42,14 +44,24 @@ def kv_cache_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
 
 
 def can_pack(weight: torch.Tensor) -> bool:
-    """oneDNN is in this PyTorch build and takes this weight (CPU, float32 or bfloat16)."""
-    return (
-        weight.device.type == "cpu"
-        and weight.dtype in (torch.float32, torch.bfloat16)
-        and torch.backends.mkldnn.is_available()
-        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-    )
+    """oneDNN is in this PyTorch build, works, and takes this weight (CPU, float32 or bfloat16)."""
+    return weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16) and _onednn_packs_right()
+
+
+@functools.cache
+def _onednn_packs_right() -> bool:
+    """The two (private) oneDNN ops exist in this build and compute what F.linear does, tried once.
+
+    They are what PyTorch's compiler emits, not a public API: a PyTorch whose ops differ is run unpacked.
+    """
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    try:
+        weight, bias, x = torch.randn(24, 16), torch.randn(24), torch.randn(3, 16)
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, ROWS_HINT)
+        return torch.allclose(_packed_forward(packed, bias, x), F.linear(x, weight, bias), atol=1e-4)
+    except (RuntimeError, TypeError, AttributeError):
+        return False
 
 
 def packed_weight(linear: nn.Linear) -> torch.Tensor:

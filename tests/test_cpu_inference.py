@@ -90,3 +90,16 @@ def test_a_bfloat16_model_on_cpu_decodes_over_a_float32_cache_as_it_would_recomp
         for step in range(8, 48):
             logits, _ = model(out[:, :step])
             assert torch.equal(logits[:, -1].float().argmax(-1), out[:, step])
+
+
+def test_a_pytorch_whose_onednn_ops_compute_otherwise_runs_unpacked(monkeypatch):
+    cpu_inference._onednn_packs_right.cache_clear()
+    monkeypatch.setattr(cpu_inference, "_packed_forward", lambda weight, bias, x: torch.zeros(x.shape[0], 24))
+    try:
+        assert not can_pack(torch.ones(2, 2))
+        linear = torch.nn.Linear(16, 24)
+        x = torch.randn(3, 16)
+        with torch.inference_mode(), fast_cpu_inference(linear):
+            assert torch.equal(linear(x), F.linear(x, linear.weight, linear.bias))
+    finally:
+        cpu_inference._onednn_packs_right.cache_clear()  # the next test tries the real ops again
