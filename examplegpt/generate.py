@@ -5,7 +5,7 @@ When the cache is full (max_seq_len), the last half of the context is run again 
 (a sliding window), so generation can go on for any length. On CPU the model's matrix products run
 on packed weights (`cpu_inference.py`), and the sampler avoids PyTorch's slow CPU sort and
 multinomial (see `sort_descending` and `sample_from`): one step of a small model is a few ms, and
-a full-vocabulary sort alone would take 3.
+a full-vocabulary `torch.sort` alone would take 3 ms.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def sort_descending(values: torch.Tensor) -> torch.Tensor:
     if values.device.type == "cpu":
         # torch.sort also sorts the indices, and on CPU takes 2.9 ms for one row of 50,257 probabilities;
         # NumPy's values-only (SIMD) sort takes 0.1 ms (2-core EPYC; bench_decode_parts.py).
-        return torch.from_numpy(np.flip(np.sort(values.numpy(), axis=-1), axis=-1).copy())
+        return torch.from_numpy(np.flip(np.sort(values.detach().numpy(), axis=-1), axis=-1).copy())
     return torch.sort(values, dim=-1, descending=True).values
 
 
@@ -97,7 +97,7 @@ def sample_next(
 ) -> torch.Tensor:
     """One token per row of logits (B, V): greedy at temperature 0, else sampled after the filters."""
     if temperature == 0:
-        return logits.float().argmax(dim=-1)  # on CPU a bfloat16 argmax is 5x slower than a float32 copy's
+        return logits.float().argmax(dim=-1)  # on CPU a bfloat16 argmax is several times slower than a float32 copy's
     logits = logits.float() / temperature
     if top_k is not None:
         logits = top_k_filter(logits, top_k)
