@@ -37,6 +37,7 @@ from .distributed import (
     World,
     apply_activation_checkpointing,
     barrier,
+    exit_without_teardown,
     init_world,
     mean_over_ranks,
     shutdown,
@@ -182,9 +183,11 @@ def train(model_cfg: GPTConfig, data_cfg: DataConfig, cfg: TrainConfig, resume_s
         # Ranks leave together: a rank that tore gloo down while rank 0 still wrote the final model
         # was once seen to abort (SIGABRT) in CI.
         barrier(world)
-        return status
     finally:
         shutdown(world)
+    if world.size > 1:
+        exit_without_teardown(status)
+    return status
 
 
 def run(
