@@ -18,25 +18,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from timing import time_steps
 
 from examplegpt.cpu_inference import ROWS_HINT, fast_cpu_inference
 from examplegpt.generate import sample_from, sort_descending
 
 
 def median_ms(fn: Callable[[], object], repeats: int) -> float:
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000
+    return statistics.median(time_steps(fn, repeats, warmup=5, device=torch.device("cpu"))) * 1000
 
 
 def row(name: str, default: float, ours: float) -> None:

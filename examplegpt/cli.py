@@ -124,6 +124,7 @@ def resolve(args: argparse.Namespace, classes: dict[str, type], base: dict | Non
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from .distributed import exit_without_teardown, torchrun_world_size
     from .train import train
 
     classes = {"model": GPTConfig, "data": DataConfig, "train": TrainConfig}
@@ -137,7 +138,10 @@ def run_train(args: argparse.Namespace) -> int:
         saved = resume_state["config"]
         saved["train"] = {k: v for k, v in saved["train"].items() if k not in ("resume", "init_from")}
         configs = resolve(args, classes, base=saved)
-    return train(configs["model"], configs["data"], configs["train"], resume_state)
+    status = train(configs["model"], configs["data"], configs["train"], resume_state)
+    if torchrun_world_size() > 1:  # a torchrun worker whose run is over: see exit_without_teardown
+        exit_without_teardown(status)
+    return status
 
 
 def run_plot(args: argparse.Namespace) -> int:

@@ -34,9 +34,14 @@ class World:
             print(*args, **kwargs)
 
 
+def torchrun_world_size() -> int:
+    """The number of processes torchrun started for this run (1 when not launched by torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def init_world(device_type: str) -> World:
     """Join the process group that torchrun describes in the environment (NCCL on CUDA, gloo otherwise)."""
-    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
+    if torchrun_world_size() == 1:
         return World()
     world = World(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
     if device_type == "cuda":
@@ -88,10 +93,11 @@ def wrap_data_parallel(model: GPT, world: World, device: torch.device, fsdp: boo
 def exit_without_teardown(status: int) -> NoReturn:
     """End a finished torchrun worker (ranks met, process group destroyed) without the interpreter's teardown.
 
-    After complete runs, a worker was seen to abort at exit in CI, twice in ~10 suite runs (SIGABRT,
-    "terminate called without an active exception": likely a gloo thread still joinable while C++
-    statics are destroyed), which turned a finished run into a failed one. Everything is saved, closed
-    and flushed by then, so the process leaves at once with its status.
+    After complete runs, a worker was seen to abort at exit in CI rehearsals, once in each of two
+    sessions (SIGABRT, "terminate called without an active exception": likely a gloo thread still
+    joinable while C++ statics are destroyed), which turned a finished run into a failed one.
+    Everything is saved, closed and flushed by then, so the process leaves at once with its status.
+    Called by the `train` command, not by `train()`, which returns to its caller as usual.
     """
     sys.stdout.flush()
     sys.stderr.flush()

@@ -37,7 +37,6 @@ from .distributed import (
     World,
     apply_activation_checkpointing,
     barrier,
-    exit_without_teardown,
     init_world,
     mean_over_ranks,
     shutdown,
@@ -185,8 +184,6 @@ def train(model_cfg: GPTConfig, data_cfg: DataConfig, cfg: TrainConfig, resume_s
         barrier(world)
     finally:
         shutdown(world)
-    if world.size > 1:
-        exit_without_teardown(status)
     return status
 
 
