@@ -61,6 +61,8 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
             group.add_argument(*names, action="append", metavar="TEXT", **common)
         elif f.type.endswith("| None"):
             kind = SCALARS[f.type.split("|")[0].strip()]
+            if "bare_flag" in f.metadata:  # the flag alone means this value (`--resume` is `--resume auto`)
+                common.update(nargs="?", const=f.metadata["bare_flag"])
             group.add_argument(*names, type=parse_optional(kind), metavar=kind.__name__.upper(), **common)
         else:
             kind = SCALARS[f.type]
@@ -125,18 +127,16 @@ def resolve(args: argparse.Namespace, classes: dict[str, type], base: dict | Non
 
 def run_train(args: argparse.Namespace) -> int:
     from .distributed import exit_without_teardown, torchrun_world_size
-    from .train import train
+    from .train import load_resume_state, train
 
     classes = {"model": GPTConfig, "data": DataConfig, "train": TrainConfig}
     configs = resolve(args, classes)
-    resume_state = None
-    if configs["train"].resume:
+    resume_state = load_resume_state(configs["train"])
+    if resume_state is not None:
         # A resumed run starts from the settings saved in its checkpoint; file and flags still win.
-        from .checkpoint import load_checkpoint, resolve_resume
-
-        resume_state = load_checkpoint(resolve_resume(configs["train"].resume, configs["train"].out_dir))
         saved = resume_state["config"]
-        saved["train"] = {k: v for k, v in saved["train"].items() if k not in ("resume", "init_from")}
+        dropped = ("resume", "init_from", "eval_batches")  # eval_batches: older runs' name, now eval_windows
+        saved["train"] = {k: v for k, v in saved["train"].items() if k not in dropped}
         configs = resolve(args, classes, base=saved)
     status = train(configs["model"], configs["data"], configs["train"], resume_state)
     if torchrun_world_size() > 1:  # a torchrun worker whose run is over: see exit_without_teardown

@@ -16,13 +16,15 @@ from dataclasses import dataclass, field
 
 from .errors import UserError
 
+TOKENIZER_VOCAB_SIZE = 50257  # ids the GPT-2 tokenizer produces (50,000 merges + 256 bytes + <|endoftext|>)
+
 
 @dataclass
 class GPTConfig:
     """The shape of the model. The defaults are GPT-2 small (124M parameters)."""
 
-    vocab_size: int = 50257
-    """Number of tokens in the vocabulary (GPT-2's BPE: 50257)."""
+    vocab_size: int = TOKENIZER_VOCAB_SIZE
+    """Number of tokens in the vocabulary: at least GPT-2's 50257 (more only adds rows that are never used)."""
     d_model: int = 768
     """Width of the residual stream (embedding size)."""
     num_heads: int = 12
@@ -42,6 +44,10 @@ class GPTConfig:
         for name in ("vocab_size", "d_model", "num_heads", "num_layers", "d_ff", "max_seq_len", "vocab_pad_multiple"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.vocab_size < TOKENIZER_VOCAB_SIZE:
+            raise UserError(
+                f"vocab_size must be at least {TOKENIZER_VOCAB_SIZE} (the ids of the GPT-2 tokenizer), got {self.vocab_size}"
+            )
         if self.d_model % self.num_heads:
             raise UserError(f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads})")
         if not 0.0 <= self.dropout < 1.0:
@@ -133,8 +139,8 @@ class TrainConfig:
     """auto (CUDA, then Apple MPS, then CPU), cuda, mps or cpu."""
     eval_interval: int = 500
     """Evaluate on the validation split every this many steps (and at the end)."""
-    eval_batches: int = 20
-    """Micro-batches of validation windows per evaluation (a fixed, seeded set)."""
+    eval_windows: int = 160
+    """Validation windows (of max_seq_len tokens) per evaluation: a fixed, seeded set, the same whatever the micro-batch, processes or device."""
     log_interval: int = 10
     """Write a metrics line every this many steps."""
     checkpoint_interval: int = 500
@@ -143,8 +149,8 @@ class TrainConfig:
     """Keep only the newest N checkpoints (default: keep all)."""
     out_dir: str = "."
     """Where checkpoints/, gpt_model.pt, metrics.jsonl and loss.png go."""
-    resume: str | None = None
-    """'auto' for the newest checkpoint in out_dir/checkpoints, or a checkpoint path."""
+    resume: str | None = field(default=None, metadata={"bare_flag": "auto"})
+    """'auto' (also a bare --resume) for the newest checkpoint in out_dir/checkpoints, or a checkpoint path."""
     init_from: str | None = None
     """Start from these weights (our checkpoint or a Hugging Face GPT-2 folder) with a fresh optimizer."""
     use_wandb: bool = field(default=False, metadata={"aliases": ("--wandb",)})
@@ -155,7 +161,7 @@ class TrainConfig:
     """Seed of the initial weights, the data order and dropout."""
 
     def __post_init__(self) -> None:
-        positive = ("num_epochs", "batch_size", "eval_interval", "eval_batches", "log_interval", "checkpoint_interval")
+        positive = ("num_epochs", "batch_size", "eval_interval", "eval_windows", "log_interval", "checkpoint_interval")
         for name in positive:
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")

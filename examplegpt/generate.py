@@ -31,7 +31,8 @@ StepCallback = Callable[[torch.Tensor], "torch.Tensor | None"]
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """CTRL's penalty: logits (B, V) of tokens already seen (B, V bool) are made less likely."""
+    """CTRL's penalty: logits (B, V) of tokens already seen (B, V bool) are made less likely (in float32)."""
+    logits = logits.float()
     penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, penalised, logits)
 
@@ -87,6 +88,44 @@ def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
     return logits.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, float("-inf"))
 
 
+def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logits (B, V) / temperature, in float32, after subtracting each row's maximum.
+
+    The shift leaves the softmax unchanged, and keeps a tiny temperature finite: the best token's logit
+    is 0 and the others go to -inf, so the distribution tends to greedy instead of inf - inf = NaN."""
+    logits = logits.float()
+    return (logits - logits.max(dim=-1, keepdim=True).values) / temperature
+
+
+def filter_logits(
+    logits: torch.Tensor,
+    temperature: float = 0.8,
+    top_p: float = 0.9,
+    top_k: int | None = None,
+    min_p: float | None = None,
+) -> torch.Tensor:
+    """logits (B, V) scaled by temperature (> 0) and filtered, in transformers' order (temperature,
+    top-k, top-p, min-p): float32, the dropped tokens at -inf."""
+    logits = apply_temperature(logits, temperature)
+    if top_k is not None:
+        logits = top_k_filter(logits, top_k)
+    logits = top_p_filter(logits, top_p)
+    if min_p is not None:
+        logits = min_p_filter(logits, min_p)
+    return logits
+
+
+def next_token_probs(
+    logits: torch.Tensor,
+    temperature: float = 0.8,
+    top_p: float = 0.9,
+    top_k: int | None = None,
+    min_p: float | None = None,
+) -> torch.Tensor:
+    """The distribution (B, V) that sampling draws from at temperature > 0."""
+    return torch.softmax(filter_logits(logits, temperature, top_p, top_k, min_p), dim=-1)
+
+
 def sample_next(
     logits: torch.Tensor,
     temperature: float = 0.8,
@@ -98,13 +137,7 @@ def sample_next(
     """One token per row of logits (B, V): greedy at temperature 0, else sampled after the filters."""
     if temperature == 0:
         return logits.float().argmax(dim=-1)  # on CPU a bfloat16 argmax is several times slower than a float32 copy's
-    logits = logits.float() / temperature
-    if top_k is not None:
-        logits = top_k_filter(logits, top_k)
-    if min_p is not None:
-        logits = min_p_filter(logits, min_p)
-    logits = top_p_filter(logits, top_p)
-    return sample_from(torch.softmax(logits, dim=-1), generator)  # (B,)
+    return sample_from(next_token_probs(logits, temperature, top_p, top_k, min_p), generator)  # (B,)
 
 
 @torch.inference_mode()
@@ -235,17 +268,24 @@ def run_prompt(model: GPT, prompt: str, cfg: GenerateConfig, device: torch.devic
     stream_live = cfg.num_samples == 1 and not cfg.json
     holdback = max((len(s) for s in cfg.stop), default=1) - 1  # chars that might begin a stop text
     printed = 0
+    # A row that ended (by eos or a stop text) may still be given tokens while other rows go on: they are
+    # not its text, and not counted.
+    ended = [False] * cfg.num_samples
+    new_tokens = [0] * cfg.num_samples
     if stream_live:
         print(prompt, end="", flush=True)
 
-    def on_step(new_tokens: torch.Tensor) -> torch.Tensor:
+    def on_step(step_tokens: torch.Tensor) -> torch.Tensor:
         nonlocal printed
-        stop = torch.zeros(len(streams), dtype=torch.bool, device=new_tokens.device)
-        for row, (stream, token) in enumerate(zip(streams, new_tokens.tolist())):
-            if token == EOT_ID and not cfg.ignore_eos:
+        stop = torch.zeros(len(streams), dtype=torch.bool, device=step_tokens.device)
+        for row, (stream, token) in enumerate(zip(streams, step_tokens.tolist())):
+            if ended[row] or (token == EOT_ID and not cfg.ignore_eos):
+                ended[row] = True
+                stop[row] = True
                 continue
             stream.push(token)
-            stop[row] = any(s in stream.text for s in cfg.stop)
+            new_tokens[row] += 1
+            ended[row] = stop[row] = any(s in stream.text for s in cfg.stop)
         if stream_live and not stop[0]:
             visible = len(streams[0].text) - holdback
             if visible > printed:
@@ -254,7 +294,7 @@ def run_prompt(model: GPT, prompt: str, cfg: GenerateConfig, device: torch.devic
         return stop
 
     start = time.perf_counter()
-    out = generate(
+    generate(
         model,
         idx,
         cfg.max_tokens,
@@ -269,7 +309,6 @@ def run_prompt(model: GPT, prompt: str, cfg: GenerateConfig, device: torch.devic
     )
     seconds = time.perf_counter() - start
     texts = [cut_at_stop(stream.text + stream.flush(), cfg.stop) for stream in streams]
-    new_tokens = [count_new_tokens(row, len(ids), cfg.ignore_eos) for row in out.tolist()]
     if stream_live:
         print(texts[0][printed:], flush=True)
     for i, text in enumerate(texts):
@@ -283,8 +322,3 @@ def run_prompt(model: GPT, prompt: str, cfg: GenerateConfig, device: torch.devic
 def cut_at_stop(text: str, stops: list[str]) -> str:
     cuts = [text.find(s) for s in stops if s in text]
     return text[: min(cuts)] if cuts else text
-
-
-def count_new_tokens(row: list[int], prompt_len: int, ignore_eos: bool) -> int:
-    new = row[prompt_len:]
-    return len(new) if ignore_eos or EOT_ID not in new else new.index(EOT_ID)

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import torch
 
+IGNORE_INDEX = -100  # a target that is not scored: PyTorch's and Hugging Face's convention (F.cross_entropy's default)
+
 
 def loss_and_gradients(
     h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int, chunk_rows: int, with_grads: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Summed cross-entropy of h (N, C) @ weight.T (V_padded, C) against targets (N,; -1 ignored), and,
+    """Summed cross-entropy of h (N, C) @ weight.T (V_padded, C) against targets (N,; IGNORE_INDEX not scored), and,
     with_grads, its gradients with respect to h and weight (for the summed loss)."""
     compute_dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
     with torch.autocast(h.device.type, enabled=False):
@@ -37,7 +39,7 @@ def loss_and_gradients(
                 logits.copy_(hs @ w.t())
             logits[:, vocab_size:] = float("-inf")  # padding rows of the vocabulary are never predicted
             log_probs = torch.log_softmax(logits, dim=-1, out=logits)  # (c, V_padded), in place
-            valid = ts != -1
+            valid = ts != IGNORE_INDEX
             safe = ts.clamp(min=0)[:, None]  # (c, 1)
             total -= (log_probs.gather(1, safe).squeeze(1) * valid).sum()
             if not with_grads:  # evaluation: the loss is all that is wanted
@@ -56,14 +58,14 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int, chunk_rows: int):
         total, grad_h, grad_w = loss_and_gradients(h, weight, targets, vocab_size, chunk_rows, with_grads=True)
-        valid_count = (targets != -1).sum().clamp(min=1)
+        valid_count = (targets != IGNORE_INDEX).sum()
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype), valid_count)
-        return total / valid_count
+        return total / valid_count  # no target scored: NaN, as F.cross_entropy gives
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
         grad_h, grad_w, valid_count = ctx.saved_tensors
-        scale = grad_loss / valid_count
+        scale = grad_loss / valid_count.clamp(min=1)  # no target scored: zero gradients, as F.cross_entropy gives
         return grad_h * scale.to(grad_h.dtype), grad_w * scale.to(grad_w.dtype), None, None, None
 
 
@@ -75,12 +77,17 @@ CHUNK_ROWS = 1024
 def fused_linear_cross_entropy(
     h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int, chunk_rows: int | None = None
 ) -> torch.Tensor:
-    """Mean cross-entropy of `h @ weight.T` (first vocab_size columns) against `targets` (-1 ignored).
+    """Mean cross-entropy of `h @ weight.T` (first vocab_size columns) against `targets`, as
+    F.cross_entropy computes it: targets equal to IGNORE_INDEX (-100) are not scored, any other
+    target outside [0, vocab_size) is an error.
 
     Without autograd (evaluation), only the loss is computed: no gradient work in the forward pass."""
     h, targets = h.flatten(0, 1), targets.flatten()
+    out_of_range = (targets != IGNORE_INDEX) & ((targets < 0) | (targets >= vocab_size))
+    if out_of_range.any():  # the gather below would silently score another token
+        raise IndexError(f"target {targets[out_of_range][0].item()} is out of bounds (vocab_size {vocab_size})")
     chunk_rows = chunk_rows or CHUNK_ROWS
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
         return FusedLinearCrossEntropy.apply(h, weight, targets, vocab_size, chunk_rows)
     total, _, _ = loss_and_gradients(h, weight, targets, vocab_size, chunk_rows, with_grads=False)
-    return total / (targets != -1).sum().clamp(min=1)
+    return total / (targets != IGNORE_INDEX).sum()

@@ -160,7 +160,7 @@ class GPT(nn.Module):
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None, return_logits: bool = True
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Logits (B, T, vocab_size) and, given `targets` (B, T; -1 is ignored), the mean cross-entropy.
+        """Logits (B, T, vocab_size) and, given `targets` (B, T; -100 is not scored), the mean cross-entropy.
 
         Training passes `return_logits=False`: the loss is then fused with the LM head and computed in
         chunks of rows, so the (B, T, vocab) float32 logits never exist at once (see `loss.py`).
@@ -171,7 +171,7 @@ class GPT(nn.Module):
         if not return_logits:
             return None, fused_linear_cross_entropy(h, self.lm_head.weight, targets, self.config.vocab_size)
         logits = self.logits(h)  # (B, T, V)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())  # -100 not scored
         return logits, loss
 
     @classmethod

@@ -10,13 +10,21 @@ from .config import TrainConfig
 
 
 def lr_at(step: int, peak_lr: float, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
-    """Linear warmup from 0 to peak_lr over warmup_steps, then cosine decay to peak_lr * min_lr_ratio at total_steps."""
+    """The learning rate of step `step` (0-based) of a run of `total_steps` steps.
+
+    With W = warmup_steps, S = total_steps, min = peak_lr * min_lr_ratio:
+      step < W:                  peak_lr * (step + 1) / W                 (linear warmup)
+      W <= step < S - 1:         min + (peak_lr - min) * (1 + cos(pi * (step - W) / (S - 1 - W))) / 2
+      step >= max(W, S - 1):     min                                      (the last step runs at the minimum)
+    A run no longer than its warmup never reaches the peak (`train` says so when it starts).
+    """
     min_lr = peak_lr * min_lr_ratio
     if step < warmup_steps:
         return peak_lr * (step + 1) / warmup_steps
-    if step >= total_steps:
+    decay_steps = total_steps - 1 - warmup_steps
+    if step - warmup_steps >= decay_steps:
         return min_lr
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)  # 0 -> 1
+    progress = (step - warmup_steps) / decay_steps  # 0 -> 1
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (peak_lr - min_lr)
 
 

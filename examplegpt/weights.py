@@ -86,7 +86,10 @@ def load_model(path: str, map_location: str | torch.device = "cpu") -> GPT:
         return model_from_state(read_torch_file(p, map_location), p)
     if looks_like_hub_id(path):
         return load_hf_folder(download_from_hub(path))
-    raise UserError(f"no such file or folder: {path}")
+    raise UserError(
+        f"no such file or folder: {path} (train a model with `python example.py train`,"
+        " or pass -c a model file or a Hugging Face GPT-2 folder)"
+    )
 
 
 def looks_like_hub_id(name: str) -> bool:
@@ -107,16 +110,33 @@ def download_from_hub(repo_id: str) -> Path:
     return Path(folder)
 
 
+# Every GPT2Config field that changes what GPT2LMHeadModel computes, and the values our model computes
+# exactly. reorder_and_upcast_attn only changes the order and precision of the attention products: in
+# float32 (how weights are loaded) it is the same computation.
+SUPPORTED_HF_VALUES: dict[str, tuple] = {
+    "activation_function": ("gelu_new", "gelu_pytorch_tanh"),
+    "layer_norm_epsilon": (1e-5,),
+    "scale_attn_weights": (True,),
+    "scale_attn_by_inverse_layer_idx": (False,),
+    "tie_word_embeddings": (True,),
+    "add_cross_attention": (False,),
+    "reorder_and_upcast_attn": (False, True),
+}
+
+
 def config_from_hf(hf: dict) -> GPTConfig:
-    """Our GPTConfig for a Hugging Face GPT-2 config.json, refusing variants our model does not compute."""
+    """Our GPTConfig for a Hugging Face GPT-2 config.json, refusing variants our model does not compute
+    (a vocab_size below the tokenizer's is refused by GPTConfig itself)."""
     if hf.get("model_type", "gpt2") != "gpt2":
         raise UserError(f"model_type is {hf.get('model_type')!r}: only GPT-2 folders can be loaded")
-    if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise UserError(f"activation {hf['activation_function']!r} is not GPT-2's tanh GELU")
-    if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
-        raise UserError("GPT-2 variants with rescaled or reordered attention are not supported")
-    if abs(hf.get("layer_norm_epsilon", 1e-5) - 1e-5) > 1e-12:
-        raise UserError(f"layer_norm_epsilon {hf['layer_norm_epsilon']} is not GPT-2's 1e-5")
+    defaults = {"activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "scale_attn_weights": True}
+    for name, supported in SUPPORTED_HF_VALUES.items():
+        value = hf.get(name, defaults.get(name, False))
+        if value not in supported:
+            raise UserError(
+                f"{name}={json.dumps(value)} is not supported (this GPT-2 computes only {name}="
+                f"{' or '.join(json.dumps(v) for v in supported)})"
+            )
     d_model = hf["n_embd"]
     return GPTConfig(
         vocab_size=hf["vocab_size"],

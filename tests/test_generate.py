@@ -221,3 +221,62 @@ def test_sampling_follows_the_distribution_and_never_draws_a_zero():
     assert torch.allclose(counts, probs[0], atol=0.015)  # 3 standard deviations at n = 20,000 is < 0.011
     first_only = sample_from(torch.tensor([[1.0, 0.0, 0.0]]), torch.Generator().manual_seed(1))
     assert first_only.tolist() == [0]
+
+
+def greedy_by_the_sliding_definition(model, idx, steps):
+    """README's definition: the model sees at most max_seq_len tokens; when the next token would not
+    fit, the window restarts from the last max_seq_len // 2 tokens and grows again."""
+    context = model.config.max_seq_len
+    tokens = idx[0].tolist()
+    start = max(0, len(tokens) - context)
+    for _ in range(steps):
+        if len(tokens) - start > context:
+            start = len(tokens) - context // 2
+        with torch.no_grad():
+            logits, _ = model(torch.tensor([tokens[start:]]))
+        tokens.append(int(logits[0, -1].argmax()))
+    return tokens
+
+
+@pytest.mark.parametrize("prompt_len", [5, 16, 23])
+def test_generation_past_the_context_follows_the_sliding_definition(prompt_len):
+    model = peaked_model(max_seq_len=16)
+    prompt = torch.randint(0, 50257, (1, prompt_len), generator=torch.Generator().manual_seed(prompt_len))
+    expected = greedy_by_the_sliding_definition(model, prompt, 60)
+    assert generate(model, prompt, 60, temperature=0)[0].tolist() == expected
+
+
+def test_json_token_count_is_what_a_stopped_text_holds(model_file, spread_model, capsys):
+    from examplegpt.cli import main
+    from examplegpt.tokenizer import decode
+
+    prompt = encode("Hello")
+    new = generate(spread_model, torch.tensor([prompt]), 30, temperature=0)[0, len(prompt) :].tolist()
+    full = decode(new)
+    stop_text = full[6:10]
+    holds = next(k for k in range(1, 31) if stop_text in decode(new[:k]))  # tokens up to the stop text
+    args = ["generate", "-c", str(model_file), "-p", "Hello", "-n", "30", "-t", "0", "--ignore-eos", "--json"]
+    assert main([*args, "--stop", stop_text, "--num-samples", "2"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["tokens"] for r in records] == [holds, holds] and holds < 30
+    assert all(r["text"] == full[: full.find(stop_text)] for r in records)
+
+
+@pytest.mark.parametrize("top_p", ["1.0", "0.9"])
+def test_cli_tiny_temperature_is_greedy(model_file, capsys, top_p):
+    from examplegpt.cli import main
+
+    args = ["generate", "-c", str(model_file), "-p", "Hello", "-n", "12", "--ignore-eos", "--top-p", top_p]
+    assert main([*args, "-t", "0"]) == 0
+    greedy = capsys.readouterr().out
+    assert main([*args, "-t", "1e-40"]) == 0
+    assert capsys.readouterr().out == greedy
+
+
+def test_generate_without_a_model_file_says_how_to_get_one(tmp_path, monkeypatch, capsys):
+    from examplegpt.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["generate", "-p", "hi"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "gpt_model.pt" in err[0] and "example.py train" in err[0] and "Hugging Face" in err[0]

@@ -88,3 +88,55 @@ def test_corrupt_hugging_face_weights_are_one_line(hf_dir, tmp_path):
     data = (broken / "model.safetensors").read_bytes()
     (broken / "model.safetensors").write_bytes(data[: len(data) // 3])
     assert_one_line_error(run_cli("generate", "-c", str(broken), "-p", "hi"), "cannot be loaded as GPT-2")
+
+
+# Every GPT2Config field that changes what GPT2LMHeadModel computes: supported exactly, or refused in one line.
+SUPPORTED = [
+    {},
+    {"n_inner": 48},
+    {"activation_function": "gelu_pytorch_tanh"},
+    {"reorder_and_upcast_attn": True},
+    {"layer_norm_epsilon": 1e-5},
+    {"vocab_size": 50304},
+    {"add_cross_attention": False, "scale_attn_weights": True, "tie_word_embeddings": True},
+]
+REFUSED = [
+    {"tie_word_embeddings": False},
+    {"scale_attn_weights": False},
+    {"scale_attn_by_inverse_layer_idx": True},
+    {"add_cross_attention": True},
+    {"activation_function": "gelu"},
+    {"activation_function": "relu"},
+    {"layer_norm_epsilon": 1e-6},
+    {"vocab_size": 1000},
+]
+
+
+def tiny_hf_folder(folder, **overrides):
+    values = dict(vocab_size=50257, n_embd=32, n_head=2, n_layer=2, n_positions=32, initializer_range=0.2)
+    values.update(overrides)
+    config = transformers.GPT2Config(**values)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    model.save_pretrained(folder)
+    return model
+
+
+@pytest.mark.parametrize("overrides", SUPPORTED, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "gpt2")
+def test_supported_config_fields_compute_what_transformers_computes(overrides, tmp_path):
+    hf = tiny_hf_folder(tmp_path, **overrides)
+    ours = GPT.from_pretrained(str(tmp_path)).eval()
+    idx = torch.randint(0, 50257, (2, 32), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (ours(idx)[0] - hf(idx).logits).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("overrides", REFUSED, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_unsupported_config_fields_are_refused_in_one_line_naming_the_field(overrides, tmp_path):
+    from examplegpt.errors import UserError
+
+    tiny_hf_folder(tmp_path, **overrides)
+    with pytest.raises(UserError) as refused:
+        GPT.from_pretrained(str(tmp_path))
+    message = str(refused.value)
+    assert "\n" not in message and next(iter(overrides)) in message

@@ -10,6 +10,8 @@ import time
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from examplegpt import GPT
 from examplegpt.optim import lr_at, parameter_groups
@@ -25,7 +27,7 @@ def train_args(corpus, out_dir, *extra):
     return [
         "train", *MICRO_MODEL, "--data", str(corpus), "--cache-dir", str(out_dir.parent / "cache"),
         "--out-dir", str(out_dir), "--batch-size", "4", "--micro-batch-size", "2", "--learning-rate", "3e-3",
-        "--warmup-steps", "2", "--log-interval", "1", "--eval-interval", "4", "--eval-batches", "2",
+        "--warmup-steps", "2", "--log-interval", "1", "--eval-interval", "4", "--eval-windows", "4",
         "--device", "cpu", "--no-amp", *extra,
     ]  # fmt: skip
 
@@ -44,8 +46,7 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
     assert all(a < b for a, b in zip(lrs[:10], lrs[1:10]))  # warmup rises
     assert all(a >= b for a, b in zip(lrs[10:100], lrs[11:100]))  # cosine falls
-    assert lrs[55] == pytest.approx(1e-4 + 0.5 * 0.9e-3, rel=1e-2)  # half way: the midpoint
-    assert lrs[100] == lrs[119] == pytest.approx(1e-4)
+    assert lrs[99] == lrs[100] == lrs[119] == pytest.approx(1e-4)  # the last step (99) already runs at the floor
 
 
 def test_every_parameter_is_in_exactly_one_optimizer_group():
@@ -260,3 +261,164 @@ def test_resume_survives_a_metrics_line_cut_short_by_a_kill(corpus, tmp_path):
     proc = run_cli(*train_args(corpus, out, "--max-steps", "4", "--checkpoint-interval", "2", "--resume", "auto"))
     assert proc.returncode == 0, proc.stderr
     assert [s for s, _, _ in losses(out)] == [1, 2, 3, 4, 4]  # 4 twice: the train line and the val line
+
+
+# --- the LR schedule against its documented formula --------------------------------------------------
+
+
+def documented_lr(step, peak, warmup, total, ratio):
+    """A direct transcription of lr_at's docstring (and README's optimizer paragraph)."""
+    low = peak * ratio
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    if step >= max(warmup, total - 1):
+        return low
+    return low + (peak - low) * (1 + math.cos(math.pi * (step - warmup) / (total - 1 - warmup))) / 2
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    total=st.integers(1, 400),
+    warmup=st.integers(0, 450),
+    peak=st.floats(1e-6, 1.0),
+    ratio=st.floats(0.0, 1.0),
+    data=st.data(),
+)
+def test_lr_schedule_is_its_documented_formula(total, warmup, peak, ratio, data):
+    step = data.draw(st.integers(0, total + 5))
+    assert lr_at(step, peak, warmup, total, ratio) == pytest.approx(documented_lr(step, peak, warmup, total, ratio))
+    if total - 1 >= warmup:  # the last step of a run longer than its warmup runs at the minimum
+        assert lr_at(total - 1, peak, warmup, total, ratio) == pytest.approx(peak * ratio)
+
+
+# --- issue 13: results that were silently wrong ------------------------------------------------------
+
+
+def final_val_loss(out_dir):
+    return [v for _, _, v in losses(out_dir) if v is not None][-1]
+
+
+def test_validation_loss_does_not_depend_on_the_micro_batch(corpus, tmp_path):
+    """The validation set is a fixed set of windows: the same model scores the same at any micro-batch."""
+    from examplegpt.cli import main
+
+    scores = []
+    for micro in ("1", "4"):
+        out = tmp_path / f"micro{micro}"
+        # a learning rate too small to move the weights: the models compared are the same
+        args = train_args(corpus, out, "--max-steps", "1", "--micro-batch-size", micro, "--learning-rate", "1e-12")
+        assert main([*args, "--eval-windows", "12"]) == 0
+        scores.append(final_val_loss(out))
+    assert scores[0] == pytest.approx(scores[1], abs=1e-5)
+
+
+def test_validation_loss_does_not_depend_on_the_number_of_processes(monkeypatch):
+    """Each rank scores its share (padded to equal forward passes); the shares add up to the whole set."""
+    from examplegpt import train
+    from examplegpt.distributed import World
+
+    torch.manual_seed(0)
+    model = GPT(tiny_config(max_seq_len=16))
+    tokens = torch.randint(0, 50257, (16 * 40 + 1,)).numpy()
+    windows = train.validation_windows(tokens, 16, 11)
+    assert windows.shape == (11, 17) and (windows == train.validation_windows(tokens, 16, 11)).all()
+    cpu = torch.device("cpu")
+    whole = train.evaluate_loss(model, windows, 11, cpu, torch.float32)
+    monkeypatch.setattr(train, "mean_over_ranks", lambda value, world, device: value / world.size)
+    for size, micro in [(1, 3), (2, 2), (3, 4), (4, 1)]:  # without all_reduce: each rank's part of the mean
+        parts = [train.evaluate_loss(model, windows, micro, cpu, torch.float32, World(r, r, size)) for r in range(size)]
+        assert sum(parts) == pytest.approx(whole, abs=1e-5)
+
+
+def poison_steps(monkeypatch, steps: set[int], on_poison=None) -> None:
+    """The loss of these optimizer steps (1-based; 2 micro-steps each) becomes NaN."""
+    original = GPT.forward
+    calls = {"n": 0}
+
+    def poisoned(self, idx, targets=None, return_logits=True):
+        logits, loss = original(self, idx, targets, return_logits)
+        if self.training and loss is not None:
+            calls["n"] += 1
+            if (calls["n"] + 1) // 2 in steps:
+                loss = loss * float("nan")
+                if on_poison:
+                    on_poison()
+        return logits, loss
+
+    monkeypatch.setattr(GPT, "forward", poisoned)
+
+
+def test_a_skipped_step_still_evaluates_and_saves_its_checkpoint(corpus, tmp_path, monkeypatch):
+    from examplegpt.cli import main
+
+    out = tmp_path / "run"
+    poison_steps(monkeypatch, {4})
+    assert main(train_args(corpus, out, "--max-steps", "6", "--checkpoint-interval", "4")) == 0
+    saved = read_torch_file(out / "checkpoints" / "checkpoint_epoch1_batch4.pt")
+    assert saved["step"] == 4 and saved["nonfinite_skips"] == 1
+    assert [s for s, _, v in losses(out) if v is not None] == [4, 6]  # eval interval 4: step 4 evaluated
+
+
+def test_a_stop_signal_during_a_skipped_step_stops_after_that_step(corpus, tmp_path, monkeypatch, capsys):
+    from examplegpt.cli import main
+
+    out = tmp_path / "run"
+    poison_steps(monkeypatch, {3}, on_poison=lambda: os.kill(os.getpid(), signal.SIGTERM))
+    assert main(train_args(corpus, out, "--max-steps", "50")) == 0
+    assert "stopped after step 3" in capsys.readouterr().out
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["checkpoint_epoch1_batch3.pt"]
+
+
+def test_a_run_shorter_than_its_warmup_says_so(corpus, tmp_path, capsys):
+    from examplegpt.cli import main
+
+    assert main(train_args(corpus, tmp_path / "run", "--max-steps", "3", "--warmup-steps", "5")) == 0
+    warning = [line for line in capsys.readouterr().err.splitlines() if "warmup" in line]
+    assert len(warning) == 1 and "never reaches" in warning[0]
+
+
+def test_the_last_step_runs_at_the_minimum_learning_rate(corpus, tmp_path, capsys):
+    from examplegpt.cli import main
+
+    out = tmp_path / "run"
+    assert main(train_args(corpus, out, "--max-steps", "5", "--warmup-steps", "1")) == 0
+    assert "warmup" not in capsys.readouterr().err
+    lrs = [json.loads(line).get("lr") for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [lr for lr in lrs if lr is not None][-1] == pytest.approx(3e-3 * 0.1)
+
+
+def test_a_vocabulary_smaller_than_the_tokenizer_is_one_line(corpus, tmp_path, capsys):
+    from examplegpt.cli import main
+
+    assert main(train_args(corpus, tmp_path / "run", "--max-steps", "1", "--vocab-size", "1000")) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "vocab_size" in err[0] and "50257" in err[0]
+
+
+def test_bare_resume_means_auto_and_names_the_checkpoints_epoch(corpus, tmp_path, capsys):
+    from examplegpt.cli import build_parser, main
+
+    assert build_parser().parse_args(["train", "--resume"]).resume == "auto"
+    out = tmp_path / "run"
+    assert main(train_args(corpus, out, "--max-steps", "4", "--checkpoint-interval", "2")) == 0
+    (out / "checkpoints" / "checkpoint_epoch1_batch4.pt").unlink()
+    capsys.readouterr()
+    assert main(train_args(corpus, out, "--max-steps", "4", "--checkpoint-interval", "2", "--resume")) == 0
+    assert "resumed from step 2 (epoch 1, batch 2)" in capsys.readouterr().out  # checkpoint_epoch1_batch2.pt
+
+
+def test_a_refused_start_leaves_nothing_and_a_run_leaves_no_lock(corpus, tmp_path, monkeypatch, capsys):
+    from examplegpt.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    refused = [a for a in train_args(corpus, tmp_path / "x", "--batch-size", "4096") if a not in ("--out-dir",)]
+    refused.remove(str(tmp_path / "x"))  # out_dir: the current folder, as by default
+    assert main(refused) == 1
+    assert "lower --batch-size" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "cache") == before  # no .lock, no checkpoints/
+    assert main(train_args(corpus, tmp_path / "run", "--batch-size", "4096")) == 1
+    assert not (tmp_path / "run").exists()
+    out = tmp_path / "ok"
+    assert main(train_args(corpus, out, "--max-steps", "1")) == 0
+    assert not list(out.rglob(".lock"))

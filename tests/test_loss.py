@@ -1,0 +1,69 @@
+"""The fused loss against F.cross_entropy: every chunking, every ignore pattern, loss and gradients."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from examplegpt import GPT
+from examplegpt.loss import IGNORE_INDEX, fused_linear_cross_entropy
+
+from .conftest import tiny_config
+
+VOCAB, PADDED, WIDTH = 37, 64, 8
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    rows=st.integers(1, 24),
+    chunk_rows=st.integers(1, 30),
+    pattern=st.sampled_from(["none", "random", "first", "last", "all_but_one", "all"]),
+    seed=st.integers(0, 2**16),
+)
+def test_fused_loss_and_gradients_equal_f_cross_entropy(rows, chunk_rows, pattern, seed):
+    generator = torch.Generator().manual_seed(seed)
+    h = torch.randn(1, rows, WIDTH, generator=generator, requires_grad=True)  # (B, T, C)
+    weight = torch.randn(PADDED, WIDTH, generator=generator, requires_grad=True)  # padded vocabulary rows
+    targets = torch.randint(0, VOCAB, (1, rows), generator=generator)
+    ignored = {
+        "none": torch.zeros(rows, dtype=torch.bool),
+        "random": torch.rand(rows, generator=generator) < 0.4,
+        "first": torch.arange(rows) == 0,
+        "last": torch.arange(rows) == rows - 1,
+        "all_but_one": torch.arange(rows) != rows // 2,
+        "all": torch.ones(rows, dtype=torch.bool),
+    }[pattern]
+    targets[0, ignored] = IGNORE_INDEX
+
+    loss = fused_linear_cross_entropy(h, weight, targets, VOCAB, chunk_rows)
+    loss.backward()
+    grads = h.grad.clone(), weight.grad.clone()
+    h.grad = weight.grad = None
+    reference = F.cross_entropy((h @ weight.t())[..., :VOCAB].flatten(0, 1), targets.flatten())
+    reference.backward()
+
+    torch.testing.assert_close(loss, reference, equal_nan=True)  # all ignored: NaN, as PyTorch gives
+    torch.testing.assert_close(grads[0], h.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(grads[1], weight.grad, rtol=1e-4, atol=1e-6)
+    with torch.no_grad():  # evaluation: the loss-only path
+        torch.testing.assert_close(
+            fused_linear_cross_entropy(h, weight, targets, VOCAB, chunk_rows), reference, equal_nan=True
+        )
+
+
+def test_the_model_ignores_minus_100_on_both_paths_and_refuses_other_negative_targets():
+    torch.manual_seed(0)
+    model = GPT(tiny_config())
+    x = torch.randint(0, 50257, (2, 16))
+    y = torch.randint(0, 50257, (2, 16))
+    y[0, :5] = IGNORE_INDEX
+    logits, unfused = model(x, y)
+    _, fused = model(x, y, return_logits=False)
+    reference = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100)
+    torch.testing.assert_close(unfused, reference)
+    torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-5)
+    y[1, 3] = -1  # not the ignore value: an error on both paths, as in PyTorch
+    for return_logits in (True, False):
+        with pytest.raises(IndexError):
+            model(x, y, return_logits=return_logits)
