@@ -91,14 +91,15 @@ def claim_out_dir(out_dir: Path):
     except UserError:
         remove_if_empty(created)
         raise
+    finished = False
     try:
         yield
-    except BaseException:
-        remove_if_empty(created)
-        raise
+        finished = True
     finally:
         with lock:
             Path(lock.name).unlink(missing_ok=True)  # while still holding it: see take_lock
+        if not finished:
+            remove_if_empty(created)
 
 
 def take_lock(path: Path):
@@ -168,6 +169,8 @@ def validation_windows(tokens: np.ndarray, seq_len: int, count: int) -> np.ndarr
     has fewer), chosen by a fixed seed: (N, seq_len + 1). It depends on nothing else (not the micro-batch,
     the number of processes or the device), so val losses of any two runs are comparable."""
     available = (len(tokens) - 1) // seq_len
+    if available < 1:
+        raise UserError(f"the validation split has {len(tokens):,} tokens: fewer than one window of {seq_len + 1}")
     chosen = np.random.default_rng(HOLDOUT_SEED).permutation(available)[:count]
     return np.stack([tokens[w * seq_len : w * seq_len + seq_len + 1] for w in chosen]).astype(np.int64)
 

@@ -68,8 +68,9 @@ def test_two_processes_match_one_process_with_the_same_global_batch(corpus, tmp_
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "x2" in proc.stdout and proc.stdout.count("step 6/6") == 1  # only rank 0 prints
     assert max_difference(final_weights(one), final_weights(two)) < 1e-5
-    for (s1, l1, _), (s2, l2, _) in zip(losses(one), losses(two)):
+    for (s1, l1, v1), (s2, l2, v2) in zip(losses(one), losses(two)):
         assert s1 == s2 and (l1 is None or abs(l1 - l2) < 1e-5)
+        assert v1 is None or abs(v1 - v2) < 1e-5  # the same validation set, whatever the number of processes
 
 
 def test_kill_and_resume_under_two_processes(corpus, tmp_path):
