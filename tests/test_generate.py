@@ -247,19 +247,22 @@ def test_generation_past_the_context_follows_the_sliding_definition(prompt_len):
 
 
 def test_json_token_count_is_what_a_stopped_text_holds(model_file, spread_model, capsys):
+    """Three sampled rows; the first stops early while the others go on: each counts its own tokens."""
     from examplegpt.cli import main
     from examplegpt.tokenizer import decode
 
     prompt = encode("Hello")
-    new = generate(spread_model, torch.tensor([prompt]), 30, temperature=0)[0, len(prompt) :].tolist()
-    full = decode(new)
-    stop_text = full[6:10]
-    holds = next(k for k in range(1, 31) if stop_text in decode(new[:k]))  # tokens up to the stop text
-    args = ["generate", "-c", str(model_file), "-p", "Hello", "-n", "30", "-t", "0", "--ignore-eos", "--json"]
-    assert main([*args, "--stop", stop_text, "--num-samples", "2"]) == 0
+    generator = torch.Generator().manual_seed(3)  # as the command seeds it
+    rows = generate(spread_model, torch.tensor([prompt] * 3), 30, temperature=1.0, top_p=1.0, generator=generator)
+    rows = [row[len(prompt) :] for row in rows.tolist()]
+    stop_text = decode(rows[0])[4:7]
+    holds = [next((k for k in range(1, 31) if stop_text in decode(row[:k])), 30) for row in rows]
+    assert holds[0] < 30 and max(holds) > holds[0]  # the case at issue: one row stops before another
+    args = ["generate", "-c", str(model_file), "-p", "Hello", "-n", "30", "-t", "1", "--top-p", "1", "--seed", "3"]
+    assert main([*args, "--num-samples", "3", "--ignore-eos", "--json", "--stop", stop_text]) == 0
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [r["tokens"] for r in records] == [holds, holds] and holds < 30
-    assert all(r["text"] == full[: full.find(stop_text)] for r in records)
+    assert [r["tokens"] for r in records] == holds
+    assert records[0]["text"] == decode(rows[0])[: decode(rows[0]).find(stop_text)]
 
 
 @pytest.mark.parametrize("top_p", ["1.0", "0.9"])

@@ -302,12 +302,25 @@ def test_validation_loss_does_not_depend_on_the_micro_batch(corpus, tmp_path):
     """The validation set is a fixed set of windows: the same model scores the same at any micro-batch."""
     from examplegpt.cli import main
 
+    split = ["--val-fraction", "0.1"]  # about 20 validation windows
+    base = tmp_path / "base"  # a model trained a little, so that windows differ in loss
+    assert main(train_args(corpus, base, "--max-steps", "8", *split)) == 0
     scores = []
     for micro in ("1", "4"):
         out = tmp_path / f"micro{micro}"
-        # a learning rate too small to move the weights: the models compared are the same
-        args = train_args(corpus, out, "--max-steps", "1", "--micro-batch-size", micro, "--learning-rate", "1e-12")
-        assert main([*args, "--eval-windows", "12"]) == 0
+        # from the same weights, with a learning rate too small to move them: the models compared are the same
+        args = [
+            "--max-steps",
+            "1",
+            "--micro-batch-size",
+            micro,
+            "--learning-rate",
+            "1e-12",
+            "--eval-windows",
+            "12",
+            *split,
+        ]
+        assert main([*train_args(corpus, out, *args), "--init-from", str(base / "gpt_model.pt")]) == 0
         scores.append(final_val_loss(out))
     assert scores[0] == pytest.approx(scores[1], abs=1e-5)
 
