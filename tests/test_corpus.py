@@ -36,7 +36,7 @@ def tokens_of_pieces(pieces: list[str]) -> list[int]:
     return [t for ids in get_tokenizer().encode_ordinary_batch(pieces) for t in ids]
 
 
-@settings(max_examples=1200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(text=st.one_of(texts, runs), size=st.integers(1, 64))
 def test_pieces_tokenize_exactly_as_the_whole_text(text, size):
     report = ReadReport()
@@ -44,6 +44,20 @@ def test_pieces_tokenize_exactly_as_the_whole_text(text, size):
     assert "".join(pieces) == text and all(pieces)
     assert tokens_of_pieces(pieces) == get_tokenizer().encode_ordinary(text)
     assert report.forced_cuts == 0
+
+
+SEARCH = 16
+
+
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(text=st.one_of(texts, runs), size=st.integers(1, 64))
+def test_pieces_stay_short_and_are_exact_unless_a_cut_was_forced(text, size):
+    report = ReadReport()
+    pieces, _ = cut_pieces(text, report, size=size, search=SEARCH)
+    assert "".join(pieces) == text
+    assert max(map(len, pieces), default=0) <= size + SEARCH + 1  # bounded, whatever the text
+    if report.forced_cuts == 0:
+        assert tokens_of_pieces(pieces) == get_tokenizer().encode_ordinary(text)
 
 
 @settings(max_examples=300, deadline=None)
@@ -55,9 +69,11 @@ def test_files_read_in_blocks_tokenize_exactly_as_the_whole_file(tmp_path_factor
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(corpus, "READ_BYTES", block)  # blocks end inside multi-byte characters
         patch.setattr(corpus, "SEGMENT_CHARS", size)
+        patch.setattr(corpus, "CUT_SEARCH_CHARS", SEARCH)
         pieces = list(text_file_pieces([path], report))
     assert "".join(p for p, _ in pieces) == text
     assert [end for _, end in pieces] == [False] * (len(pieces) - 1) + [True] * bool(pieces)
+    assert max((len(p) for p, _ in pieces), default=0) <= size + SEARCH + 1
     if report.forced_cuts == 0:
         assert tokens_of_pieces([p for p, _ in pieces]) == get_tokenizer().encode_ordinary(text)
 
