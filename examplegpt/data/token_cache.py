@@ -247,7 +247,9 @@ def write_splits(cfg: DataConfig, source: Source, tmp: Path, min_tokens: int, lo
     splits: dict[str, dict] = {}
     held_out = False
     if source.kind == "text":
-        inputs = {"all": (text_file_pieces(source.files, report), sum(f.stat().st_size for f in source.files))}
+        compressed = any(f.suffix == ".gz" for f in source.files)  # its size on disk is not its text's
+        total_bytes = None if compressed else sum(f.stat().st_size for f in source.files)
+        inputs = {"all": (text_file_pieces(source.files, report), total_bytes)}
     else:
         hf = load_hf_splits(source, cfg)
         names = {cfg.train_split: "train", cfg.val_split: "val", cfg.test_split: "test"}
