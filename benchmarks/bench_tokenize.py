@@ -1,93 +1,157 @@
-"""Tokenization throughput of `prepare` against its ceiling, and the peak memory of a large prepare.
+"""Tokenization throughput and peak memory of `prepare` on four shapes of corpus, against its ceiling.
 
-Ceiling: tiktoken's own encode_ordinary_batch on the same documents with the same threads, text
-already in memory, no file I/O. End to end: `prepare` on the files (reading, decoding, tokenizing,
-writing the uint16 cache, holding out validation, checksums). Both in one run, alternating.
+Shapes (built from ../shared/data): one file in WikiText's format (WikiText-2 valid repeated), one
+file with no newline at all (the same text, newlines turned into spaces), one prose file (Tiny
+Shakespeare repeated), and many 1 MB files.
 
-    python benchmarks/bench_tokenize.py --mb 40 --rss-mb 120
+Ceiling: tiktoken's own encode_ordinary_batch with the same threads, the text already in memory and
+already split into documents (a single file: into 1 MB pieces at spaces), no file I/O. End to end:
+`prepare` on the files in a fresh process (reading, decoding, cutting, tokenizing, writing the uint16
+cache, holding out validation, checksums), timed around the call, with that process's peak resident
+memory. Per shape, the two run one after the other.
+
+    python benchmarks/bench_tokenize.py --mb 200 --files 200
+    python benchmarks/bench_tokenize.py --memory 100,1000 --shapes none   # peak memory against file size
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import resource
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from examplegpt.config import DataConfig
-from examplegpt.data import prepare
 from examplegpt.tokenizer import get_tokenizer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+DOCUMENT_CHARS = 1 << 20
+CHILD = """
+import json, resource, sys, time
+from examplegpt.config import DataConfig
+from examplegpt.data import check_cache, prepare
+data, cache, workers = sys.argv[1], sys.argv[2], int(sys.argv[3])
+start = time.perf_counter()
+folder = prepare(DataConfig(data=data, cache_dir=cache, workers=workers), 1025)
+seconds = time.perf_counter() - start
+manifest = check_cache(folder)
+peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+print(json.dumps({"seconds": seconds, "peak_mb": peak_mb, "forced_cuts": manifest["forced_cuts"]}))
+"""
 
 
-def make_corpus(folder: Path, megabytes: int) -> list[Path]:
-    """Real text (WikiText-2 and Tiny Shakespeare from ../shared/data), repeated into 1 MB files."""
-    sources = [SHARED / "wikitext-2" / "valid.txt", SHARED / "wikitext-2" / "test.txt", SHARED / "tinyshakespeare.txt"]
-    text = "".join(p.read_text() for p in sources if p.exists())
-    if not text:
-        sys.exit(f"no text in {SHARED}: this benchmark needs ../shared/data")
-    folder.mkdir(parents=True, exist_ok=True)
-    files, written, i = [], 0, 0
-    while written < megabytes << 20:
+def shared_text(name: str) -> str:
+    path = SHARED / name
+    if not path.exists():
+        sys.exit(f"no {path}: this benchmark needs ../shared/data")
+    return path.read_text()
+
+
+def write_repeated(path: Path, text: str, megabytes: int) -> None:
+    """`text` repeated into one file of about `megabytes` MB, written in blocks."""
+    encoded = text.encode()
+    with open(path, "wb") as f:
+        for _ in range(max(1, (megabytes << 20) // len(encoded))):
+            f.write(encoded)
+
+
+def write_files(folder: Path, text: str, count: int) -> None:
+    """`count` files of 1 MB, each a different rotation of `text`."""
+    folder.mkdir()
+    doubled = text * (1 + (2 * DOCUMENT_CHARS) // len(text))
+    for i in range(count):
         start = (i * 300_007) % len(text)
-        chunk = (text[start:] + text[:start])[: 1 << 20]
-        path = folder / f"{i:05d}.txt"
-        path.write_text(chunk)
-        files.append(path)
-        written += len(chunk.encode())
-        i += 1
-    return files
+        (folder / f"{i:05d}.txt").write_text(doubled[start : start + DOCUMENT_CHARS])
+
+
+def documents_of(source: Path) -> list[str]:
+    """The ceiling's documents: each file, and a big file cut into ~1 MB pieces at spaces."""
+    docs = []
+    for path in sorted(source.glob("*.txt")) if source.is_dir() else [source]:
+        text = path.read_text()
+        start = 0
+        while start < len(text):
+            end = text.find(" ", start + DOCUMENT_CHARS) if len(text) - start > DOCUMENT_CHARS else -1
+            end = len(text) if end < 0 else end
+            docs.append(text[start:end])
+            start = end
+    return docs
+
+
+def ceiling_seconds(source: Path, workers: int) -> float:
+    """tiktoken's encode_ordinary_batch over the documents in memory (in groups, so the token lists of
+    the whole corpus never exist at once)."""
+    docs = documents_of(source)
+    encoding, group = get_tokenizer(), 8 * workers
+    start = time.perf_counter()
+    for i in range(0, len(docs), group):
+        encoding.encode_ordinary_batch(docs[i : i + group], num_threads=workers)
+    return time.perf_counter() - start
+
+
+def prepare_in_child(source: Path, cache: Path, workers: int) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    out = subprocess.run([sys.executable, "-c", CHILD, str(source), str(cache), str(workers)], env=env,
+                         check=True, capture_output=True, text=True).stdout  # fmt: skip
+    shutil.rmtree(cache)
+    return json.loads(out.splitlines()[-1])
+
+
+def size_mb(source: Path) -> float:
+    files = list(source.glob("*.txt")) if source.is_dir() else [source]
+    return sum(f.stat().st_size for f in files) / 2**20
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mb", type=int, default=40, help="corpus size for the throughput runs")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--mb", type=int, default=200, help="size of each single-file shape")
+    parser.add_argument("--files", type=int, default=200, help="number of 1 MB files in the many-files shape")
     parser.add_argument("--workers", type=int, default=os.cpu_count())
-    parser.add_argument("--rss-mb", type=int, default=120, help="corpus size for the peak-memory run (0: skip)")
+    parser.add_argument("--shapes", default="wikitext,no-newline,prose,files", help="comma-separated, or 'none'")
+    parser.add_argument("--memory", default="", help="MB sizes of WikiText-format files for peak memory, e.g. 100,1000")
+    parser.add_argument("--scratch", default=None, help="folder for the generated corpora (default: a temp folder)")
     args = parser.parse_args()
 
-    scratch = Path(tempfile.mkdtemp())
+    wikitext, prose = shared_text("wikitext-2/valid.txt"), shared_text("tinyshakespeare.txt")
+    scratch = Path(tempfile.mkdtemp(dir=args.scratch))
     try:
-        files = make_corpus(scratch / "corpus", args.mb)
-        megabytes = sum(f.stat().st_size for f in files) / 2**20
-        encoding = get_tokenizer()
-        ceiling, end_to_end = [], []
-        for r in range(args.repeats):
-            documents = [f.read_text() for f in files]
-            start = time.perf_counter()
-            encoding.encode_ordinary_batch(documents, num_threads=args.workers)
-            ceiling.append(megabytes / (time.perf_counter() - start))
-            del documents
-            cache = scratch / f"cache{r}"
-            start = time.perf_counter()
-            prepare(DataConfig(data=str(scratch / "corpus"), cache_dir=str(cache), workers=args.workers), 1025)
-            end_to_end.append(megabytes / (time.perf_counter() - start))
-            shutil.rmtree(cache)
-        print(
-            f"corpus: {megabytes:.0f} MB of text in {len(files)} files, {args.workers} threads, median of {args.repeats}"
-        )
-        print(f"ceiling (tiktoken encode_ordinary_batch, in memory): {statistics.median(ceiling):.2f} MB/s")
-        print(f"examplegpt prepare, end to end with the cache:      {statistics.median(end_to_end):.2f} MB/s")
-        print(f"ratio: {statistics.median(end_to_end) / statistics.median(ceiling):.2f} of the ceiling")
-
-        if args.rss_mb:
-            big = make_corpus(scratch / "big", args.rss_mb)
-            size = sum(f.stat().st_size for f in big) / 2**20
-            command = [sys.executable, "-m", "examplegpt", "prepare", "--data", str(scratch / "big"),
-                       "--cache-dir", str(scratch / "bigcache"), "--workers", str(args.workers)]  # fmt: skip
-            start = time.perf_counter()
-            subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-            seconds = time.perf_counter() - start
-            peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # KiB on Linux
-            print(f"prepare of {size:.0f} MB: {seconds:.1f} s, peak resident memory {peak:.0f} MB")
+        builders = {
+            "wikitext": lambda p: write_repeated(p, wikitext, args.mb),
+            "no-newline": lambda p: write_repeated(p, wikitext.replace("\n", " "), args.mb),
+            "prose": lambda p: write_repeated(p, prose, args.mb),
+            "files": lambda p: write_files(p, wikitext + prose, args.files),
+        }
+        shapes = [s for s in args.shapes.split(",") if s in builders]
+        if shapes:
+            print(f"{args.workers} threads; MB/s of text; ratio = prepare / ceiling")
+            print(
+                f"{'shape':<12} {'MB':>6} {'ceiling':>8} {'prepare':>8} {'ratio':>6} {'peak RSS MB':>12} {'forced':>7}"
+            )
+        ratios = []
+        for shape in shapes:
+            source = scratch / (shape if shape == "files" else f"{shape}.txt")
+            builders[shape](source)
+            mb = size_mb(source)
+            ceiling = mb / ceiling_seconds(source, args.workers)
+            child = prepare_in_child(source, scratch / "cache", args.workers)
+            end_to_end = mb / child["seconds"]
+            ratios.append(end_to_end / ceiling)
+            print(f"{shape:<12} {mb:>6.0f} {ceiling:>8.2f} {end_to_end:>8.2f} {ratios[-1]:>6.2f} "
+                  f"{child['peak_mb']:>12.0f} {child['forced_cuts']:>7}", flush=True)  # fmt: skip
+            shutil.rmtree(source) if source.is_dir() else source.unlink()
+        if ratios:
+            print(f"worst ratio: {min(ratios):.2f}")
+        for megabytes in [int(m) for m in args.memory.split(",") if m]:
+            source = scratch / f"memory-{megabytes}.txt"
+            write_repeated(source, wikitext, megabytes)
+            child = prepare_in_child(source, scratch / "cache", args.workers)
+            print(f"prepare of one {size_mb(source):.0f} MB WikiText-format file: {child['seconds']:.1f} s, "
+                  f"peak resident memory {child['peak_mb']:.0f} MB", flush=True)  # fmt: skip
+            source.unlink()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

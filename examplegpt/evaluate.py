@@ -5,6 +5,11 @@ only the targets that no earlier window scored, so after the first window every 
 from at least W - S tokens of context. S = W gives plain non-overlapping chunks; smaller S gives
 more context per token at more compute.
 
+What is scored is the text and only the text: every token of it exactly once, the first with an
+<|endoftext|> as its context; the <|endoftext|> the cache puts between documents is context for
+the next document, never a target (it is not in the text, and where a document ends is not
+something the text says).
+
 Reported: the mean loss per token and its perplexity; for corpora with known text, the word-level
 perplexity exp(total NLL / words), where words are the whitespace-separated words of the text (the
 convention of GPT-2's zero-shot WikiText-103 figure, 37.50 for the 117M model), and bits per byte.
@@ -27,19 +32,11 @@ from tqdm import tqdm
 
 from .config import DataConfig
 from .cpu_inference import fast_cpu_inference
-from .data import (
-    ReplacementCounter,
-    check_cache,
-    open_split,
-    prepare,
-    resolve_source,
-    text_file_pieces,
-    tokenize_to_file,
-)
+from .data import check_cache, open_split, prepare, tokenize_local_text
 from .device import autocast, pick_device
 from .errors import UserError
 from .model import GPT
-from .tokenizer import TOKENIZER_ID
+from .tokenizer import EOT_ID, TOKENIZER_ID
 from .weights import load_model, model_from_state, read_torch_file
 
 
@@ -82,9 +79,18 @@ def window_plan(n_tokens: int, window: int, stride: int) -> list[tuple[int, int,
 
 @torch.no_grad()
 def sliding_window_nll(
-    model: GPT, tokens: np.ndarray, stride: int, batch_size: int, device: torch.device, progress: bool = False
+    model: GPT,
+    tokens: np.ndarray,
+    stride: int,
+    batch_size: int,
+    device: torch.device,
+    separator: int | None = None,
+    progress: bool = False,
 ) -> tuple[float, int]:
-    """Total negative log-likelihood (nats) of tokens[1:], and the number of tokens scored."""
+    """Total negative log-likelihood (nats) of tokens[1:], and the number of tokens scored.
+
+    Tokens equal to `separator` (the <|endoftext|> the cache puts between documents, which is no part
+    of the text) are context only: never scored."""
     model.eval()
     window = model.config.max_seq_len
     plan = window_plan(len(tokens), window, stride)
@@ -100,6 +106,8 @@ def sliding_window_nll(
                 x[row, : end - start] = chunk[:-1]
                 keep = scored_from - (start + 1)  # targets before this are scored by an earlier window
                 y[row, keep : end - start] = chunk[1 + keep :]
+            if separator is not None:
+                y[y == separator] = -1
             x, y = x.to(device), y.to(device)
             scored = y != -1  # (b, W)
             with autocast(device, dtype):
@@ -128,19 +136,23 @@ def load_for_eval(path: str) -> GPT:
 
 def split_tokens(data: DataConfig, split: str, min_tokens: int, scratch: Path) -> tuple[np.ndarray, dict]:
     """Tokens of the split to score, with its word and byte counts when known."""
-    source = resolve_source(data)
-    if source.kind == "text":  # a local file or folder is scored whole, not a held-out part of it
-        counter = ReplacementCounter()
-        stats = tokenize_to_file(text_file_pieces(source.files, counter), scratch / "eval.bin", 1, None)
-        if stats["tokens"] < 2:
+    stats = tokenize_local_text(data, scratch / "eval.bin")
+    if stats is not None:  # a local file or folder is scored whole, not a held-out part of it
+        if stats["tokens"] - stats["documents"] < 1:
             raise UserError(f"{data.data} holds no text to score")
-        return np.memmap(scratch / "eval.bin", dtype=np.uint16, mode="r"), stats
+        return open_split(scratch, "eval"), stats
     folder = prepare(data, min_tokens=min_tokens, verbose=True)
     name = {"validation": "val", "valid": "val"}.get(split, split)
     splits = check_cache(folder)["splits"]
     if name not in splits:
         raise UserError(f"{data.data} has no split {split!r} (it has {', '.join(splits)})")
     return open_split(folder, name), splits[name]
+
+
+def text_to_score(tokens: np.ndarray) -> np.ndarray:
+    """The split with an <|endoftext|> in front: the context of its first token, as in training,
+    where every document follows one."""
+    return np.concatenate([np.asarray([EOT_ID], dtype=tokens.dtype), tokens])
 
 
 def evaluate_command(cfg: EvaluateConfig, data: DataConfig) -> int:
@@ -153,7 +165,9 @@ def evaluate_command(cfg: EvaluateConfig, data: DataConfig) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         tokens, stats = split_tokens(data, cfg.split, window + 1, Path(scratch))
         start = time.perf_counter()
-        total, count = sliding_window_nll(model, tokens, stride, cfg.batch_size, device, progress=sys.stderr.isatty())
+        total, count = sliding_window_nll(
+            model, text_to_score(tokens), stride, cfg.batch_size, device, EOT_ID, progress=sys.stderr.isatty()
+        )
         seconds = time.perf_counter() - start
     result = {
         "checkpoint": cfg.checkpoint,

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from examplegpt.config import DataConfig
-from examplegpt.data import TokenWindows, check_cache, open_split, prepare, split_document
+from examplegpt.data import TokenWindows, check_cache, open_split, prepare
+from examplegpt.data.corpus import ReadReport, cut_pieces
 from examplegpt.errors import UserError
 from examplegpt.tokenizer import EOT_ID, decode, encode
 
@@ -46,31 +47,24 @@ def test_folder_and_glob_make_one_document_per_file(tmp_path):
 
 def test_local_huggingface_dataset_folder_uses_its_splits(tmp_path):
     datasets = pytest.importorskip("datasets")
-    lines = [
-        " = Alpha = \n",
-        "\n",
-        " Alpha text line .\n",
-        " = = Section = = \n",
-        " more .\n",
-        " = Beta = \n",
-        " Beta text .\n",
-    ]
-    split = datasets.Dataset.from_dict({"text": lines * 20})
+    rows = ["", " = Alpha = \n", "", " Alpha text .\n", "", " = = Section = = \n", "", " more .\n",
+            "", " = Beta = \n", "", " Beta text .\n", " = 1 + 2 = \n", ""]  # fmt: skip
+    split = datasets.Dataset.from_dict({"text": rows * 20})
     datasets.DatasetDict({"train": split, "validation": split, "test": split}).save_to_disk(tmp_path / "wikitext")
     folder = prepare(cfg(tmp_path, tmp_path / "wikitext"), min_tokens=17)
     manifest = check_cache(folder)
     assert set(manifest["splits"]) == {"train", "val", "test"} and not manifest["validation_held_out"]
-    assert manifest["splits"]["train"]["documents"] == 40  # one per ' = Title = ' line, not per row
+    assert manifest["splits"]["train"]["documents"] == 40  # one per title after a blank line, not per row
     train = open_split(folder, "train")
     first_doc = decode(train[: list(train).index(EOT_ID)].tolist())
-    assert first_doc == "".join(lines[:5])
+    assert first_doc == "".join(row or " \n" for row in rows[:9])  # blank rows are the file's " \n" lines
 
     # parquet files in the hub's layout go through datasets.load_dataset on the folder
     (tmp_path / "pq").mkdir()
     split.to_parquet(tmp_path / "pq" / "train.parquet")
     split.to_parquet(tmp_path / "pq" / "validation.parquet")
     manifest = check_cache(prepare(cfg(tmp_path, tmp_path / "pq"), min_tokens=17))
-    assert manifest["splits"]["train"]["documents"] == 140  # not WikiText: one document per row
+    assert manifest["splits"]["train"]["documents"] == 140  # not WikiText: one document per non-empty row
 
 
 def test_second_run_reuses_the_cache(tmp_path):
@@ -108,7 +102,7 @@ def test_damaged_cache_is_detected_and_rebuilt(tmp_path, damage):
 
 def test_split_document_tokenizes_exactly_like_the_whole():
     text = "".join(make_text(600, seed) + ("\n\n  indented\n" if seed % 2 else "x\ny\n") for seed in range(20))
-    pieces = split_document(text, size=500)
+    pieces, _ = cut_pieces(text, ReadReport(), size=500)
     assert len(pieces) > 5 and "".join(pieces) == text
     assert sum((encode(p) for p in pieces), []) == encode(text)
 
@@ -187,21 +181,21 @@ def test_batch_larger_than_the_corpus_is_a_clear_error():
 
 
 def test_text_files_are_read_in_blocks_without_changing_tokens(tmp_path, monkeypatch):
-    from examplegpt import data
+    from examplegpt.data import corpus
 
     text = "".join(make_text(300, seed) + "naïve 東京 🚀\n" for seed in range(10))
     (tmp_path / "a.txt").write_text(text)
-    monkeypatch.setattr(data, "READ_BYTES", 61)  # blocks cut through multi-byte characters
-    monkeypatch.setattr(data, "SEGMENT_CHARS", 200)
-    counter = data.ReplacementCounter()
-    pieces = list(data.text_file_pieces([tmp_path / "a.txt"], counter))
+    monkeypatch.setattr(corpus, "READ_BYTES", 61)  # blocks cut through multi-byte characters
+    monkeypatch.setattr(corpus, "SEGMENT_CHARS", 200)
+    report = corpus.ReadReport()
+    pieces = list(corpus.text_file_pieces([tmp_path / "a.txt"], report))
     assert len(pieces) > 10 and [end for _, end in pieces].count(True) == 1 and pieces[-1][1]
-    assert "".join(p for p, _ in pieces) == text and counter.count == 0
+    assert "".join(p for p, _ in pieces) == text and report.invalid_utf8_bytes == 0
     assert sum((encode(p) for p, _ in pieces), []) == encode(text)
 
 
 @pytest.mark.parametrize("text", ["", " ", "one", " two  words\n", "a\tb\nc  d \x0be\x1ff ", "naïve 東京 🚀 x"])
 def test_word_count_matches_str_split(text):
-    from examplegpt.data import count_words
+    from examplegpt.data.token_cache import count_words
 
     assert count_words(text.encode()) == len(text.split())

@@ -67,7 +67,7 @@ def test_evaluate_command_on_a_text_file(tmp_path, model_file):
     proc = run_cli("evaluate", "-c", str(model_file), "--data", str(tmp_path / "eval.txt"), "--json", "--stride", "8")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.splitlines()[-1])
-    assert result["tokens_scored"] == len(encode(text))  # the whole file plus its <|endoftext|>, minus token 0
+    assert result["tokens_scored"] == len(encode(text))  # every token of the text, none of the <|endoftext|>
     assert result["words"] == len(text.split())
     assert result["word_perplexity"] == pytest.approx(
         np.exp(result["loss"] * result["tokens_scored"] / result["words"])
@@ -106,3 +106,36 @@ def test_export_writes_a_folder_transformers_loads(tmp_path, model_file, small_m
         assert tokenizer.encode(text) == encode(text)
     assert_one_line_error(run_cli("export", "-c", str(model_file), "--out", str(out)), "--force")
     assert run_cli("export", "-c", str(model_file), "--out", str(out), "--force").returncode == 0
+
+
+def test_evaluation_scores_the_text_only_and_matches_transformers(tmp_path, hf_dir):
+    """Three files (three documents) scored through the command; the reference runs transformers'
+    GPT2LMHeadModel on the same windows: the text's tokens after an <|endoftext|>, documents joined by
+    <|endoftext|>, every token of the text a target once and no <|endoftext|> ever a target."""
+    transformers = pytest.importorskip("transformers")
+    import torch.nn.functional as F
+
+    from examplegpt.tokenizer import EOT_ID, get_tokenizer
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    texts = [make_text(150 + 40 * i, 20 + i) for i in range(3)]
+    for i, text in enumerate(texts):
+        (docs / f"{i}.txt").write_text(text)
+    proc = run_cli("evaluate", "-c", str(hf_dir), "--data", str(docs), "--json", "--stride", "48")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.splitlines()[-1])
+
+    encoded = get_tokenizer().encode_ordinary_batch(texts)
+    stream = torch.tensor([EOT_ID] + [t for ids in encoded for t in ids + [EOT_ID]])
+    hf = transformers.GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start, end, first in window_plan(len(stream), 128, 48):
+            logits = hf(stream[None, start:end]).logits[0]  # (T, V)
+            targets = stream[start + 1 : end + 1]
+            scored = (torch.arange(start + 1, end + 1) >= first) & (targets != EOT_ID)
+            total += F.cross_entropy(logits[scored], targets[scored], reduction="sum").item()
+            count += int(scored.sum())
+    assert result["tokens_scored"] == count == sum(map(len, encoded))
+    assert result["loss"] == pytest.approx(total / count, rel=1e-5)

@@ -1,0 +1,323 @@
+"""The verified token cache: a corpus tokenized once into flat uint16 files, checked on every load.
+
+`prepare()` turns a corpus into one token file per split (documents joined by <|endoftext|>) plus a
+`manifest.json`, written into a temporary folder and renamed into place, so a run killed at any
+moment never leaves a cache that looks complete. The pieces of text are tokenized by a pool of
+threads while the next ones are read, and the tokens streamed to disk: memory stays the same
+whatever the size of the corpus.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+import zlib
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from ..config import DataConfig
+from ..errors import UserError
+from ..tokenizer import EOT_ID, TOKENIZER_ID, get_tokenizer
+from .corpus import (
+    CUT_SEARCH_CHARS,
+    Piece,
+    ReadReport,
+    Source,
+    document_pieces,
+    hf_documents,
+    load_hf_splits,
+    resolve_source,
+    text_file_pieces,
+)
+
+FORMAT_VERSION = 2
+TOKEN_DTYPE = np.uint16  # GPT-2's 50257 ids fit in 16 bits: half the disk and bandwidth of int32
+BATCH_CHARS = 4 << 20  # text handed to the tokenizer threads at once
+COPY_TOKENS = 1 << 22  # tokens copied at a time when holding out validation
+HOLDOUT_SEED = 20261125
+
+
+# str.split()'s ASCII separators; a word starts at a non-separator byte after a separator (or at the start)
+SEPARATOR_BYTES = np.zeros(256, dtype=bool)
+SEPARATOR_BYTES[[9, 10, 11, 12, 13, 28, 29, 30, 31, 32]] = True
+
+
+def count_words(encoded: bytes) -> int:
+    """Whitespace-separated words in UTF-8 text, vectorised (the same as len(text.split()) for ASCII spaces)."""
+    separator = SEPARATOR_BYTES[np.frombuffer(encoded, dtype=np.uint8)]
+    if separator.size == 0:
+        return 0
+    return int((~separator[1:] & separator[:-1]).sum()) + int(not separator[0])
+
+
+def tokenize_to_file(pieces: Iterator[Piece], path: Path, workers: int, progress: tqdm | None) -> dict[str, int]:
+    """Tokenize document pieces with `workers` threads, streaming uint16 ids to `path`, <|endoftext|>
+    after each document.
+
+    The tokenizer works on one batch of pieces in the background while this thread reads and counts
+    the next one and writes the previous one. Returns counts of tokens, documents, and the text's
+    whitespace-separated words and UTF-8 bytes (the denominators of word-level perplexity and bits
+    per byte).
+    """
+    encoding = get_tokenizer()
+    stats = dict(tokens=0, documents=0, words=0, bytes=0)
+    eot = np.asarray([EOT_ID], dtype=TOKEN_DTYPE).tobytes()
+    with open(path, "wb") as out, ThreadPoolExecutor(max_workers=1) as background:
+
+        def write(job) -> None:
+            future, ends, chars = job
+            for ids, end in zip(future.result(), ends):
+                out.write(np.asarray(ids, dtype=TOKEN_DTYPE).tobytes())
+                if end:
+                    out.write(eot)
+                stats["tokens"] += len(ids) + end
+            if progress is not None:
+                progress.update(chars)
+                progress.set_postfix(tokens=f"{stats['tokens']:,}")
+
+        pending = None  # the batch being tokenized
+        texts, ends, chars = [], [], 0
+        for text, end in pieces:
+            encoded = text.encode("utf-8", errors="replace")
+            stats["documents"] += end
+            stats["words"] += count_words(encoded)
+            stats["bytes"] += len(encoded)
+            texts.append(text)
+            ends.append(end)
+            chars += len(text)
+            if chars >= BATCH_CHARS:
+                job = (background.submit(encoding.encode_ordinary_batch, texts, num_threads=workers), ends, chars)
+                if pending is not None:
+                    write(pending)
+                pending = job
+                texts, ends, chars = [], [], 0
+        if pending is not None:
+            write(pending)
+        if texts:
+            write((background.submit(encoding.encode_ordinary_batch, texts, num_threads=workers), ends, chars))
+        out.flush()
+        os.fsync(out.fileno())
+    return stats
+
+
+def file_crc32(path: Path, chunk: int = 16 << 20) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def hold_out(all_path: Path, train_path: Path, val_path: Path, fraction: float, min_tokens: int) -> tuple[int, int]:
+    """Split a token file into train and a seeded contiguous validation span: (train tokens, val tokens).
+
+    Copied through plain reads, not a memory map, whose pages would count towards resident memory."""
+    itemsize = np.dtype(TOKEN_DTYPE).itemsize
+    n = all_path.stat().st_size // itemsize
+    n_val = max(math.ceil(n * fraction), min_tokens)
+    if n - n_val < min_tokens:
+        raise UserError(
+            f"the corpus has {n:,} tokens: too short to hold out a validation block and still train on "
+            f"{min_tokens:,}-token windows (use a shorter --max-seq-len or more text)"
+        )
+    start = int(np.random.default_rng(HOLDOUT_SEED).integers(0, n - n_val + 1))
+    with open(all_path, "rb") as src:
+        for path, spans in ((val_path, [(start, start + n_val)]), (train_path, [(0, start), (start + n_val, n)])):
+            with open(path, "wb") as out:
+                for a, b in spans:
+                    src.seek(a * itemsize)
+                    for i in range(a, b, COPY_TOKENS):
+                        out.write(src.read((min(b, i + COPY_TOKENS) - i) * itemsize))
+                out.flush()
+                os.fsync(out.fileno())
+    return n - n_val, n_val
+
+
+def manifest_checksum(manifest: dict) -> str:
+    body = {k: v for k, v in manifest.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def cache_folder(cfg: DataConfig, source: Source, min_tokens: int) -> Path:
+    key = {
+        "source": source.identity(),
+        "tokenizer": TOKENIZER_ID,
+        "format": FORMAT_VERSION,
+        "text_column": cfg.text_column,
+        "splits": [cfg.train_split, cfg.val_split, cfg.test_split],
+        "val_fraction": cfg.val_fraction,
+        "min_tokens": min_tokens,
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(source.name.rstrip("/")).name or "corpus")[:40]
+    return Path(cfg.cache_dir) / f"{slug}-{digest}"
+
+
+def check_cache(folder: Path) -> dict:
+    """The manifest of a complete, intact cache folder; raises ValueError saying what is wrong."""
+    manifest_path = folder / "manifest.json"
+    if not manifest_path.exists():
+        raise ValueError("no manifest")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ValueError("manifest.json is not valid JSON") from None
+    if manifest.get("checksum") != manifest_checksum(manifest):
+        raise ValueError("manifest.json checksum mismatch")
+    if manifest.get("format_version") != FORMAT_VERSION or manifest.get("tokenizer") != TOKENIZER_ID:
+        raise ValueError("made by another format version or tokenizer")
+    for split, info in manifest["splits"].items():
+        path = folder / f"{split}.bin"
+        if not path.exists() or path.stat().st_size != info["tokens"] * np.dtype(TOKEN_DTYPE).itemsize:
+            raise ValueError(f"{split}.bin is missing or truncated")
+        if file_crc32(path) != info["crc32"]:
+            raise ValueError(f"{split}.bin checksum mismatch")
+    return manifest
+
+
+def prepare(cfg: DataConfig, min_tokens: int, verbose: bool = False) -> Path:
+    """Make sure the token cache for `cfg` exists and is intact; returns its folder."""
+    log = (
+        (lambda msg: print(msg, file=sys.stderr if msg.startswith("warning") else sys.stdout))
+        if verbose
+        else (lambda msg: None)
+    )
+    source = resolve_source(cfg)
+    folder = cache_folder(cfg, source, min_tokens)
+    if folder.exists():
+        try:
+            check_cache(folder)
+            log(f"token cache: {folder} (found, verified)")
+            return folder
+        except ValueError as e:
+            log(f"token cache {folder} is damaged ({e}): rebuilding it")
+    build_cache(cfg, source, folder, min_tokens, log)
+    return folder
+
+
+def build_cache(cfg: DataConfig, source: Source, folder: Path, min_tokens: int, log) -> None:
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the cache folder {folder.parent}: {e.strerror}") from None
+    for stale in folder.parent.glob(f"{folder.name}.tmp-*"):  # left by a run that was killed
+        if not pid_alive(int(stale.name.rsplit("-", 1)[1])):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        manifest = write_splits(cfg, source, tmp, min_tokens, log)
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        if folder.exists():  # damaged: move it aside first, so the rename below is atomic
+            stale = folder.with_name(f"{folder.name}.stale-{os.getpid()}")
+            os.replace(folder, stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    summary = ", ".join(f"{s} {i['tokens']:,} tokens" for s, i in manifest["splits"].items())
+    log(f"token cache: {folder} ({summary})")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def write_splits(cfg: DataConfig, source: Source, tmp: Path, min_tokens: int, log) -> dict:
+    workers = cfg.workers or os.cpu_count() or 1
+    report = ReadReport()
+    splits: dict[str, dict] = {}
+    held_out = False
+    if source.kind == "text":
+        compressed = any(f.suffix == ".gz" for f in source.files)  # its size on disk is not its text's
+        total_bytes = None if compressed else sum(f.stat().st_size for f in source.files)
+        inputs = {"all": (text_file_pieces(source.files, report), total_bytes)}
+    else:
+        hf = load_hf_splits(source, cfg)
+        names = {cfg.train_split: "train", cfg.val_split: "val", cfg.test_split: "test"}
+        inputs = {
+            names[s]: (document_pieces(hf_documents(hf[s], cfg.text_column, source.is_wikitext), report), None)
+            for s in names
+            if s in hf
+        }
+        if "val" not in inputs:
+            inputs["all"] = inputs.pop("train")
+    start = time.perf_counter()
+    for split, (pieces, total_chars) in inputs.items():
+        with tqdm(
+            total=total_chars, unit="B", unit_scale=True, desc=f"tokenizing {split}", disable=not sys.stderr.isatty()
+        ) as bar:
+            splits[split] = tokenize_to_file(pieces, tmp / f"{split}.bin", workers, bar)
+    if splits.get("all", splits.get("train", {"tokens": 0}))["tokens"] == 0:
+        raise UserError(f"{source.name} holds no text")
+    if "all" in splits:
+        train_tokens, val_tokens = hold_out(
+            tmp / "all.bin", tmp / "train.bin", tmp / "val.bin", cfg.val_fraction, min_tokens
+        )
+        (tmp / "all.bin").unlink()
+        docs = splits.pop("all")["documents"]
+        splits["train"] = {"tokens": train_tokens, "documents": docs}
+        splits["val"] = {"tokens": val_tokens, "documents": None}  # a span of tokens: no word or byte count
+        held_out = True
+        log(f"{source.name} has no validation split: held out {val_tokens:,} tokens ({cfg.val_fraction:.1%}, seeded)")
+    if splits["val"]["tokens"] < min_tokens:
+        raise UserError(
+            f"the validation split has {splits['val']['tokens']:,} tokens, fewer than one window ({min_tokens:,})"
+        )
+    for split, info in splits.items():
+        info["crc32"] = file_crc32(tmp / f"{split}.bin")
+    seconds = time.perf_counter() - start
+    if report.invalid_utf8_bytes:
+        log(f"warning: {report.invalid_utf8_bytes:,} bytes were not valid UTF-8 and were replaced with U+FFFD")
+    if report.forced_cuts:
+        log(
+            f"warning: {report.forced_cuts:,} pieces of {source.name} had no word boundary within "
+            f"{CUT_SEARCH_CHARS:,} characters and were cut anyway; tokens at those cuts may differ "
+            "from tokenizing the text whole"
+        )
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "source": source.name,
+        "source_identity": source.identity(),
+        "tokenizer": TOKENIZER_ID,
+        "dtype": np.dtype(TOKEN_DTYPE).name,
+        "validation_held_out": held_out,
+        "invalid_utf8_bytes": report.invalid_utf8_bytes,
+        "forced_cuts": report.forced_cuts,
+        "seconds": round(seconds, 3),
+        "splits": splits,
+    }
+    manifest["checksum"] = manifest_checksum(manifest)
+    return manifest
+
+
+def open_split(folder: Path, split: str) -> np.memmap:
+    """The tokens of one split, memory-mapped (nothing is read into RAM up front)."""
+    return np.memmap(folder / f"{split}.bin", dtype=TOKEN_DTYPE, mode="r")
+
+
+def tokenize_local_text(cfg: DataConfig, out: Path) -> dict | None:
+    """Tokenize a local-text source whole (no validation held out) into `out`, outside the cache:
+    its counts of tokens, documents, words and bytes; None when the source is a dataset."""
+    source = resolve_source(cfg)
+    if source.kind != "text":
+        return None
+    return tokenize_to_file(text_file_pieces(source.files, ReadReport()), out, cfg.workers or 1, None)
