@@ -8,7 +8,7 @@ from examplegpt.cli import build_parser, resolve
 from examplegpt.config import DataConfig, GenerateConfig, GPTConfig, TrainConfig, field_docs
 from examplegpt.errors import UserError
 
-from .conftest import assert_one_line_error, run_cli
+from .conftest import assert_one_line_error
 
 CLASSES = {"model": GPTConfig, "data": DataConfig, "train": TrainConfig}
 
@@ -78,17 +78,17 @@ def test_config_file_errors(tmp_path, content, message):
         parse("--config", str(path))
 
 
-def test_config_file_errors_reach_the_user_as_one_line(tmp_path):
+def test_config_file_errors_reach_the_user_as_one_line(cli, tmp_path):
     path = tmp_path / "bad.toml"
     path.write_text("dropout = 2.0\n")
-    assert_one_line_error(run_cli("train", "--config", str(path)), "dropout")
-    assert_one_line_error(run_cli("train", "--config", str(tmp_path / "missing.toml")), "not found")
+    assert_one_line_error(cli("train", "--config", str(path)), "dropout")
+    assert_one_line_error(cli("train", "--config", str(tmp_path / "missing.toml")), "not found")
 
 
-def test_unknown_command_and_flag_are_one_line():
-    assert_one_line_error(run_cli("frobnicate"), "invalid choice")
-    assert_one_line_error(run_cli("train", "--num-layer", "3"), "unrecognized")
-    assert run_cli("train", "--help").returncode == 0
+def test_unknown_command_and_flag_are_one_line(cli):
+    assert_one_line_error(cli("frobnicate"), "invalid choice")
+    assert_one_line_error(cli("train", "--num-layer", "3"), "unrecognized")
+    assert cli("train", "--help").returncode == 0
 
 
 def test_config_namespace_rejects_stray_values():

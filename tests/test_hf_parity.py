@@ -6,7 +6,7 @@ import torch
 from examplegpt import GPT
 from examplegpt.weights import save_hf_folder, state_to_hf
 
-from .conftest import run_cli
+from .conftest import assert_one_line_error, run_cli
 
 transformers = pytest.importorskip("transformers")
 
@@ -71,20 +71,16 @@ def test_pytorch_model_bin_folders_load_too(models, tmp_path):
         assert torch.equal(tensor, loaded.state_dict()[name]), name
 
 
-def test_hub_id_offline_is_one_line():
-    from .conftest import assert_one_line_error
-
-    proc = run_cli("generate", "-c", "gpt2", "-p", "hi")
+def test_hub_id_offline_is_one_line(cli):
+    proc = cli("generate", "-c", "gpt2", "-p", "hi")
     assert_one_line_error(proc, "cannot get 'gpt2' from the Hugging Face hub")
 
 
-def test_corrupt_hugging_face_weights_are_one_line(hf_dir, tmp_path):
+def test_corrupt_hugging_face_weights_are_one_line(cli, hf_dir, tmp_path):
     import shutil
-
-    from .conftest import assert_one_line_error
 
     broken = tmp_path / "broken"
     shutil.copytree(hf_dir, broken)
     data = (broken / "model.safetensors").read_bytes()
     (broken / "model.safetensors").write_bytes(data[: len(data) // 3])
-    assert_one_line_error(run_cli("generate", "-c", str(broken), "-p", "hi"), "cannot be loaded as GPT-2")
+    assert_one_line_error(cli("generate", "-c", str(broken), "-p", "hi"), "cannot be loaded as GPT-2")
