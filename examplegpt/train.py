@@ -179,8 +179,8 @@ def train(model_cfg: GPTConfig, data_cfg: DataConfig, cfg: TrainConfig, resume_s
     try:
         with claim_out_dir(Path(cfg.out_dir)) if world.is_main else contextlib.nullcontext():
             status = run(model_cfg, data_cfg, cfg, resume_state, world, device)
-        # Ranks leave together: a rank that tore gloo down while rank 0 still wrote the final model
-        # was once seen to abort (SIGABRT) in CI.
+        # Ranks leave together: a rank that tears gloo down while rank 0 still writes the final model
+        # can abort (SIGABRT).
         barrier(world)
     finally:
         shutdown(world)
