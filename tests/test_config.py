@@ -97,3 +97,40 @@ def test_config_namespace_rejects_stray_values():
 
         build(GPTConfig, {"layers": 3})
     assert isinstance(build_parser().parse_args(["generate", "-p", "x"]), argparse.Namespace)
+
+
+def parse_generate(*argv: str) -> GenerateConfig:
+    return resolve(build_parser().parse_args(["generate", *argv]), {"generate": GenerateConfig})["generate"]
+
+
+def test_the_seed_flags_still_work_under_one_vocabulary(tmp_path):
+    # the original README: generate --prompt --max-tokens --temperature --top-p --checkpoint
+    cfg = parse_generate("--prompt", "Hi", "--max-tokens", "7", "--temperature", "0.5", "--top-p", "0.8",
+                         "--checkpoint", "m.pt", "--dtype", "bfloat16")  # fmt: skip
+    assert (cfg.prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.checkpoint) == ("Hi", 7, 0.5, 0.8, "m.pt")
+    assert cfg.precision == "bf16"  # torch's name, said in training's words
+    assert parse_generate("-n", "3", "--precision", "fp16").max_new_tokens == 3
+    old_file = tmp_path / "generate.toml"
+    old_file.write_text('max_tokens = 9\ndtype = "float32"\n')  # the keys a config file used before
+    cfg = parse_generate("--config", str(old_file))
+    assert cfg.max_new_tokens == 9 and cfg.precision == "fp32"
+    assert parse("--precision", "bfloat16")["train"].precision == "bf16"
+
+
+def test_use_amp_and_precision_say_one_thing():
+    off = parse("--no-amp")["train"]
+    assert (off.use_amp, off.precision) == (False, "fp32")
+    fp32 = parse("--precision", "fp32")["train"]
+    assert (fp32.use_amp, fp32.precision) == (False, "fp32")
+    assert parse("--amp", "--precision", "bf16")["train"].precision == "bf16"
+    with pytest.raises(UserError, match="--no-amp"):
+        parse("--no-amp", "--precision", "bf16")
+
+
+@pytest.mark.parametrize("command", ["train", "generate", "evaluate"])
+def test_every_command_checks_the_device_and_precision_words_alike(cli, command):
+    device = cli(command, "--device", "tpu")
+    assert_one_line_error(device, "device must be auto, cpu, cuda or mps, got 'tpu'")
+    if command != "evaluate":  # evaluation follows the device: bf16 on a CUDA GPU that has it, else fp32
+        precision = cli(command, "--precision", "fp8")
+        assert_one_line_error(precision, "precision must be auto, fp32, bf16 or fp16, got 'fp8'")
