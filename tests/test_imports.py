@@ -137,9 +137,12 @@ def test_the_public_api_imports_in_a_fresh_interpreter_without_side_effects():
         "import sys, examplegpt\n"
         "from examplegpt import GPT, GPTConfig, generate, load_model\n"
         "assert callable(generate) and callable(load_model) and GPT.__name__ == 'GPT'\n"
+        "from examplegpt.cli import build_parser\n"
+        "build_parser()\n"
         "print(sorted(m for m in sys.modules if m.startswith('examplegpt')))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""  # no warnings, no progress bars, nothing printed at import
-    assert "examplegpt.cli" not in proc.stdout and "examplegpt.train" not in proc.stdout  # only what the API needs
+    assert "examplegpt.train" not in proc.stdout  # the API imports only what it needs
+    assert "examplegpt.evaluate" not in proc.stdout  # and the parser no more than the configs
