@@ -1,7 +1,8 @@
 """The parts of a CPU decode step, each timed alone: PyTorch's default against what ExampleGPT uses instead.
 
 - a Linear's product, nn.Linear's weight (MKL) against the weight packed in oneDNN's layout
-  (`examplegpt/cpu_inference.py`): GPT-2's LM head (384 x 50,304) and a block's c_attn (384 x 1,152);
+  (`examplegpt/cpu_inference.py`): the LM head of the benchmarks' 6-layer model (384 x 50,304) and
+  a block's c_attn (384 x 1,152);
   and the packed layout oneDNN picks for 64 rows (ours) against the one for a single row;
 - attention of one bfloat16 query over a cache of keys held in bfloat16, against a float32 cache
   (what ExampleGPT keeps for a bfloat16 model on CPU);

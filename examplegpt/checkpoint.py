@@ -1,44 +1,23 @@
-"""Checkpoints: atomic writes, the original README's file names, finding the newest, pruning old ones.
+"""Checkpoints: the original README's file names, finding the newest, pruning old ones, refusing model files.
 
 A checkpoint is a plain dict of tensors and Python data (loadable with `weights_only=True`):
 model, optimizer, gradient scaler, step, data-loader position, RNG states, the resolved config
-and the tokenizer hash. `train.py` decides what goes in; this module only stores it safely.
+and the tokenizer hash. `train.py` decides what goes in; this module names, finds and checks the
+files, which `weights.atomic_torch_save` writes (a kill leaves the old file or the new one).
 """
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
-import torch
-
 from .errors import UserError
+from .weights import atomic_torch_save as atomic_torch_save  # re-exported: checkpoints are written with it
 from .weights import read_torch_file
 
 CHECKPOINT_FORMAT = "examplegpt-checkpoint"
 CHECKPOINT_KEYS = {"model", "model_config", "config", "optimizer", "scaler", "step", "epoch", "rng"}
 CHECKPOINT_NAME = re.compile(r"checkpoint_epoch(\d+)_batch(\d+)\.pt$")
-
-
-def atomic_torch_save(obj: object, path: str | Path) -> None:
-    """torch.save to a temporary file, fsync, then rename: a kill at any moment leaves the old file or the new one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # make the rename itself durable
-        finally:
-            os.close(dir_fd)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def checkpoint_path(out_dir: str | Path, epoch: int, batch: int) -> Path:

@@ -12,7 +12,17 @@ import sys
 import tomllib
 from pathlib import Path
 
-from .config import PRESETS, DataConfig, GenerateConfig, GPTConfig, TrainConfig, build, field_docs
+from .config import (
+    PRESETS,
+    RENAMED,
+    DataConfig,
+    EvaluateConfig,
+    GenerateConfig,
+    GPTConfig,
+    TrainConfig,
+    build,
+    field_docs,
+)
 from .errors import UserError
 
 
@@ -104,6 +114,7 @@ def resolve(args: argparse.Namespace, classes: dict[str, type], base: dict | Non
     """Each config of a command from defaults < preset (or `base`, a saved run's config) < config file < flags."""
     given = {k: v for k, v in vars(args).items() if k not in ("run", "config", "preset")}
     from_file = read_config_file(args.config) if getattr(args, "config", None) else {}
+    from_file = {RENAMED.get(k, k): v for k, v in from_file.items()}  # earlier names of settings still read
     if "preset" in from_file and getattr(args, "preset", None) is None:
         args.preset = from_file["preset"]
     from_file.pop("preset", None)
@@ -157,7 +168,7 @@ def run_plot(args: argparse.Namespace) -> int:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import EvaluateConfig, evaluate_command
+    from .evaluate import evaluate_command
 
     configs = resolve(args, {"evaluate": EvaluateConfig, "data": DataConfig})
     return evaluate_command(configs["evaluate"], configs["data"])
@@ -216,8 +227,6 @@ def build_parser() -> Parser:
     generate.add_argument("--config", help="TOML or YAML file of settings (flags win over it)")
     add_config_flags(generate, GenerateConfig)
     generate.set_defaults(run=run_generate)
-
-    from .evaluate import EvaluateConfig
 
     evaluate = commands.add_parser("evaluate", help="perplexity over a whole split, with a sliding window")
     evaluate.add_argument("--config", help="TOML or YAML file of settings (flags win over it)")

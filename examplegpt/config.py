@@ -18,6 +18,28 @@ from .errors import UserError
 
 TOKENIZER_VOCAB_SIZE = 50257  # ids the GPT-2 tokenizer produces (50,000 merges + 256 bytes + <|endoftext|>)
 
+# One vocabulary for every command: where a setting means the same thing, it has the same name and values.
+DEVICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISION_SYNONYMS = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # torch's dtype names
+RENAMED = {"max_tokens": "max_new_tokens", "dtype": "precision"}  # earlier config-file keys, still read
+
+
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise UserError(f"{name} must be {', '.join(choices[:-1])} or {choices[-1]}, got {value!r}")
+
+
+def check_device(device: str) -> None:
+    check_choice("device", device, DEVICES)
+
+
+def precision_name(precision: str) -> str:
+    """The precision in our vocabulary (fp32, bf16, fp16, auto); torch's names are accepted too."""
+    precision = PRECISION_SYNONYMS.get(precision, precision)
+    check_choice("precision", precision, PRECISIONS)
+    return precision
+
 
 @dataclass
 class GPTConfig:
@@ -126,9 +148,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value (0 disables clipping)."""
     use_amp: bool = field(default=True, metadata={"aliases": ("--amp",)})
-    """Mixed precision: bf16 where the device supports it, else fp16 with a gradient scaler (fp32 on CPU unless precision=bf16)."""
+    """Mixed precision in the format `precision` names; off is the same as precision=fp32."""
     precision: str = "auto"
-    """auto, bf16, fp16 or fp32; auto follows the device."""
+    """auto, bf16, fp16 or fp32; auto: bf16 where the GPU has it, else fp16 with a gradient scaler, fp32 on CPU."""
     use_checkpointing: bool = field(default=True, metadata={"aliases": ("--checkpointing",)})
     """Gradient checkpointing per transformer block: less memory for about a third more compute."""
     compile: bool = False
@@ -179,10 +201,12 @@ class TrainConfig:
             raise UserError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
             raise UserError("warmup_steps, weight_decay and grad_clip must not be negative")
-        if self.precision not in ("auto", "bf16", "fp16", "fp32"):
-            raise UserError(f"precision must be auto, bf16, fp16 or fp32, got {self.precision!r}")
-        if self.device not in ("auto", "cpu", "cuda", "mps"):
-            raise UserError(f"device must be auto, cpu, cuda or mps, got {self.device!r}")
+        self.precision = precision_name(self.precision)
+        if not self.use_amp and self.precision not in ("auto", "fp32"):
+            raise UserError(f"--no-amp computes in fp32, but precision is {self.precision}: pass one of the two")
+        if not self.use_amp or self.precision == "fp32":  # the seed's switch and the precision say one thing
+            self.use_amp, self.precision = False, "fp32"
+        check_device(self.device)
 
 
 @dataclass
@@ -193,7 +217,7 @@ class GenerateConfig:
     """Text to continue; '-' (or a piped stdin with no --prompt) reads it from stdin."""
     checkpoint: str = field(default="gpt_model.pt", metadata={"aliases": ("-c",)})
     """Our model file or checkpoint, or a Hugging Face GPT-2 folder."""
-    max_tokens: int = field(default=50, metadata={"aliases": ("-n",)})
+    max_new_tokens: int = field(default=50, metadata={"aliases": ("--max-tokens", "-n")})
     """Number of new tokens to generate."""
     temperature: float = field(default=0.8, metadata={"aliases": ("-t",)})
     """Sampling temperature; 0 is greedy decoding."""
@@ -219,14 +243,16 @@ class GenerateConfig:
     """Keep the model loaded and read prompts line by line from stdin."""
     device: str = "auto"
     """auto, cpu, cuda or mps."""
-    dtype: str = "auto"
-    """auto (bf16 on CUDA with bf16 support, else float32), float32, bfloat16 or float16."""
+    precision: str = field(default="auto", metadata={"aliases": ("--dtype",)})
+    """The weights' format: auto (bf16 on CUDA with bf16 support, else fp32), fp32, bf16 or fp16."""
     compile: bool = False
     """Compile the decode step with torch.compile (CUDA)."""
+    fast_cpu: bool = True
+    """On CPU, multiply by weights packed in oneDNN's layout for the run (cpu_inference.py); off: plain PyTorch."""
 
     def __post_init__(self) -> None:
-        if self.max_tokens < 1:
-            raise UserError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if self.max_new_tokens < 1:
+            raise UserError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if self.temperature < 0:
             raise UserError(f"temperature must not be negative, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
@@ -239,10 +265,33 @@ class GenerateConfig:
             raise UserError(f"repetition_penalty must be positive, got {self.repetition_penalty}")
         if self.num_samples < 1:
             raise UserError(f"num_samples must be at least 1, got {self.num_samples}")
-        if self.device not in ("auto", "cpu", "cuda", "mps"):
-            raise UserError(f"device must be auto, cpu, cuda or mps, got {self.device!r}")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise UserError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        check_device(self.device)
+        self.precision = precision_name(self.precision)
+
+
+@dataclass
+class EvaluateConfig:
+    """How to evaluate a model on a corpus split."""
+
+    checkpoint: str = field(default="gpt_model.pt", metadata={"aliases": ("-c",)})
+    """Our model file or checkpoint, or a Hugging Face GPT-2 folder."""
+    split: str = "test"
+    """Split to score: test, validation (val) or train; a local text file is scored whole."""
+    stride: int | None = None
+    """Tokens between window starts (default: half the context)."""
+    batch_size: int = 8
+    """Windows per forward pass."""
+    device: str = "auto"
+    """auto, cpu, cuda or mps."""
+    json: bool = False
+    """Print one JSON object instead of the table."""
+    fast_cpu: bool = True
+    """On CPU, multiply by weights packed in oneDNN's layout for the run (cpu_inference.py); off: plain PyTorch."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise UserError(f"batch_size must be at least 1, got {self.batch_size}")
+        check_device(self.device)
 
 
 @functools.cache
@@ -264,6 +313,7 @@ def field_docs(cls: type) -> dict[str, str]:
 def build(cls: type, values: dict) -> object:
     """Construct a config dataclass from a dict, rejecting unknown keys and wrong types in one line."""
     names = {f.name for f in dataclasses.fields(cls)}
+    values = {RENAMED[k] if k in RENAMED and RENAMED[k] in names else k: v for k, v in values.items()}
     unknown = sorted(set(values) - names)
     if unknown:
         raise UserError(f"unknown {cls.__name__} setting: {unknown[0]}")

@@ -19,19 +19,27 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # config.PRECISIONS
+
+
 def pick_dtype(precision: str, device: torch.device, use_amp: bool = True) -> torch.dtype:
-    """The compute dtype: bf16 where supported, fp16 on older GPUs, fp32 on CPU unless bf16 is asked for."""
-    if not use_amp or precision == "fp32":
+    """Training's compute dtype: bf16 where supported, fp16 on older GPUs, fp32 on CPU unless bf16 is asked for."""
+    if not use_amp:
         return torch.float32
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "fp16":
-        return torch.float16
+    if precision != "auto":
+        return DTYPES[precision]
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type == "mps":
         return torch.float16
     return torch.float32
+
+
+def inference_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The dtype to run a model in for inference: auto is bf16 on a CUDA GPU that has it, else fp32."""
+    if precision != "auto":
+        return DTYPES[precision]
+    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
 
 
 def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:

@@ -93,9 +93,8 @@ def wrap_data_parallel(model: GPT, world: World, device: torch.device, fsdp: boo
 def exit_without_teardown(status: int) -> NoReturn:
     """End a finished torchrun worker (ranks met, process group destroyed) without the interpreter's teardown.
 
-    After complete runs, a worker was seen to abort at exit in CI rehearsals, once in each of two
-    sessions (SIGABRT, "terminate called without an active exception": likely a gloo thread still
-    joinable while C++ statics are destroyed), which turned a finished run into a failed one.
+    The teardown can abort (SIGABRT, "terminate called without an active exception": a gloo thread
+    still joinable while C++ statics are destroyed) and would turn a finished run into a failed one.
     Everything is saved, closed and flushed by then, so the process leaves at once with its status.
     Called by the `train` command, not by `train()`, which returns to its caller as usual.
     """

@@ -17,12 +17,12 @@ convention of GPT-2's zero-shot WikiText-103 figure, 37.50 for the 117M model), 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,38 +30,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .config import DataConfig
+from .config import DataConfig, EvaluateConfig
 from .cpu_inference import fast_cpu_inference
 from .data import check_cache, open_split, prepare, tokenize_local_text
-from .device import autocast, pick_device
+from .device import autocast, inference_dtype, pick_device
 from .errors import UserError
 from .model import GPT
 from .tokenizer import EOT_ID, TOKENIZER_ID
 from .weights import load_model, model_from_state, read_torch_file
-
-
-@dataclass
-class EvaluateConfig:
-    """How to evaluate a model on a corpus split."""
-
-    checkpoint: str = field(default="gpt_model.pt", metadata={"aliases": ("-c",)})
-    """Our model file or checkpoint, or a Hugging Face GPT-2 folder."""
-    split: str = "test"
-    """Split to score: test, validation (val) or train; a local text file is scored whole."""
-    stride: int | None = None
-    """Tokens between window starts (default: half the context)."""
-    batch_size: int = 8
-    """Windows per forward pass."""
-    device: str = "auto"
-    """auto, cpu, cuda or mps."""
-    json: bool = False
-    """Print one JSON object instead of the table."""
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise UserError(f"batch_size must be at least 1, got {self.batch_size}")
-        if self.device not in ("auto", "cpu", "cuda", "mps"):
-            raise UserError(f"device must be auto, cpu, cuda or mps, got {self.device!r}")
 
 
 def window_plan(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:
@@ -94,27 +70,26 @@ def sliding_window_nll(
     model.eval()
     window = model.config.max_seq_len
     plan = window_plan(len(tokens), window, stride)
-    dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    dtype = inference_dtype("auto", device)
     total, count = 0.0, 0
-    with fast_cpu_inference(model):  # on CPU: packed weights, ~2.5x faster products (no-op elsewhere)
-        for first in tqdm(range(0, len(plan), batch_size), disable=not progress, unit="batch", desc="evaluating"):
-            batch = plan[first : first + batch_size]
-            x = torch.zeros(len(batch), window, dtype=torch.long)  # (b, W), padded after the end
-            y = torch.full((len(batch), window), -1, dtype=torch.long)  # -1: not scored here
-            for row, (start, end, scored_from) in enumerate(batch):
-                chunk = torch.from_numpy(tokens[start : end + 1].astype(np.int64))
-                x[row, : end - start] = chunk[:-1]
-                keep = scored_from - (start + 1)  # targets before this are scored by an earlier window
-                y[row, keep : end - start] = chunk[1 + keep :]
-            if separator is not None:
-                y[y == separator] = -1
-            x, y = x.to(device), y.to(device)
-            scored = y != -1  # (b, W)
-            with autocast(device, dtype):
-                h = model.hidden_states(x)  # (b, W, C)
-                logits = model.logits(h[scored])  # (n, V): the LM head only where a token is scored
-            total += F.cross_entropy(logits.float(), y[scored], reduction="sum").item()
-            count += int(scored.sum())
+    for first in tqdm(range(0, len(plan), batch_size), disable=not progress, unit="batch", desc="evaluating"):
+        batch = plan[first : first + batch_size]
+        x = torch.zeros(len(batch), window, dtype=torch.long)  # (b, W), padded after the end
+        y = torch.full((len(batch), window), -1, dtype=torch.long)  # -1: not scored here
+        for row, (start, end, scored_from) in enumerate(batch):
+            chunk = torch.from_numpy(tokens[start : end + 1].astype(np.int64))
+            x[row, : end - start] = chunk[:-1]
+            keep = scored_from - (start + 1)  # targets before this are scored by an earlier window
+            y[row, keep : end - start] = chunk[1 + keep :]
+        if separator is not None:
+            y[y == separator] = -1
+        x, y = x.to(device), y.to(device)
+        scored = y != -1  # (b, W)
+        with autocast(device, dtype):
+            h = model.hidden_states(x)  # (b, W, C)
+            logits = model.logits(h[scored])  # (n, V): the LM head only where a token is scored
+        total += F.cross_entropy(logits.float(), y[scored], reduction="sum").item()
+        count += int(scored.sum())
     return total, count
 
 
@@ -157,7 +132,7 @@ def text_to_score(tokens: np.ndarray) -> np.ndarray:
 
 def evaluate_command(cfg: EvaluateConfig, data: DataConfig) -> int:
     device = pick_device(cfg.device)
-    model = load_for_eval(cfg.checkpoint).to(device)
+    model = load_for_eval(cfg.checkpoint).to(device).eval().requires_grad_(False)
     window = model.config.max_seq_len
     stride = window // 2 if cfg.stride is None else cfg.stride
     if not 1 <= stride <= window:
@@ -165,9 +140,10 @@ def evaluate_command(cfg: EvaluateConfig, data: DataConfig) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         tokens, stats = split_tokens(data, cfg.split, window + 1, Path(scratch))
         start = time.perf_counter()
-        total, count = sliding_window_nll(
-            model, text_to_score(tokens), stride, cfg.batch_size, device, EOT_ID, progress=sys.stderr.isatty()
-        )
+        with fast_cpu_inference(model) if cfg.fast_cpu else contextlib.nullcontext():
+            total, count = sliding_window_nll(
+                model, text_to_score(tokens), stride, cfg.batch_size, device, EOT_ID, progress=sys.stderr.isatty()
+            )
         seconds = time.perf_counter() - start
     result = {
         "checkpoint": cfg.checkpoint,

@@ -2,15 +2,17 @@
 
 The prompt is run once (prefill) and fills the cache; each new token then costs one position.
 When the cache is full (max_seq_len), the last half of the context is run again from position 0
-(a sliding window), so generation can go on for any length. On CPU the model's matrix products run
-on packed weights (`cpu_inference.py`), and the sampler avoids PyTorch's slow CPU sort and
-multinomial (see `sort_descending` and `sample_from`): one step of a small model is a few ms, and
-a full-vocabulary `torch.sort` alone would take 3 ms.
+(a sliding window), so generation can go on for any length. The sampler avoids PyTorch's CPU sort
+and multinomial (see `sort_descending` and `sample_from`), which do more work than sampling needs:
+a decode step of a small model is short enough that they would cost as much as the model itself.
+`generate` runs the model as it is; the `generate` command applies the CPU accelerator
+(`cpu_inference.py`) around it unless told `--no-fast-cpu`.
 """
 
 from __future__ import annotations
 
 import codecs
+import contextlib
 import json
 import sys
 import time
@@ -21,10 +23,11 @@ import torch
 
 from .config import GenerateConfig
 from .cpu_inference import fast_cpu_inference, kv_cache_dtype
-from .device import pick_device
+from .device import inference_dtype, pick_device
 from .errors import UserError
 from .model import GPT, KVCache
 from .tokenizer import EOT_ID, encode, get_tokenizer
+from .weights import load_model
 
 # Called with each step's new tokens (B,); may return a bool mask (B,) of samples to stop.
 StepCallback = Callable[[torch.Tensor], "torch.Tensor | None"]
@@ -64,8 +67,8 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
 def sort_descending(values: torch.Tensor) -> torch.Tensor:
     """The values of each row (B, V), largest first, without their indices."""
     if values.device.type == "cpu":
-        # torch.sort also sorts the indices, and on CPU takes 2.9 ms for one row of 50,257 probabilities;
-        # NumPy's values-only (SIMD) sort takes 0.1 ms (2-core EPYC; bench_decode_parts.py).
+        # torch.sort also sorts the indices, which top-p does not need; NumPy sorts the values alone,
+        # with SIMD, many times faster for a row of the vocabulary (BENCHMARKS.md).
         return torch.from_numpy(np.flip(np.sort(values.detach().numpy(), axis=-1), axis=-1).copy())
     return torch.sort(values, dim=-1, descending=True).values
 
@@ -73,8 +76,8 @@ def sort_descending(values: torch.Tensor) -> torch.Tensor:
 def sample_from(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """One index per row of probs (B, V), drawn by inverting the cumulative distribution: (B,).
 
-    Same distribution as torch.multinomial(probs, 1), 18x faster on CPU for a 50,257-token row
-    (0.04 ms vs 0.78 ms, 2-core EPYC; bench_decode_parts.py): multinomial draws a variate per token.
+    Same distribution as torch.multinomial(probs, 1), which draws a random variate per token of the
+    vocabulary where one per row is enough (much faster on CPU: BENCHMARKS.md).
     """
     cdf = probs.cumsum(dim=-1)  # (B, V)
     u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device) * cdf[:, -1:]  # (B, 1)
@@ -173,32 +176,31 @@ def generate(
         seen = torch.zeros(B, config.vocab_size, dtype=torch.bool, device=idx.device)
         seen.scatter_(1, idx, True)
 
-    with fast_cpu_inference(model):  # on CPU: packed weights, several times faster (no-op elsewhere)
-        logits = model.logits(model.hidden_states(idx[:, -context:], cache)[:, -1])  # (B, V)
-        end = T
-        for _ in range(max_new_tokens):
-            if seen is not None:
-                logits = apply_repetition_penalty(logits, seen, repetition_penalty)
-            next_token = sample_next(logits, temperature, top_p, top_k, min_p, generator)  # (B,)
-            if eos_id is not None:
-                next_token = torch.where(finished, eos_id, next_token)
-                finished |= next_token == eos_id
-            tokens[:, end] = next_token
-            end += 1
-            if seen is not None:
-                seen.scatter_(1, next_token[:, None], True)
-            if on_step is not None:
-                stop = on_step(next_token)
-                if stop is not None:
-                    finished |= stop
-            if finished.all() or end == T + max_new_tokens:
-                break
-            if cache.pos == context:  # cache full: slide, keeping the last half of the context
-                cache.pos = 0
-                window = tokens[:, end - context // 2 : end]  # (B, context // 2)
-                logits = model.logits(model.hidden_states(window, cache)[:, -1])
-            else:
-                logits = model.logits(model.hidden_states(next_token[:, None], cache)[:, -1])  # (B, V)
+    logits = model.logits(model.hidden_states(idx[:, -context:], cache)[:, -1])  # (B, V)
+    end = T
+    for _ in range(max_new_tokens):
+        if seen is not None:
+            logits = apply_repetition_penalty(logits, seen, repetition_penalty)
+        next_token = sample_next(logits, temperature, top_p, top_k, min_p, generator)  # (B,)
+        if eos_id is not None:
+            next_token = torch.where(finished, eos_id, next_token)
+            finished |= next_token == eos_id
+        tokens[:, end] = next_token
+        end += 1
+        if seen is not None:
+            seen.scatter_(1, next_token[:, None], True)
+        if on_step is not None:
+            stop = on_step(next_token)
+            if stop is not None:
+                finished |= stop
+        if finished.all() or end == T + max_new_tokens:
+            break
+        if cache.pos == context:  # cache full: slide, keeping the last half of the context
+            cache.pos = 0
+            window = tokens[:, end - context // 2 : end]  # (B, context // 2)
+            logits = model.logits(model.hidden_states(window, cache)[:, -1])
+        else:
+            logits = model.logits(model.hidden_states(next_token[:, None], cache)[:, -1])  # (B, V)
     return tokens[:, :end]
 
 
@@ -239,18 +241,16 @@ def read_prompt(prompt: str) -> str:
 
 def generate_command(cfg: GenerateConfig) -> int:
     device = pick_device(cfg.device)
-    model = GPT.from_pretrained(cfg.checkpoint, map_location="cpu")
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.dtype)
-    if dtype is None:  # auto
-        dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    model.to(device=device, dtype=dtype).eval()
+    model = load_model(cfg.checkpoint, map_location="cpu")
+    model.to(device=device, dtype=inference_dtype(cfg.precision, device)).eval().requires_grad_(False)
     if cfg.compile and device.type == "cuda":
         model.hidden_states = torch.compile(model.hidden_states, dynamic=True)
     prompts = iter(sys.stdin.readline, "") if cfg.interactive else [read_prompt(cfg.prompt)]
-    for prompt in prompts:
-        prompt = prompt.rstrip("\n") if cfg.interactive else prompt
-        if prompt:
-            run_prompt(model, prompt, cfg, device)
+    with fast_cpu_inference(model) if cfg.fast_cpu else contextlib.nullcontext():  # packed once per command
+        for prompt in prompts:
+            prompt = prompt.rstrip("\n") if cfg.interactive else prompt
+            if prompt:
+                run_prompt(model, prompt, cfg, device)
     return 0
 
 
@@ -297,7 +297,7 @@ def run_prompt(model: GPT, prompt: str, cfg: GenerateConfig, device: torch.devic
     generate(
         model,
         idx,
-        cfg.max_tokens,
+        cfg.max_new_tokens,
         temperature=cfg.temperature,
         top_p=cfg.top_p,
         top_k=cfg.top_k,

@@ -69,8 +69,8 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         return grad_h * scale.to(grad_h.dtype), grad_w * scale.to(grad_w.dtype), None, None, None
 
 
-# 1024 rows of GPT-2 logits are 206 MB in float32. 4096-row chunks made the loss the peak of a 124M step:
-# 4.5 GB of live tensors at micro-batch 8 against 2.8 GB with 1024 (benchmarks/bench_memory.py, BENCHMARKS.md).
+# One chunk of GPT-2 logits is CHUNK_ROWS x 50,304 float32 (206 MB at 1024 rows): much larger chunks
+# would make the loss, not the blocks' activations, the memory peak of a training step (BENCHMARKS.md).
 CHUNK_ROWS = 1024
 
 

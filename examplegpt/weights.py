@@ -1,5 +1,8 @@
 """Model weights in and out: our model files and checkpoints, and Hugging Face GPT-2 folders.
 
+Torch files are written atomically (`atomic_torch_save`, also used for checkpoints) and read
+back with `read_torch_file`; `checkpoint.py` builds on both, so this module imports none of it.
+
 Nothing here can execute code from a file: torch files are read with `weights_only=True`, and
 Hugging Face weights through safetensors (or `weights_only=True` for pytorch_model.bin).
 """
@@ -10,6 +13,7 @@ import json
 import os
 import pickle
 import zipfile
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -23,6 +27,26 @@ MODEL_FORMAT = "examplegpt-model"
 
 # Hugging Face's GPT-2 stores these four matmuls as Conv1D, whose weight is (in, out): transpose them.
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def atomic_torch_save(obj: object, path: str | Path) -> None:
+    """torch.save to a temporary file, fsync, then rename: a kill at any moment leaves the old file or the new one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # make the rename itself durable
+        finally:
+            os.close(dir_fd)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def read_torch_file(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
@@ -67,10 +91,6 @@ def save_model_file(model: GPT, path: str | Path, extra: dict | None = None, wei
     """Write the final model (weights + config) atomically: `gpt_model.pt`.
 
     `weights` replaces model.state_dict() where the parameters are sharded (FSDP gathers them first)."""
-    from dataclasses import asdict
-
-    from .checkpoint import atomic_torch_save
-
     weights = model.state_dict() if weights is None else weights
     state = {"format": MODEL_FORMAT, "model_config": asdict(model.config), "model": weights}
     state.update(extra or {})

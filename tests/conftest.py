@@ -1,7 +1,9 @@
-"""Shared fixtures: tiny random models (ours and Hugging Face's) and a way to run the real CLI."""
+"""Shared fixtures: tiny random models (ours and Hugging Face's) and two ways to run the real CLI."""
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import random
 import subprocess
@@ -12,8 +14,16 @@ import pytest
 import torch
 
 from examplegpt import GPT, GPTConfig
+from examplegpt.cli import main
+from examplegpt.weights import read_torch_file
 
 REPO = Path(__file__).resolve().parent.parent
+# The Hugging Face hub and datasets never go to the network from a test, even on a connected machine.
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+def pytest_configure(config) -> None:
+    os.environ.update(OFFLINE)  # before huggingface_hub is imported: it reads them once
 
 
 def tiny_config(**overrides) -> GPTConfig:
@@ -59,7 +69,7 @@ def hf_dir(tmp_path_factory) -> Path:
 
 def run_cli(*args: str, stdin: str | bytes | None = None, cwd: Path | None = None, timeout: float = 300):
     """Run `python -m examplegpt ARGS` the way a user does; returns the CompletedProcess (text output)."""
-    env = dict(os.environ, PYTHONPATH=str(REPO), WANDB_MODE="offline", WANDB_SILENT="true")
+    env = dict(os.environ, PYTHONPATH=str(REPO), WANDB_MODE="offline", WANDB_SILENT="true", **OFFLINE)
     data = stdin.encode() if isinstance(stdin, str) else stdin
     proc = subprocess.run(
         [sys.executable, "-m", "examplegpt", *args],
@@ -72,6 +82,26 @@ def run_cli(*args: str, stdin: str | bytes | None = None, cwd: Path | None = Non
     proc.stdout = proc.stdout.decode("utf-8", errors="replace")
     proc.stderr = proc.stderr.decode("utf-8", errors="replace")
     return proc
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """Run `main(ARGS)` in this process, as `run_cli` runs the command: returns a CompletedProcess.
+
+    For what a subprocess adds nothing to (bad input, output format): no interpreter and torch to start."""
+
+    def run(*args: str, stdin: str | bytes = b"") -> subprocess.CompletedProcess:
+        data = stdin.encode() if isinstance(stdin, str) else stdin
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data), encoding="utf-8"))
+        capsys.readouterr()
+        try:
+            code = main(list(args))
+        except SystemExit as e:  # argparse's usage errors
+            code = e.code if isinstance(e.code, int) else 1
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out, err)
+
+    return run
 
 
 def assert_one_line_error(proc, *words: str) -> None:
@@ -99,3 +129,25 @@ def corpus(tmp_path) -> Path:
     path = tmp_path / "corpus.txt"
     path.write_text(make_text(6000, 5))
     return path
+
+
+# A training run small enough for a subprocess test: the model, and the flags around it.
+MICRO_MODEL = ["--d-model", "32", "--num-heads", "2", "--num-layers", "2", "--d-ff", "64", "--max-seq-len", "32"]
+
+
+def train_args(corpus, out_dir, *extra):
+    return [
+        "train", *MICRO_MODEL, "--data", str(corpus), "--cache-dir", str(out_dir.parent / "cache"),
+        "--out-dir", str(out_dir), "--batch-size", "4", "--micro-batch-size", "2", "--learning-rate", "3e-3",
+        "--warmup-steps", "2", "--log-interval", "1", "--eval-interval", "4", "--eval-windows", "4",
+        "--device", "cpu", "--no-amp", *extra,
+    ]  # fmt: skip
+
+
+def losses(out_dir):
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r.get("train_loss"), r.get("val_loss")) for r in records]
+
+
+def final_weights(out_dir):
+    return read_torch_file(out_dir / "gpt_model.pt")["model"]

@@ -8,7 +8,7 @@ from examplegpt.cli import build_parser, resolve
 from examplegpt.config import DataConfig, GenerateConfig, GPTConfig, TrainConfig, field_docs
 from examplegpt.errors import UserError
 
-from .conftest import assert_one_line_error, run_cli
+from .conftest import assert_one_line_error
 
 CLASSES = {"model": GPTConfig, "data": DataConfig, "train": TrainConfig}
 
@@ -78,17 +78,17 @@ def test_config_file_errors(tmp_path, content, message):
         parse("--config", str(path))
 
 
-def test_config_file_errors_reach_the_user_as_one_line(tmp_path):
+def test_config_file_errors_reach_the_user_as_one_line(cli, tmp_path):
     path = tmp_path / "bad.toml"
     path.write_text("dropout = 2.0\n")
-    assert_one_line_error(run_cli("train", "--config", str(path)), "dropout")
-    assert_one_line_error(run_cli("train", "--config", str(tmp_path / "missing.toml")), "not found")
+    assert_one_line_error(cli("train", "--config", str(path)), "dropout")
+    assert_one_line_error(cli("train", "--config", str(tmp_path / "missing.toml")), "not found")
 
 
-def test_unknown_command_and_flag_are_one_line():
-    assert_one_line_error(run_cli("frobnicate"), "invalid choice")
-    assert_one_line_error(run_cli("train", "--num-layer", "3"), "unrecognized")
-    assert run_cli("train", "--help").returncode == 0
+def test_unknown_command_and_flag_are_one_line(cli):
+    assert_one_line_error(cli("frobnicate"), "invalid choice")
+    assert_one_line_error(cli("train", "--num-layer", "3"), "unrecognized")
+    assert cli("train", "--help").returncode == 0
 
 
 def test_config_namespace_rejects_stray_values():
@@ -97,3 +97,40 @@ def test_config_namespace_rejects_stray_values():
 
         build(GPTConfig, {"layers": 3})
     assert isinstance(build_parser().parse_args(["generate", "-p", "x"]), argparse.Namespace)
+
+
+def parse_generate(*argv: str) -> GenerateConfig:
+    return resolve(build_parser().parse_args(["generate", *argv]), {"generate": GenerateConfig})["generate"]
+
+
+def test_the_seed_flags_still_work_under_one_vocabulary(tmp_path):
+    # the original README: generate --prompt --max-tokens --temperature --top-p --checkpoint
+    cfg = parse_generate("--prompt", "Hi", "--max-tokens", "7", "--temperature", "0.5", "--top-p", "0.8",
+                         "--checkpoint", "m.pt", "--dtype", "bfloat16")  # fmt: skip
+    assert (cfg.prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.checkpoint) == ("Hi", 7, 0.5, 0.8, "m.pt")
+    assert cfg.precision == "bf16"  # torch's name, said in training's words
+    assert parse_generate("-n", "3", "--precision", "fp16").max_new_tokens == 3
+    old_file = tmp_path / "generate.toml"
+    old_file.write_text('max_tokens = 9\ndtype = "float32"\n')  # the keys a config file used before
+    cfg = parse_generate("--config", str(old_file))
+    assert cfg.max_new_tokens == 9 and cfg.precision == "fp32"
+    assert parse("--precision", "bfloat16")["train"].precision == "bf16"
+
+
+def test_use_amp_and_precision_say_one_thing():
+    off = parse("--no-amp")["train"]
+    assert (off.use_amp, off.precision) == (False, "fp32")
+    fp32 = parse("--precision", "fp32")["train"]
+    assert (fp32.use_amp, fp32.precision) == (False, "fp32")
+    assert parse("--amp", "--precision", "bf16")["train"].precision == "bf16"
+    with pytest.raises(UserError, match="--no-amp"):
+        parse("--no-amp", "--precision", "bf16")
+
+
+@pytest.mark.parametrize("command", ["train", "generate", "evaluate"])
+def test_every_command_checks_the_device_and_precision_words_alike(cli, command):
+    device = cli(command, "--device", "tpu")
+    assert_one_line_error(device, "device must be auto, cpu, cuda or mps, got 'tpu'")
+    if command != "evaluate":  # evaluation follows the device: bf16 on a CUDA GPU that has it, else fp32
+        precision = cli(command, "--precision", "fp8")
+        assert_one_line_error(precision, "precision must be auto, fp32, bf16 or fp16, got 'fp8'")

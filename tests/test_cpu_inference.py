@@ -1,22 +1,45 @@
-"""Packed CPU inference: the same products as nn.Linear, packed once, packed again when the weights change."""
+"""The CPU accelerator: nn.Linear's products on packed weights, fenced to inference runs that ask for it."""
+
+import gc
+import weakref
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from examplegpt import GPT, cpu_inference
-from examplegpt.cpu_inference import can_pack, fast_cpu_inference, kv_cache_dtype, packed_weight
-from examplegpt.generate import generate
+from examplegpt import GPT, cpu_inference, generate
+from examplegpt.cpu_inference import AUTOGRAD_REFUSED, PackedLinearForward, can_pack, fast_cpu_inference, kv_cache_dtype
+from examplegpt.weights import save_model_file
 
 from .conftest import peaked_model, tiny_config
 
 pytestmark = pytest.mark.skipif(not can_pack(torch.ones(1)), reason="this PyTorch build has no oneDNN")
 
 
+def packed_linears(model: torch.nn.Module) -> list[torch.nn.Linear]:
+    return [m for m in model.modules() if isinstance(vars(m).get("forward"), PackedLinearForward)]
+
+
+@pytest.fixture
+def packed_calls(monkeypatch) -> list[int]:
+    """Counts the products that run on packed weights."""
+    calls = []
+    real = cpu_inference._packed_forward
+
+    def counting(weight, bias, x):
+        calls.append(1)
+        return real(weight, bias, x)
+
+    monkeypatch.setattr(cpu_inference, "_packed_forward", counting)
+    return calls
+
+
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("rows", [(1,), (8,), (3, 5)])
 def test_a_packed_linear_computes_what_nn_linear_does(dtype, tolerance, bias, rows):
+    if not can_pack(torch.ones(1, dtype=dtype)):
+        pytest.skip(f"oneDNN cannot pack {dtype} on this CPU")
     torch.manual_seed(0)
     linear = torch.nn.Linear(96, 200, bias=bias).to(dtype)
     x = torch.randn(*rows, 96, dtype=dtype)
@@ -31,30 +54,84 @@ def test_a_packed_linear_computes_what_nn_linear_does(dtype, tolerance, bias, ro
     assert torch.equal(after, expected)
 
 
-def test_the_packed_weight_is_kept_and_made_again_when_the_weight_changes():
+def test_a_weight_changed_within_the_run_is_packed_again():
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 32)
-    first = packed_weight(linear)
-    assert packed_weight(linear) is first  # kept between generations
-    with torch.no_grad():
-        linear.weight.mul_(2)  # as an optimizer step would: in place
     x = torch.randn(4, 64)
-    with torch.inference_mode(), fast_cpu_inference(linear):
+    with torch.no_grad(), fast_cpu_inference(linear):
+        linear(x)
+        linear.weight.mul_(2)  # in place, as loading new weights would
         assert torch.allclose(linear(x), F.linear(x, linear.weight, linear.bias), atol=1e-5)
-    linear.to(torch.bfloat16)  # replaced: new storage, new dtype
-    with torch.inference_mode(), fast_cpu_inference(linear):
+        linear.to(torch.bfloat16)  # replaced: new storage, new dtype
         y = linear(x.bfloat16())
-    assert y.dtype == torch.bfloat16
-    assert torch.allclose(y.float(), F.linear(x, linear.weight.float(), linear.bias.float()), atol=2e-2)
+        assert y.dtype == torch.bfloat16
+        assert torch.allclose(y.float(), F.linear(x, linear.weight.float(), linear.bias.float()), atol=2e-2)
+        linear.to(torch.float16)  # a dtype oneDNN is not given: the plain product
+        assert torch.equal(linear(x.half()), F.linear(x.half(), linear.weight, linear.bias))
 
 
-def test_generation_is_the_same_with_and_without_packing(monkeypatch):
+def test_weights_made_under_inference_mode_are_packed_afresh_by_each_run():
+    with torch.inference_mode():
+        linear = torch.nn.Linear(64, 32)
+        x = torch.randn(4, 64)
+        with fast_cpu_inference(linear):
+            before = linear(x)
+        linear.weight.mul_(2)  # an inference tensor changes without a version counter to show it
+        with fast_cpu_inference(linear):
+            after = linear(x)
+    assert torch.allclose(after, F.linear(x, linear.weight, linear.bias), atol=1e-5)
+    assert not torch.allclose(after, before)
+
+
+def test_the_packed_copies_live_only_as_long_as_the_run(tiny_model):
+    with torch.inference_mode(), fast_cpu_inference(tiny_model):
+        linears = packed_linears(tiny_model)
+        assert tiny_model.lm_head in linears and len(linears) == 1 + 4 * tiny_model.config.num_layers
+        copies = [weakref.ref(vars(m)["forward"].packed) for m in linears]
+    gc.collect()
+    assert packed_linears(tiny_model) == [] and all(copy() is None for copy in copies)  # nothing kept them
+
+
+def test_nested_runs_keep_the_outer_one_packed_until_it_ends(tiny_model, packed_calls):
+    idx = torch.randint(0, 50257, (1, 8))
+    with torch.inference_mode(), fast_cpu_inference(tiny_model):
+        outer = {m: vars(m)["forward"] for m in packed_linears(tiny_model)}
+        with fast_cpu_inference(tiny_model), fast_cpu_inference(tiny_model.lm_head):
+            assert {m: vars(m)["forward"] for m in packed_linears(tiny_model)} == outer  # nothing packed twice
+        assert {m: vars(m)["forward"] for m in packed_linears(tiny_model)} == outer  # the inner exit left them
+        tiny_model(idx)
+        assert len(packed_calls) == len(outer)  # every product still on packed weights
+    assert packed_linears(tiny_model) == []
+    tiny_model(idx)
+    assert len(packed_calls) == len(outer)  # after the outer exit: the plain products
+
+
+def test_a_model_that_autograd_would_train_is_refused(tiny_model):
+    with pytest.raises(RuntimeError, match="inference only"):
+        with fast_cpu_inference(tiny_model):
+            pass
+    assert packed_linears(tiny_model) == []  # refused before touching the model
+    idx = torch.randint(0, 50257, (1, 8))
+    with torch.no_grad(), fast_cpu_inference(tiny_model):  # entered without grad, then grad switched on
+        with torch.enable_grad(), pytest.raises(RuntimeError) as refused:
+            tiny_model(idx)
+    assert str(refused.value) == AUTOGRAD_REFUSED
+    frozen = tiny_model.requires_grad_(False)
+    x = torch.randn(2, tiny_model.config.d_model, requires_grad=True)
+    with fast_cpu_inference(frozen):  # grad on, weights frozen: allowed, unless an input wants a gradient
+        frozen(idx)
+        with pytest.raises(RuntimeError, match="inference only"):
+            frozen.lm_head(x)
+
+
+def test_generation_is_the_same_with_and_without_packing(packed_calls):
     model = peaked_model(max_seq_len=64)
     prompt = torch.randint(0, 50257, (2, 8), generator=torch.Generator().manual_seed(1))
-    packed = generate(model, prompt, 80, temperature=0)
-    assert model.lm_head in cpu_inference._packed_weights  # the packed path did run
-    monkeypatch.setattr(cpu_inference, "can_pack", lambda weight: False)
-    assert torch.equal(generate(model, prompt, 80, temperature=0), packed)
+    plain = generate(model, prompt, 80, temperature=0)
+    assert packed_calls == []  # the library function does not switch the accelerator on by itself
+    with torch.inference_mode(), fast_cpu_inference(model):
+        packed = generate(model, prompt, 80, temperature=0)
+    assert packed_calls and torch.equal(packed, plain)
 
 
 def test_bfloat16_logits_under_fast_cpu_inference_follow_the_plain_model():
@@ -68,24 +145,12 @@ def test_bfloat16_logits_under_fast_cpu_inference_follow_the_plain_model():
     assert torch.allclose(fast.float(), expected.float(), atol=3e-2, rtol=3e-2)
 
 
-def test_weights_made_under_inference_mode_are_packed_afresh_each_time():
-    with torch.inference_mode():
-        linear = torch.nn.Linear(64, 32)
-        x = torch.randn(4, 64)
-        with fast_cpu_inference(linear):
-            before = linear(x)
-        linear.weight.mul_(2)  # an inference tensor changes without a version counter to show it
-        with fast_cpu_inference(linear):
-            after = linear(x)
-    assert torch.allclose(after, F.linear(x, linear.weight, linear.bias), atol=1e-5)
-    assert not torch.allclose(after, before)
-
-
 def test_a_bfloat16_model_on_cpu_decodes_over_a_float32_cache_as_it_would_recompute():
     model = peaked_model(max_seq_len=64).to(torch.bfloat16)
     assert kv_cache_dtype(torch.device("cpu"), torch.bfloat16) == torch.float32
     prompt = torch.randint(0, 50257, (2, 8), generator=torch.Generator().manual_seed(1))
-    out = generate(model, prompt, 40, temperature=0)
+    with torch.inference_mode(), fast_cpu_inference(model):
+        out = generate(model, prompt, 40, temperature=0)
     with torch.inference_mode():  # the reference: the whole sequence again for every token, no cache
         for step in range(8, 48):
             logits, _ = model(out[:, :step])
@@ -94,7 +159,7 @@ def test_a_bfloat16_model_on_cpu_decodes_over_a_float32_cache_as_it_would_recomp
 
 def test_a_pytorch_whose_onednn_ops_compute_otherwise_runs_unpacked(monkeypatch):
     cpu_inference._onednn_packs_right.cache_clear()
-    monkeypatch.setattr(cpu_inference, "_packed_forward", lambda weight, bias, x: torch.zeros(x.shape[0], 24))
+    monkeypatch.setattr(cpu_inference, "_packed_forward", lambda weight, bias, x: torch.zeros(*x.shape[:-1], 24))
     try:
         assert not can_pack(torch.ones(2, 2))
         linear = torch.nn.Linear(16, 24)
@@ -103,3 +168,21 @@ def test_a_pytorch_whose_onednn_ops_compute_otherwise_runs_unpacked(monkeypatch)
             assert torch.equal(linear(x), F.linear(x, linear.weight, linear.bias))
     finally:
         cpu_inference._onednn_packs_right.cache_clear()  # the next test tries the real ops again
+
+
+@pytest.mark.parametrize("command", ["generate", "evaluate"])
+def test_the_commands_apply_it_and_no_fast_cpu_turns_it_off(command, cli, tmp_path, corpus, packed_calls):
+    model_file = tmp_path / "gpt_model.pt"
+    save_model_file(peaked_model(max_seq_len=64), model_file)
+    if command == "generate":
+        args = ["generate", "-c", str(model_file), "-p", "Hello", "--max-tokens", "4", "-t", "0", "--ignore-eos"]
+    else:
+        args = ["evaluate", "-c", str(model_file), "--data", str(corpus), "--cache-dir", str(tmp_path / "c"), "--json"]
+    fast = cli(*args, "--device", "cpu")
+    assert fast.returncode == 0, fast.stderr
+    assert packed_calls  # the command ran on packed weights
+    packed_calls.clear()
+    plain = cli(*args, "--device", "cpu", "--no-fast-cpu")
+    assert plain.returncode == 0 and packed_calls == []
+    if command == "generate":
+        assert plain.stdout == fast.stdout  # greedy: the same tokens either way

@@ -12,7 +12,7 @@ from examplegpt.data.corpus import ReadReport, cut_pieces
 from examplegpt.errors import UserError
 from examplegpt.tokenizer import EOT_ID, decode, encode
 
-from .conftest import assert_one_line_error, make_text, run_cli
+from .conftest import assert_one_line_error, make_text
 
 
 def cfg(tmp_path, data, **kw) -> DataConfig:
@@ -123,10 +123,11 @@ def test_invalid_utf8_is_replaced_and_counted(tmp_path):
     ],
     ids=["missing", "empty", "shorter-than-a-block", "folder-without-text"],
 )
-def test_bad_sources_fail_in_one_line(tmp_path, setup, words):
+def test_bad_sources_fail_in_one_line(cli, monkeypatch, tmp_path, setup, words):
     setup(tmp_path)
     target = next(tmp_path.iterdir(), tmp_path / "nope.txt")
-    proc = run_cli("prepare", "--data", str(target), "--cache-dir", str(tmp_path / "cache"), cwd=tmp_path)
+    monkeypatch.chdir(tmp_path)
+    proc = cli("prepare", "--data", str(target), "--cache-dir", str(tmp_path / "cache"))
     assert_one_line_error(proc, *words)
     assert not any((tmp_path / "cache").glob("*"))  # nothing half-written left behind
 
@@ -138,8 +139,8 @@ def test_missing_text_column_is_reported(tmp_path):
         prepare(cfg(tmp_path, tmp_path / "ds"), min_tokens=9)
 
 
-def test_hub_source_offline_fails_fast_and_leaves_nothing(tmp_path):
-    proc = run_cli("prepare", "--data", "wikitext-2", "--cache-dir", str(tmp_path / "cache"), timeout=60)
+def test_hub_source_offline_fails_fast_and_leaves_nothing(cli, tmp_path):
+    proc = cli("prepare", "--data", "wikitext-2", "--cache-dir", str(tmp_path / "cache"))
     assert_one_line_error(proc, "cannot reach the Hugging Face hub", "--data")
     assert not any((tmp_path / "cache").glob("*"))
 

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .conftest import REPO, run_cli
-from .test_train import final_weights, losses, train_args
+from .conftest import REPO, final_weights, losses, run_cli, train_args
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
 

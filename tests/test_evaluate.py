@@ -76,20 +76,20 @@ def test_evaluate_command_on_a_text_file(tmp_path, model_file):
     assert "word_perplexity" in table.stdout and "bits_per_byte" in table.stdout
 
 
-def test_evaluate_bad_input(tmp_path, model_file, small_model):
+def test_evaluate_bad_input(cli, tmp_path, model_file, small_model):
     datasets = pytest.importorskip("datasets")
     (tmp_path / "eval.txt").write_text(make_text(600, 9))
     text = str(tmp_path / "eval.txt")
-    assert_one_line_error(run_cli("evaluate", "-c", str(model_file), "--data", text, "--stride", "0"), "stride")
-    assert_one_line_error(run_cli("evaluate", "-c", str(model_file), "--data", text, "--stride", "17"), "stride")
+    assert_one_line_error(cli("evaluate", "-c", str(model_file), "--data", text, "--stride", "0"), "stride")
+    assert_one_line_error(cli("evaluate", "-c", str(model_file), "--data", text, "--stride", "17"), "stride")
     split = datasets.Dataset.from_dict({"text": [make_text(300, i) for i in range(4)]})
     datasets.DatasetDict({"train": split, "validation": split}).save_to_disk(tmp_path / "ds")
-    proc = run_cli("evaluate", "-c", str(model_file), "--data", str(tmp_path / "ds"), "--split", "test",
+    proc = cli("evaluate", "-c", str(model_file), "--data", str(tmp_path / "ds"), "--split", "test",
                    "--cache-dir", str(tmp_path / "cache"))  # fmt: skip
     assert_one_line_error(proc, "no split 'test'")
     other = tmp_path / "other.pt"
     save_model_file(small_model, other, extra={"tokenizer": "cl100k_base-0000"})
-    assert_one_line_error(run_cli("evaluate", "-c", str(other), "--data", text), "tokenizer")
+    assert_one_line_error(cli("evaluate", "-c", str(other), "--data", text), "tokenizer")
 
 
 def test_export_writes_a_folder_transformers_loads(tmp_path, model_file, small_model):

@@ -160,8 +160,8 @@ def test_cli_reads_the_prompt_from_stdin_and_interactively(model_file):
     assert chat.stdout.count("one") >= 1 and "two" in chat.stdout
 
 
-def test_cli_long_prompt_is_cut_from_the_left_with_a_warning(model_file):
-    proc = run_cli("generate", "-c", str(model_file), "-p", "word " * 400, "-n", "2", "-t", "0")
+def test_cli_long_prompt_is_cut_from_the_left_with_a_warning(cli, model_file):
+    proc = cli("generate", "-c", str(model_file), "-p", "word " * 400, "-n", "2", "-t", "0")
     assert proc.returncode == 0
     assert "keeping the last 255" in proc.stderr
 
@@ -173,21 +173,21 @@ def test_cli_long_prompt_is_cut_from_the_left_with_a_warning(model_file):
         (["--top-p", "0"], None, ["top_p"]),
         (["--top-p", "1.5"], None, ["top_p"]),
         (["--top-k", "0"], None, ["top_k"]),
-        (["-n", "0"], None, ["max_tokens"]),
+        (["-n", "0"], None, ["max_new_tokens"]),
         (["-n", "many"], None, ["-n"]),
         (["-p", ""], None, ["prompt is empty"]),
         (["-p", "-"], b"\xff\xfe bad", ["not valid UTF-8"]),
-        (["--dtype", "int8"], None, ["dtype"]),
+        (["--dtype", "int8"], None, ["precision", "int8"]),
         (["--bogus"], None, ["unrecognized"]),
     ],
 )
-def test_cli_bad_generation_input_is_one_line(model_file, args, stdin, words):
+def test_cli_bad_generation_input_is_one_line(cli, model_file, args, stdin, words):
     base = ["generate", "-c", str(model_file)] + ([] if "-p" in args else ["-p", "hi"])
-    assert_one_line_error(run_cli(*base, *args, stdin=stdin), *words)
+    assert_one_line_error(cli(*base, *args, stdin=stdin or b""), *words)
 
 
 @pytest.mark.parametrize("kind", ["missing", "junk", "directory", "hostile"])
-def test_cli_refuses_files_that_are_not_models(tmp_path, kind):
+def test_cli_refuses_files_that_are_not_models(cli, tmp_path, kind):
     path = tmp_path / "model.pt"
     if kind == "junk":
         path.write_bytes(b"\x00junk" * 100)
@@ -201,7 +201,7 @@ def test_cli_refuses_files_that_are_not_models(tmp_path, kind):
                 return (os.system, (f"touch {tmp_path / 'pwned'}",))
 
         torch.save({"model": Hostile(), "model_config": {}}, path)
-    proc = run_cli("generate", "-c", str(path), "-p", "hi")
+    proc = cli("generate", "-c", str(path), "-p", "hi")
     assert_one_line_error(proc, str(path))
     assert not (tmp_path / "pwned").exists()
 

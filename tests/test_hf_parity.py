@@ -3,10 +3,9 @@
 import pytest
 import torch
 
-from examplegpt import GPT
-from examplegpt.weights import save_hf_folder, state_to_hf
+from examplegpt.weights import load_model, save_hf_folder, state_to_hf
 
-from .conftest import run_cli
+from .conftest import assert_one_line_error, run_cli
 
 transformers = pytest.importorskip("transformers")
 
@@ -14,7 +13,7 @@ transformers = pytest.importorskip("transformers")
 @pytest.fixture(scope="module")
 def models(hf_dir):
     hf = transformers.GPT2LMHeadModel.from_pretrained(hf_dir).eval()
-    ours = GPT.from_pretrained(str(hf_dir)).eval()
+    ours = load_model(str(hf_dir)).eval()
     return hf, ours
 
 
@@ -53,7 +52,7 @@ def test_export_round_trip_is_identity_and_loads_in_transformers(models, tmp_pat
     _, ours = models
     save_hf_folder(ours, tmp_path / "export")
     reloaded_hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "export").eval()
-    back = GPT.from_pretrained(str(tmp_path / "export"))
+    back = load_model(str(tmp_path / "export"))
     for name, tensor in ours.state_dict().items():
         assert torch.equal(tensor, back.state_dict()[name]), name
     idx = torch.randint(0, 50257, (2, 32))
@@ -66,28 +65,24 @@ def test_pytorch_model_bin_folders_load_too(models, tmp_path):
     hf, ours = models
     hf.save_pretrained(tmp_path, safe_serialization=False)
     assert (tmp_path / "pytorch_model.bin").exists() or list(tmp_path.glob("*.safetensors"))
-    loaded = GPT.from_pretrained(str(tmp_path))
+    loaded = load_model(str(tmp_path))
     for name, tensor in ours.state_dict().items():
         assert torch.equal(tensor, loaded.state_dict()[name]), name
 
 
-def test_hub_id_offline_is_one_line():
-    from .conftest import assert_one_line_error
-
-    proc = run_cli("generate", "-c", "gpt2", "-p", "hi")
+def test_hub_id_offline_is_one_line(cli):
+    proc = cli("generate", "-c", "gpt2", "-p", "hi")
     assert_one_line_error(proc, "cannot get 'gpt2' from the Hugging Face hub")
 
 
-def test_corrupt_hugging_face_weights_are_one_line(hf_dir, tmp_path):
+def test_corrupt_hugging_face_weights_are_one_line(cli, hf_dir, tmp_path):
     import shutil
-
-    from .conftest import assert_one_line_error
 
     broken = tmp_path / "broken"
     shutil.copytree(hf_dir, broken)
     data = (broken / "model.safetensors").read_bytes()
     (broken / "model.safetensors").write_bytes(data[: len(data) // 3])
-    assert_one_line_error(run_cli("generate", "-c", str(broken), "-p", "hi"), "cannot be loaded as GPT-2")
+    assert_one_line_error(cli("generate", "-c", str(broken), "-p", "hi"), "cannot be loaded as GPT-2")
 
 
 # Every GPT2Config field that changes what GPT2LMHeadModel computes: supported exactly, or refused in one line.
@@ -125,7 +120,7 @@ def tiny_hf_folder(folder, **overrides):
 @pytest.mark.parametrize("overrides", SUPPORTED, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "gpt2")
 def test_supported_config_fields_compute_what_transformers_computes(overrides, tmp_path):
     hf = tiny_hf_folder(tmp_path, **overrides)
-    ours = GPT.from_pretrained(str(tmp_path)).eval()
+    ours = load_model(str(tmp_path)).eval()
     idx = torch.randint(0, 50257, (2, 32), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert (ours(idx)[0] - hf(idx).logits).abs().max().item() < 1e-4
@@ -137,6 +132,6 @@ def test_unsupported_config_fields_are_refused_in_one_line_naming_the_field(over
 
     tiny_hf_folder(tmp_path, **overrides)
     with pytest.raises(UserError) as refused:
-        GPT.from_pretrained(str(tmp_path))
+        load_model(str(tmp_path))
     message = str(refused.value)
     assert "\n" not in message and next(iter(overrides)) in message

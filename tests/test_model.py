@@ -10,10 +10,15 @@ from examplegpt.loss import fused_linear_cross_entropy
 from .conftest import tiny_config
 
 
+def count_on_meta(config: GPTConfig) -> GPT:
+    """The model with shapes but no storage: counting parameters needs nothing more."""
+    with torch.device("meta"):
+        return GPT(config)
+
+
 def test_default_config_has_gpt2_small_parameter_count():
-    model = GPT(GPTConfig())
-    assert model.num_parameters() == 124_439_808  # GPT-2 small, as published
-    unpadded = GPT(GPTConfig(vocab_pad_multiple=1))
+    assert count_on_meta(GPTConfig()).num_parameters() == 124_439_808  # GPT-2 small, as published
+    unpadded = count_on_meta(GPTConfig(vocab_pad_multiple=1))
     assert sum(p.numel() for p in unpadded.parameters()) == 124_439_808
 
 
@@ -22,8 +27,7 @@ def test_presets_build(name):
     config = GPTConfig(**PRESETS[name])
     assert config.d_model % config.num_heads == 0
     if name == "350M":  # GPT-2 medium: 354,823,168 with its 1024 positions
-        model = GPT(config)
-        assert model.num_parameters() == 354_823_168
+        assert count_on_meta(config).num_parameters() == 354_823_168
 
 
 def test_forward_shapes_and_loss(tiny_model):

@@ -18,27 +18,7 @@ from examplegpt.optim import lr_at, parameter_groups
 from examplegpt.train import accumulate_gradients
 from examplegpt.weights import read_torch_file
 
-from .conftest import REPO, assert_one_line_error, run_cli, tiny_config
-
-MICRO_MODEL = ["--d-model", "32", "--num-heads", "2", "--num-layers", "2", "--d-ff", "64", "--max-seq-len", "32"]
-
-
-def train_args(corpus, out_dir, *extra):
-    return [
-        "train", *MICRO_MODEL, "--data", str(corpus), "--cache-dir", str(out_dir.parent / "cache"),
-        "--out-dir", str(out_dir), "--batch-size", "4", "--micro-batch-size", "2", "--learning-rate", "3e-3",
-        "--warmup-steps", "2", "--log-interval", "1", "--eval-interval", "4", "--eval-windows", "4",
-        "--device", "cpu", "--no-amp", *extra,
-    ]  # fmt: skip
-
-
-def losses(out_dir):
-    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r.get("train_loss"), r.get("val_loss")) for r in records]
-
-
-def final_weights(out_dir):
-    return read_torch_file(out_dir / "gpt_model.pt")["model"]
+from .conftest import REPO, assert_one_line_error, final_weights, losses, run_cli, tiny_config, train_args
 
 
 def test_lr_schedule_warms_up_then_decays_to_the_floor():
@@ -207,14 +187,14 @@ def test_wandb_offline_run_logs_without_credentials(corpus, tmp_path):
         (["--num-layers", "two"], ["--num-layers"]),
     ],
 )
-def test_bad_training_input_is_one_line(corpus, tmp_path, extra, words):
-    proc = run_cli(*train_args(corpus, tmp_path / "run", *extra))
+def test_bad_training_input_is_one_line(cli, corpus, tmp_path, extra, words):
+    proc = cli(*train_args(corpus, tmp_path / "run", *extra))
     assert_one_line_error(proc, *words)
 
 
-def test_out_dir_that_cannot_be_written_is_one_line(corpus, tmp_path):
+def test_out_dir_that_cannot_be_written_is_one_line(cli, corpus, tmp_path):
     (tmp_path / "file").write_text("")
-    proc = run_cli(*train_args(corpus, tmp_path / "file" / "run"))
+    proc = cli(*train_args(corpus, tmp_path / "file" / "run"))
     assert_one_line_error(proc, "cannot write to the output folder")
 
 

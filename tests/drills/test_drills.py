@@ -15,8 +15,7 @@ import torch
 from examplegpt.checkpoint import CHECKPOINT_NAME
 from examplegpt.weights import read_torch_file
 
-from ..conftest import REPO, assert_one_line_error, make_text, run_cli
-from ..test_train import final_weights, train_args
+from ..conftest import REPO, assert_one_line_error, final_weights, make_text, run_cli, train_args
 
 KILLS = 20
 
@@ -160,7 +159,7 @@ BAD_INPUT = {
 }  # fmt: skip
 
 
-def test_bad_input_on_every_command_is_one_line(trained, tmp_path, capsys):
+def test_bad_input_on_every_command_is_one_line(trained, tmp_path, capsys, cli):
     base, out = trained
     model = str(out / "gpt_model.pt")
     defaults = {
@@ -174,7 +173,7 @@ def test_bad_input_on_every_command_is_one_line(trained, tmp_path, capsys):
     cases = 0
     for command, bad_flags in BAD_INPUT.items():
         for flags in bad_flags:
-            proc = run_cli(command, *defaults[command], *flags)
+            proc = cli(command, *defaults[command], *flags)  # in this process: the same main() a user runs
             assert proc.returncode != 0, (command, flags)
             assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr, (command, flags)
             cases += 1
