@@ -31,7 +31,7 @@ from examplegpt.tokenizer import get_tokenizer
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 DOCUMENT_CHARS = 1 << 20
 CHILD = """
-import json, resource, sys, time
+import json, re, sys, time
 from examplegpt.config import DataConfig
 from examplegpt.data import check_cache, prepare
 data, cache, workers = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -39,7 +39,8 @@ start = time.perf_counter()
 folder = prepare(DataConfig(data=data, cache_dir=cache, workers=workers), 1025)
 seconds = time.perf_counter() - start
 manifest = check_cache(folder)
-peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+# VmHWM, not ru_maxrss: Linux carries the parent's resident size at fork into ru_maxrss across exec
+peak_mb = int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) / 1024
 print(json.dumps({"seconds": seconds, "peak_mb": peak_mb, "forced_cuts": manifest["forced_cuts"]}))
 """
 
@@ -62,7 +63,7 @@ def write_repeated(path: Path, text: str, megabytes: int) -> None:
 def write_files(folder: Path, text: str, count: int) -> None:
     """`count` files of 1 MB, each a different rotation of `text`."""
     folder.mkdir()
-    doubled = text * (1 + (2 * DOCUMENT_CHARS) // len(text))
+    doubled = text + text[:DOCUMENT_CHARS]  # every rotation has a full MB
     for i in range(count):
         start = (i * 300_007) % len(text)
         (folder / f"{i:05d}.txt").write_text(doubled[start : start + DOCUMENT_CHARS])
