@@ -25,7 +25,8 @@ from .config import GenerateConfig
 from .cpu_inference import fast_cpu_inference, kv_cache_dtype
 from .device import inference_dtype, pick_device
 from .errors import UserError
-from .model import GPT, KVCache
+from .kv_cache import KVCache
+from .model import GPT
 from .tokenizer import EOT_ID, encode, get_tokenizer
 from .weights import load_model
 
@@ -166,8 +167,7 @@ def generate(
     config = model.config
     B, T = idx.shape
     context = config.max_seq_len
-    dtype = kv_cache_dtype(idx.device, next(model.parameters()).dtype)
-    cache = KVCache(config, B, context, idx.device, dtype)
+    cache = KVCache.allocate(config, B, idx.device, kv_cache_dtype(idx.device, next(model.parameters()).dtype))
     tokens = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=idx.device)  # (B, T + new)
     tokens[:, :T] = idx
     finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
@@ -195,8 +195,8 @@ def generate(
                 finished |= stop
         if finished.all() or end == T + max_new_tokens:
             break
-        if cache.pos == context:  # cache full: slide, keeping the last half of the context
-            cache.pos = 0
+        if cache.lengths[0] == context:  # cache full: slide, keeping the last half of the context
+            cache.lengths.zero_()  # start again from position 0
             window = tokens[:, end - context // 2 : end]  # (B, context // 2)
             logits = model.logits(model.hidden_states(window, cache)[:, -1])
         else:

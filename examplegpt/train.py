@@ -141,7 +141,7 @@ def find_micro_batch(model: GPT, per_rank: int, seq_len: int, device: torch.devi
         try:
             x = torch.zeros(b, seq_len, dtype=torch.long, device=device)
             with autocast(device, dtype):
-                _, loss = model(x, x, return_logits=False)
+                _, loss = model(x, x)
             loss.backward()
             model.zero_grad(set_to_none=True)
             return b
@@ -199,9 +199,7 @@ def evaluate_loss(
     total = 0.0  # sum of per-window mean losses: every real window has T targets
     for start in range(0, rows, micro):
         with autocast(device, dtype):
-            _, loss = model(
-                x[start : start + micro].to(device), y[start : start + micro].to(device), return_logits=False
-            )
+            _, loss = model(x[start : start + micro].to(device), y[start : start + micro].to(device))
         real = min(len(share), start + micro) - start  # windows of this rank's share in this pass
         if real > 0:
             total += loss.item() * real
@@ -623,7 +621,7 @@ def accumulate_gradients(
         xm = x[m * micro : (m + 1) * micro].to(device, non_blocking=True)  # (micro, T)
         ym = y[m * micro : (m + 1) * micro].to(device, non_blocking=True)
         with sync_gradients(model, world, fsdp, last=m == steps - 1), autocast(device, dtype):
-            _, loss = model(xm, ym, return_logits=False)
+            _, loss = model(xm, ym)
         scaler.scale(loss / steps).backward()
         loss_sum += loss.detach()
     return loss_sum / steps

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from examplegpt.generate import generate
 from examplegpt.weights import load_model, save_hf_folder, state_to_hf
 
 from .conftest import assert_one_line_error, run_cli
@@ -33,7 +34,7 @@ def test_greedy_generation_matches_transformers(models):
     hf, ours = models
     prompt = torch.randint(0, 50257, (1, 8), generator=torch.Generator().manual_seed(2))
     expected = hf.generate(prompt, max_new_tokens=40, do_sample=False, eos_token_id=None, pad_token_id=0)
-    assert torch.equal(ours.generate(prompt, 40, temperature=0), expected)
+    assert torch.equal(generate(ours, prompt, 40, temperature=0), expected)
 
 
 def test_cli_greedy_prints_what_transformers_generates(hf_dir, models):

@@ -52,18 +52,16 @@ def test_fused_loss_and_gradients_equal_f_cross_entropy(rows, chunk_rows, patter
         )
 
 
-def test_the_model_ignores_minus_100_on_both_paths_and_refuses_other_negative_targets():
+def test_the_model_ignores_minus_100_and_refuses_other_negative_targets():
     torch.manual_seed(0)
     model = GPT(tiny_config())
     x = torch.randint(0, 50257, (2, 16))
     y = torch.randint(0, 50257, (2, 16))
     y[0, :5] = IGNORE_INDEX
-    logits, unfused = model(x, y)
-    _, fused = model(x, y, return_logits=False)
+    logits, _ = model(x)
+    _, fused = model(x, y)
     reference = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100)
-    torch.testing.assert_close(unfused, reference)
     torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-5)
-    y[1, 3] = -1  # not the ignore value: an error on both paths, as in PyTorch
-    for return_logits in (True, False):
-        with pytest.raises(IndexError):
-            model(x, y, return_logits=return_logits)
+    y[1, 3] = -1  # not the ignore value: an error, as in PyTorch
+    with pytest.raises(IndexError):
+        model(x, y)
