@@ -65,7 +65,7 @@ def test_attention_is_causal(tiny_model):
 def test_fused_loss_equals_the_plain_loss_and_gradients(tiny_model, chunk_rows):
     idx = torch.randint(0, 50257, (2, 40))
     targets = idx.roll(-1, dims=1)
-    targets[0, :5] = -1  # ignored positions
+    targets[0, :5] = -100  # ignored positions (PyTorch's ignore_index)
     _, full = tiny_model(idx, targets)
     full.backward()
     expected = [p.grad.clone() for p in tiny_model.parameters()]
@@ -103,7 +103,7 @@ def test_sequence_longer_than_context_is_refused(tiny_model):
 def test_fused_loss_without_autograd_is_the_same_loss(tiny_model):
     idx = torch.randint(0, 50257, (2, 30))
     targets = idx.roll(-1, dims=1)
-    targets[1, :3] = -1
+    targets[1, :3] = -100
     with torch.no_grad():
         _, plain = tiny_model(idx, targets)
         _, fused = tiny_model(idx, targets, return_logits=False)
