@@ -214,6 +214,7 @@ class Choice:
         self.sent = 0  # characters of self.text already streamed
         self.tokens: list[int] = []
         self.finish_reason: str | None = None
+        self.finish_sent = False  # streaming: the chunk with finish_reason has gone out
         self.logprobs = (
             None if logprobs is None else {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         )
@@ -308,21 +309,15 @@ class Completion:
     def done(self) -> bool:
         return all(c.finish_reason is not None for c in self.choices)
 
-    async def update(self, timeout: float | None = None) -> list[Choice]:
-        """Wait for events (up to `timeout` seconds), apply every one that has arrived; the choices they changed."""
+    async def next_change(self, timeout: float | None = None) -> Choice | None:
+        """Wait for the next event (up to `timeout` seconds) and apply it: the choice it changed, None if none came."""
         try:
-            first = await asyncio.wait_for(self.events.get(), timeout)
+            choice, event = await asyncio.wait_for(self.events.get(), timeout)
         except TimeoutError:
-            return []
-        events = [first]
-        while not self.events.empty():
-            events.append(self.events.get_nowait())
-        changed = {}
-        for choice, event in events:
-            if choice.add(event):
-                choice.request.cancel()
-            changed[choice.index] = choice
-        return list(changed.values())
+            return None
+        if choice.add(event):
+            choice.request.cancel()
+        return choice
 
     def cancel(self) -> None:
         """Cancel every choice still decoding: the engine frees its row at the next step."""
@@ -491,7 +486,7 @@ def create_app(engine: BatchEngine, config: ServeConfig, model_id: str, model_co
         try:
             while not completion.done:
                 # a client that left is noticed within a second, and its rows freed
-                if not await completion.update(timeout=1.0) and await request.is_disconnected():
+                if await completion.next_change(timeout=1.0) is None and await request.is_disconnected():
                     return JSONResponse({})
         finally:
             completion.cancel()
@@ -539,16 +534,18 @@ async def stream_events(completion: Completion, state: ServerState, head: dict, 
     """
     try:
         while not completion.done:
-            for choice in await completion.update():
-                text, logprobs = choice.take_text(), choice.take_logprobs()
-                if text or choice.finish_reason is not None or (logprobs and logprobs["tokens"]):
-                    part = {
-                        "text": text,
-                        "index": choice.index,
-                        "logprobs": logprobs,
-                        "finish_reason": choice.finish_reason,
-                    }
-                    yield sse({**head, "choices": [part]})
+            choice = await completion.next_change()
+            text, logprobs = choice.take_text(), choice.take_logprobs()
+            finishing = choice.finish_reason is not None and not choice.finish_sent
+            if text or finishing or (logprobs and logprobs["tokens"]):
+                choice.finish_sent = choice.finish_reason is not None
+                part = {
+                    "text": text,
+                    "index": choice.index,
+                    "logprobs": logprobs,
+                    "finish_reason": choice.finish_reason,
+                }
+                yield sse({**head, "choices": [part]})
         if usage_of is not None:
             yield sse({**head, "choices": [], "usage": usage_of()})
         yield sse("[DONE]")

@@ -400,6 +400,7 @@ def test_playground_streams_in_a_real_browser(server, model):
     found = find_browser()
     if found is None:
         pytest.skip("no chromium and chromedriver on this machine (apt-get install chromium chromium-driver)")
+    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -407,7 +408,10 @@ def test_playground_streams_in_a_real_browser(server, model):
     options.binary_location = found[0]
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1000,800"):
         options.add_argument(flag)
-    browser = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=found[1]))
+    try:
+        browser = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=found[1]))
+    except WebDriverException as e:
+        pytest.skip(f"chromium is installed but does not start here: {e.msg or type(e).__name__}")
     try:
         browser.set_page_load_timeout(60)
         browser.get(server.url + "/")
@@ -439,3 +443,17 @@ def test_playground_streams_in_a_real_browser(server, model):
             browser.save_screenshot(screenshot)
     finally:
         browser.quit()
+
+
+# --- the benchmark script, so it cannot rot unseen -------------------------------------------------------
+
+
+def test_serve_benchmark_runs():
+    command = [sys.executable, str(REPO / "benchmarks" / "bench_serve.py"), "--shapes", "2x64", "--clients", "1", "2",
+               "--new-tokens", "6", "--rounds", "1"]  # fmt: skip
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split("|") for line in proc.stdout.splitlines() if line.startswith("| ") and "clients" not in line]
+    assert [int(row[1]) for row in rows] == [1, 2]
+    assert all(float(row[2]) > 0 for row in rows)
+    assert "one client / generate" in proc.stdout
