@@ -250,9 +250,9 @@ class ServeConfig:
     port: int = 8000
     """Port to listen on (0: any free port, printed at start)."""
     api_key: str | None = None
-    """If set, every /v1 request must send 'Authorization: Bearer API_KEY'."""
+    """If set, every /v1 request must send 'Authorization: Bearer API_KEY' (default: $EXAMPLEGPT_API_KEY if set)."""
     model_name: str | None = None
-    """Model id reported by /v1/models and in responses (default: the checkpoint's file or folder name)."""
+    """Model id reported by /v1/models and in responses; none: the checkpoint's file or folder name."""
     max_batch: int = 16
     """Requests decoded together (each choice of a request is one)."""
     max_queue: int = 64

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import json
+import os
 import signal
 import socket
 import sys
@@ -381,11 +383,16 @@ def create_app(engine: BatchEngine, config: ServeConfig, model_id: str, model_co
         return APIError(exc.status_code, message, code=kind, headers=exc.headers).response()
 
     @app.middleware("http")
-    async def refuse_huge_bodies(request: Request, call_next):
+    async def guard(request: Request, call_next):
+        """Refuse a huge body before reading it; answer a bug of ours with a 500 error object, not a traceback."""
         length = request.headers.get("content-length", "0")
         if not length.isdigit() or int(length) > MAX_BODY_BYTES:
             return APIError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes").response()
-        return await call_next(request)
+        try:
+            return await call_next(request)
+        except Exception as e:
+            print(f"error: {request.method} {request.url.path}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            return APIError(500, "internal server error", type="server_error").response()
 
     def check_api_key(request: Request) -> None:
         if config.api_key is None:
@@ -598,6 +605,8 @@ def listen(host: str, port: int) -> socket.socket:
 def serve_command(cfg: ServeConfig) -> int:
     from .weights import load_model
 
+    if cfg.api_key is None and os.environ.get("EXAMPLEGPT_API_KEY"):  # kept off the command line, where `ps` shows it
+        cfg = dataclasses.replace(cfg, api_key=os.environ["EXAMPLEGPT_API_KEY"])
     device = pick_device(cfg.device)
     model = load_model(cfg.checkpoint)
     dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32

@@ -238,6 +238,51 @@ def test_concurrent_greedy_requests_each_equal_generate_alone(server, model):
         assert (text, count) == (decode(expected), len(expected))
 
 
+def test_a_request_joins_the_running_batch_without_waiting_for_it(server):
+    """A short request sent while a long one decodes is answered before the long one ends."""
+    finished = {}
+
+    def read_long_stream() -> None:
+        with httpx.stream("POST", server.url + "/v1/completions", json=long_stream_body(), timeout=60) as response:
+            events = sse_events(response)
+            next(events)
+            started.set()
+            finished["count"] = 1 + sum(1 for _ in events)
+        finished["at"] = time.monotonic()
+
+    started = threading.Event()
+    reader = threading.Thread(target=read_long_stream)
+    reader.start()
+    try:
+        assert started.wait(timeout=60)
+        reply = server.client().completions.create(model="tiny", prompt="Hi", max_tokens=3, temperature=0)
+        short_done = time.monotonic()
+    finally:
+        reader.join(timeout=120)
+    assert reply.usage.completion_tokens == 3
+    assert finished["count"] > 200  # the long stream ran to its end
+    assert short_done < finished["at"]
+
+
+def test_logprobs_are_the_models_own(server, model):
+    """Each token's logprob, and the top ones, equal log_softmax of the model's logits at that position."""
+    ids = encode("The meaning of")
+    reply = server.client().completions.create(model="tiny", prompt=ids, max_tokens=6, temperature=0, logprobs=3)
+    logprobs = reply.choices[0].logprobs
+    tokens = greedy_reference(model, ids, 6)
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(tokens)
+    with torch.no_grad():
+        logits, _ = model(torch.tensor([ids + tokens]))
+    expected = torch.log_softmax(logits[0, len(ids) - 1 : -1].double(), dim=-1)  # (new, V)
+    for i, token in enumerate(tokens):
+        assert logprobs.token_logprobs[i] == pytest.approx(expected[i, token].item(), abs=1e-3)
+        top = expected[i].topk(3)
+        assert len(logprobs.top_logprobs[i]) == 3
+        assert sorted(logprobs.top_logprobs[i].values(), reverse=True) == pytest.approx(top.values.tolist(), abs=1e-3)
+    assert "".join(logprobs.tokens) == reply.choices[0].text
+    assert logprobs.text_offset[0] == 0
+
+
 def test_a_prompt_past_the_context_keeps_its_last_tokens(server, model):
     ids = torch.randint(0, 50257, (CONTEXT + 50,), generator=torch.Generator().manual_seed(4)).tolist()
     reply = server.client().completions.create(model="tiny", prompt=ids, max_tokens=5, temperature=0)
