@@ -47,8 +47,15 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
-def start_server(model_file: Path, max_batch: int) -> tuple[subprocess.Popen, str]:
+def child_env(threads: int | None) -> dict[str, str]:
     env = dict(os.environ, PYTHONPATH=str(REPO))
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
+def start_server(model_file: Path, max_batch: int, threads: int | None) -> tuple[subprocess.Popen, str]:
+    env = child_env(threads)
     command = [sys.executable, "-m", "examplegpt", "serve", "-c", str(model_file), "--port", "0"]
     command += ["--max-batch", str(max_batch), "--device", "cpu"]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
@@ -77,14 +84,14 @@ async def load(url: str, clients: int, prompt_tokens: int, new_tokens: int, seed
         return await asyncio.gather(*(one_client(client, url, p, new_tokens) for p in prompts))
 
 
-def generate_rate(model_file: Path, prompt_tokens: int, new_tokens: int) -> float:
+def generate_rate(model_file: Path, prompt_tokens: int, new_tokens: int, threads: int | None) -> float:
     """Tokens/s of the `generate` command on this model (its second prompt: the first packs the weights)."""
     prompt = " hello" * prompt_tokens  # `hello` and ` hello` are one token each
     command = [sys.executable, "-m", "examplegpt", "generate", "-c", str(model_file), "--device", "cpu",
                "-n", str(new_tokens), "-t", "0", "--ignore-eos", "--json", "--interactive"]  # fmt: skip
     out = subprocess.run(
         command, input=f"{prompt}\n{prompt}\n", capture_output=True, text=True, check=True,
-        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        env=child_env(threads),
     ).stdout  # fmt: skip
     records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert records[-1]["tokens"] == new_tokens, records[-1]
@@ -98,10 +105,11 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=2, help="runs per number of clients")
+    parser.add_argument("--threads", type=int, help="torch threads of the server and of `generate` (OMP_NUM_THREADS)")
     args = parser.parse_args()
 
     print(f"{args.prompt_tokens}-token prompts, {args.new_tokens} new tokens per client, greedy, streaming, "
-          f"{os.cpu_count()} CPU cores, torch {torch.__version__}")  # fmt: skip
+          f"{os.cpu_count()} CPU cores, torch threads {args.threads or 'default'}, torch {torch.__version__}")  # fmt: skip
     for shape in args.shapes:
         torch.manual_seed(0)
         model = GPT(GPTConfig(**SHAPES[shape]))
@@ -109,8 +117,8 @@ def main() -> None:
             model_file = Path(folder) / f"{shape}.pt"
             save_model_file(model, model_file)
             del model
-            baseline = generate_rate(model_file, args.prompt_tokens, args.new_tokens)
-            proc, url = start_server(model_file, max_batch=max(args.clients))
+            baseline = generate_rate(model_file, args.prompt_tokens, args.new_tokens, args.threads)
+            proc, url = start_server(model_file, max(args.clients), args.threads)
             try:
                 asyncio.run(load(url, 1, args.prompt_tokens, 4, seed=99))  # warm-up
                 rows = {}

@@ -257,6 +257,8 @@ class ServeConfig:
     """Requests decoded together (each choice of a request is one)."""
     max_queue: int = 64
     """Requests waiting for a place in the batch; past it the server answers 503 with Retry-After."""
+    max_tokens_limit: int = 4096
+    """The largest max_tokens a request may ask for (output past the context slides, as in generate)."""
     drain_seconds: float = 10.0
     """On SIGTERM, in-flight requests may finish for this long; then they are cut short."""
     device: str = "auto"
@@ -267,7 +269,7 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise UserError(f"port must be in [0, 65535], got {self.port}")
-        for name in ("max_batch", "max_queue"):
+        for name in ("max_batch", "max_queue", "max_tokens_limit"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.drain_seconds < 0:

@@ -458,8 +458,8 @@ def create_app(engine: BatchEngine, config: ServeConfig, model_id: str, model_co
         body.refuse_unsupported()
         stops = body.stops()
         max_tokens = 16 if body.max_tokens is None else body.max_tokens
-        if max_tokens > state.context:
-            raise APIError(400, f"max_tokens: at most {state.context} (the model's context), got {max_tokens}",
+        if max_tokens > config.max_tokens_limit:
+            raise APIError(400, f"max_tokens: at most {config.max_tokens_limit} on this server, got {max_tokens}",
                            param="max_tokens", code="invalid_value")  # fmt: skip
         prompts = prompt_token_lists(body.prompt, state.vocab_size)
         capacity = config.max_batch + config.max_queue
@@ -498,6 +498,8 @@ def create_app(engine: BatchEngine, config: ServeConfig, model_id: str, model_co
         finally:
             completion.cancel()
             state.in_flight.discard(completion)
+        if any(c.finish_reason == "error" for c in choices):
+            raise APIError(500, "the model failed while generating", type="server_error")
         body_choices = [
             {"text": c.text, "index": c.index, "logprobs": c.logprobs, "finish_reason": c.finish_reason}
             for c in choices
@@ -543,6 +545,8 @@ async def stream_events(completion: Completion, state: ServerState, head: dict, 
         while not completion.done:
             choice = await completion.next_change()
             text, logprobs = choice.take_text(), choice.take_logprobs()
+            if choice.finish_reason == "error":
+                raise RuntimeError("the engine failed")
             finishing = choice.finish_reason is not None and not choice.finish_sent
             if text or finishing or (logprobs and logprobs["tokens"]):
                 choice.finish_sent = choice.finish_reason is not None
@@ -556,9 +560,9 @@ async def stream_events(completion: Completion, state: ServerState, head: dict, 
         if usage_of is not None:
             yield sse({**head, "choices": [], "usage": usage_of()})
         yield sse("[DONE]")
-    except Exception as e:  # a bug of ours: the client gets an error event, not a cut stream
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-        yield sse(APIError(500, "internal error while generating", type="server_error").body())
+    except Exception as e:  # a failure of ours: the client gets an error event, not a cut stream
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        yield sse(APIError(500, "the server failed while generating", type="server_error").body())
         yield sse("[DONE]")
     finally:
         completion.cancel()
