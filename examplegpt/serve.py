@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import dataclasses
 import hmac
+import importlib.util
 import json
 import os
 import signal
@@ -38,7 +39,11 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
-from .batching import BatchEngine, QueueFull, SamplingParams, TokenEvent
+if importlib.util.find_spec("examplegpt.batching") is not None:
+    from .batching import BatchEngine, QueueFull, SamplingParams, TokenEvent
+else:  # a tree without the batching engine: requests run one after another (sequential_engine.py)
+    from .sequential_engine import QueueFull, SamplingParams, TokenEvent
+    from .sequential_engine import SequentialEngine as BatchEngine
 from .config import ServeConfig
 from .cpu_inference import fast_cpu_inference
 from .device import pick_device
@@ -46,6 +51,7 @@ from .errors import UserError
 from .generate import TextStream
 from .tokenizer import EOT_ID, encode, get_tokenizer
 
+BATCHING = BatchEngine.__module__.endswith(".batching")  # False with the one-at-a-time stand-in
 MAX_BODY_BYTES = 8 * 2**20  # a request body past this is refused before it is read (413)
 MAX_STOPS = 4  # OpenAI's limit on stop strings
 MAX_LOGPROBS = 5  # OpenAI's limit on `logprobs` for completions
@@ -279,12 +285,13 @@ class Completion:
     """One /v1/completions call in flight: its choices in the engine and the events they send back.
 
     The engine calls `on_event` from its own thread; the event is queued onto the event loop, and
-    applied there by `update`, so choices are only ever touched by the loop.
+    applied there by `next_change`, so choices are only ever touched by the loop.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, choices: list[Choice]) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, choices: list[Choice], state: ServerState) -> None:
         self.loop = loop
         self.choices = choices
+        self.state = state
         self.events: asyncio.Queue[tuple[Choice, TokenEvent]] = asyncio.Queue()
 
     def submit(self, engine: BatchEngine, prompts: list[list[int]], params: list[SamplingParams]) -> None:
@@ -304,6 +311,8 @@ class Completion:
             ) from None
 
     def on_event(self, choice: Choice, event: TokenEvent) -> None:  # on the engine's thread
+        if event.token is not None:
+            self.state.tokens_generated += 1  # written by this one thread only
         with contextlib.suppress(RuntimeError):  # the loop is gone: the server is exiting
             self.loop.call_soon_threadsafe(self.events.put_nowait, (choice, event))
 
@@ -342,6 +351,7 @@ class ServerState:
         self.vocab_size = model_config.vocab_size
         self.created = int(time.time())
         self.in_flight: set[Completion] = set()
+        self.tokens_generated = 0  # by the engine since the start, for every request
         self.draining = False
 
     def start_draining(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -363,7 +373,8 @@ def create_app(engine: BatchEngine, config: ServeConfig, model_id: str, model_co
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine.start()
         yield
-        engine.shutdown(drain=False)
+        engine.shutdown(drain=False)  # the streams have ended (or been cut) by now: nothing is left to drain
+        engine.join(timeout=10)
 
     app = FastAPI(title="ExampleGPT", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = state
@@ -418,9 +429,11 @@ def create_app(engine: BatchEngine, config: ServeConfig, model_id: str, model_co
         stats = engine.stats
         return {
             "status": "draining" if state.draining else "ok",
+            "batching": BATCHING,
             "model": model_id,
             "running": stats["running"],
             "queued": stats["queued"],
+            "tokens_generated": state.tokens_generated,
             "max_batch": config.max_batch,
             "max_queue": config.max_queue,
         }
@@ -456,6 +469,10 @@ def create_app(engine: BatchEngine, config: ServeConfig, model_id: str, model_co
             raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down",
                            headers={"Retry-After": str(RETRY_AFTER_SECONDS)})  # fmt: skip
         body.refuse_unsupported()
+        if body.logprobs is not None and not BATCHING:
+            raise APIError(
+                400, "logprobs is not supported by this server's engine", param="logprobs", code="unsupported"
+            )
         stops = body.stops()
         max_tokens = 16 if body.max_tokens is None else body.max_tokens
         if max_tokens > config.max_tokens_limit:
@@ -479,7 +496,7 @@ def create_app(engine: BatchEngine, config: ServeConfig, model_id: str, model_co
                 choices.append(Choice(i * body.n + j, stops, body.logprobs, body.ignore_eos))
                 choice_prompts.append(ids)
                 params.append(sampling_params(body, max_tokens, j))
-        completion = Completion(asyncio.get_running_loop(), choices)
+        completion = Completion(asyncio.get_running_loop(), choices, state)
         completion.submit(engine, choice_prompts, params)
         state.in_flight.add(completion)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
@@ -632,7 +649,10 @@ def serve_command(cfg: ServeConfig) -> int:
     c = model.config
     print(f"serving {model_id} ({c.num_layers} layers x {c.d_model}, context {c.max_seq_len}, {device}) "
           f"on http://{shown}:{port}  (playground: /, API: /v1, Ctrl+C to stop)", flush=True)  # fmt: skip
-    with fast_cpu_inference(model) if cfg.fast_cpu and device.type == "cpu" else contextlib.nullcontext():
+    # the engine runs the model as it is: on CPU, packed weights for the whole run (the one-at-a-time
+    # stand-in runs `generate`, which packs them itself)
+    packed = cfg.fast_cpu and device.type == "cpu" and BATCHING
+    with fast_cpu_inference(model) if packed else contextlib.nullcontext():
         asyncio.run(serve())
     print("stopped", flush=True)
     return 0
