@@ -17,8 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from examplegpt import GPT
 from examplegpt.evaluate import sliding_window_nll, window_plan
+from examplegpt.weights import load_model
 
 
 @torch.no_grad()
@@ -56,7 +56,7 @@ def main() -> None:
     hf = transformers.GPT2LMHeadModel(config).eval()
     with tempfile.TemporaryDirectory() as folder:
         hf.save_pretrained(folder)
-        ours = GPT.from_pretrained(folder).eval()
+        ours = load_model(folder).eval()
     tokens = np.random.default_rng(0).integers(0, 50257, args.tokens).astype(np.uint16)
     stride = args.window // 2
     runs = {

@@ -1,4 +1,4 @@
-"""Generation speed: GPT.generate (KV cache) against transformers' GPT2LMHeadModel.generate, same weights.
+"""Generation speed: examplegpt.generate.generate (KV cache) against transformers' GPT2LMHeadModel.generate, same weights.
 
 Greedy decoding (or, with --sample, temperature 0.8 and top-p 0.9 on both sides), KV cache on in both,
 a 16-token prompt and 256 new tokens. Reported per batch size: time to first token (prefill + one
@@ -20,8 +20,9 @@ import tempfile
 import torch
 from timing import timed
 
-from examplegpt import GPT
 from examplegpt.cpu_inference import fast_cpu_inference
+from examplegpt.generate import generate
+from examplegpt.weights import load_model
 
 
 def main() -> None:
@@ -46,7 +47,7 @@ def main() -> None:
     hf = transformers.GPT2LMHeadModel(config).eval()
     with tempfile.TemporaryDirectory() as folder:
         hf.save_pretrained(folder)
-        ours = GPT.from_pretrained(folder).eval().to(device, getattr(torch, args.dtype))
+        ours = load_model(folder).eval().to(device, getattr(torch, args.dtype))
     hf.to(device, getattr(torch, args.dtype))
     n = args.new_tokens
     mode = "top-p 0.9, temperature 0.8" if args.sample else "greedy"
@@ -63,7 +64,7 @@ def main() -> None:
             "huggingface": lambda k: hf.generate(
                 prompt, max_new_tokens=k, min_new_tokens=k, use_cache=True, pad_token_id=0, **hf_sampling
             ),  # fmt: skip
-            "examplegpt": lambda k: ours.generate(prompt, k, **ours_sampling),
+            "examplegpt": lambda k: generate(ours, prompt, k, **ours_sampling),
         }
         if batch == args.batches[0] and device.type == "cpu":
             packing = timed(lambda: runs["examplegpt"](1), device)

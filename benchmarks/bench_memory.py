@@ -46,7 +46,7 @@ def child(args) -> None:
     for i in range(args.steps + 1):
         start = time.perf_counter()
         with autocast(device, dtype):
-            _, loss = model(x, x, return_logits=False)
+            _, loss = model(x, x)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -64,7 +64,7 @@ def child(args) -> None:
     tracker.track_external(model, optimizer, x)
     with tracker:
         with autocast(device, dtype):
-            _, loss = model(x, x, return_logits=False)
+            _, loss = model(x, x)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

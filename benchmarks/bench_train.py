@@ -34,7 +34,7 @@ def ours_step(config, batch, device, dtype, checkpointing=False, compile=False, 
 
     def step():
         with autocast(device, dtype):
-            _, loss = forward(x, x, return_logits=False)
+            _, loss = forward(x, x)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -23,8 +23,10 @@ from .config import GenerateConfig
 from .cpu_inference import fast_cpu_inference, kv_cache_dtype
 from .device import pick_device
 from .errors import UserError
-from .model import GPT, KVCache
+from .kv_cache import KVCache
+from .model import GPT
 from .tokenizer import EOT_ID, encode, get_tokenizer
+from .weights import load_model
 
 # Called with each step's new tokens (B,); may return a bool mask (B,) of samples to stop.
 StepCallback = Callable[[torch.Tensor], "torch.Tensor | None"]
@@ -130,8 +132,7 @@ def generate(
     config = model.config
     B, T = idx.shape
     context = config.max_seq_len
-    dtype = kv_cache_dtype(idx.device, next(model.parameters()).dtype)
-    cache = KVCache(config, B, context, idx.device, dtype)
+    cache = KVCache.allocate(config, B, idx.device, kv_cache_dtype(idx.device, next(model.parameters()).dtype))
     tokens = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=idx.device)  # (B, T + new)
     tokens[:, :T] = idx
     finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
@@ -160,8 +161,8 @@ def generate(
                     finished |= stop
             if finished.all() or end == T + max_new_tokens:
                 break
-            if cache.pos == context:  # cache full: slide, keeping the last half of the context
-                cache.pos = 0
+            if cache.lengths[0] == context:  # cache full: slide, keeping the last half of the context
+                cache.lengths.zero_()  # start again from position 0
                 window = tokens[:, end - context // 2 : end]  # (B, context // 2)
                 logits = model.logits(model.hidden_states(window, cache)[:, -1])
             else:
@@ -206,7 +207,7 @@ def read_prompt(prompt: str) -> str:
 
 def generate_command(cfg: GenerateConfig) -> int:
     device = pick_device(cfg.device)
-    model = GPT.from_pretrained(cfg.checkpoint, map_location="cpu")
+    model = load_model(cfg.checkpoint, map_location="cpu")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.dtype)
     if dtype is None:  # auto
         dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32

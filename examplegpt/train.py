@@ -99,7 +99,7 @@ def find_micro_batch(model: GPT, per_rank: int, seq_len: int, device: torch.devi
         try:
             x = torch.zeros(b, seq_len, dtype=torch.long, device=device)
             with autocast(device, dtype):
-                _, loss = model(x, x, return_logits=False)
+                _, loss = model(x, x)
             loss.backward()
             model.zero_grad(set_to_none=True)
             return b
@@ -132,7 +132,7 @@ def evaluate_loss(
     for index in range(min(batches, val.batches_per_epoch)):
         x, y = val.batch(0, index)
         with autocast(device, dtype):
-            _, loss = model(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device), return_logits=False)
+            _, loss = model(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device))
         losses.append(loss.item())
     model.train()
     return float(np.mean(losses))
@@ -418,7 +418,7 @@ def accumulate_gradients(
         xm = x[m * micro : (m + 1) * micro].to(device, non_blocking=True)  # (micro, T)
         ym = y[m * micro : (m + 1) * micro].to(device, non_blocking=True)
         with sync_gradients(model, world, fsdp, last=m == steps - 1), autocast(device, dtype):
-            _, loss = model(xm, ym, return_logits=False)
+            _, loss = model(xm, ym)
         scaler.scale(loss / steps).backward()
         loss_sum += loss.detach()
     return loss_sum / steps

@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from examplegpt import GPT, GPTConfig
 from examplegpt.config import PRESETS
@@ -26,11 +27,18 @@ def test_presets_build(name):
         assert model.num_parameters() == 354_823_168
 
 
+def plain_loss(model, idx, targets):
+    """The reference: the whole (B, T, V) logits, then F.cross_entropy."""
+    logits, _ = model(idx)
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
+
+
 def test_forward_shapes_and_loss(tiny_model):
     idx = torch.randint(0, 50257, (3, 17))
     logits, loss = tiny_model(idx)
     assert logits.shape == (3, 17, 50257) and loss is None
-    _, loss = tiny_model(idx, targets=torch.randint(0, 50257, (3, 17)))
+    logits, loss = tiny_model(idx, targets=torch.randint(0, 50257, (3, 17)))
+    assert logits is None and loss.shape == ()
     # a freshly initialised model is close to uniform over the vocabulary
     assert abs(loss.item() - math.log(50257)) < 0.5
 
@@ -66,7 +74,7 @@ def test_fused_loss_equals_the_plain_loss_and_gradients(tiny_model, chunk_rows):
     idx = torch.randint(0, 50257, (2, 40))
     targets = idx.roll(-1, dims=1)
     targets[0, :5] = -1  # ignored positions
-    _, full = tiny_model(idx, targets)
+    full = plain_loss(tiny_model, idx, targets)
     full.backward()
     expected = [p.grad.clone() for p in tiny_model.parameters()]
     tiny_model.zero_grad()
@@ -76,18 +84,18 @@ def test_fused_loss_equals_the_plain_loss_and_gradients(tiny_model, chunk_rows):
     torch.testing.assert_close(fused, full)
     for p, grad in zip(tiny_model.parameters(), expected):
         torch.testing.assert_close(p.grad, 3 * grad, rtol=1e-4, atol=1e-5)
-    assert tiny_model(idx, targets, return_logits=False)[0] is None
+    torch.testing.assert_close(tiny_model(idx, targets)[1], full)  # the model's own loss is the fused one
 
 
 def test_fused_loss_under_bf16_autocast_follows_the_plain_loss(tiny_model):
     idx = torch.randint(0, 50257, (2, 40))
     targets = idx.roll(-1, dims=1)
     with torch.autocast("cpu", torch.bfloat16):
-        _, plain = tiny_model(idx, targets)
+        plain = plain_loss(tiny_model, idx, targets)
         plain.backward()
         expected = tiny_model.lm_head.weight.grad.clone()
         tiny_model.zero_grad()
-        _, fused = tiny_model(idx, targets, return_logits=False)
+        _, fused = tiny_model(idx, targets)
         fused.backward()
     assert fused.dtype == torch.float32
     torch.testing.assert_close(fused, plain, rtol=1e-2, atol=1e-2)
@@ -105,7 +113,7 @@ def test_fused_loss_without_autograd_is_the_same_loss(tiny_model):
     targets = idx.roll(-1, dims=1)
     targets[1, :3] = -1
     with torch.no_grad():
-        _, plain = tiny_model(idx, targets)
-        _, fused = tiny_model(idx, targets, return_logits=False)
+        plain = plain_loss(tiny_model, idx, targets)
+        _, fused = tiny_model(idx, targets)
     torch.testing.assert_close(fused, plain)
     assert not fused.requires_grad

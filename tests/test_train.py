@@ -169,8 +169,8 @@ def test_non_finite_loss_is_skipped_then_stops_with_the_last_checkpoint_intact(c
     original = GPT.forward
     calls = {"n": 0}
 
-    def poisoned(self, idx, targets=None, return_logits=True):
-        logits, loss = original(self, idx, targets, return_logits)
+    def poisoned(self, idx, targets=None):
+        logits, loss = original(self, idx, targets)
         if self.training and loss is not None:
             calls["n"] += 1
             # micro-steps 9-10 (step 5) are poisoned once, then from micro-step 15 (step 8) on for good
