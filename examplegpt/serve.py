@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import dataclasses
 import hmac
-import importlib.util
 import json
 import os
 import signal
@@ -39,11 +38,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
-if importlib.util.find_spec("examplegpt.batching") is not None:
-    from .batching import BatchEngine, QueueFull, SamplingParams, TokenEvent
-else:  # a tree without the batching engine: requests run one after another (sequential_engine.py)
-    from .sequential_engine import QueueFull, SamplingParams, TokenEvent
-    from .sequential_engine import SequentialEngine as BatchEngine
+from .batching import BatchEngine, QueueFull, SamplingParams, TokenEvent
 from .config import ServeConfig
 from .cpu_inference import fast_cpu_inference
 from .device import pick_device
@@ -51,7 +46,6 @@ from .errors import UserError
 from .generate import TextStream
 from .tokenizer import EOT_ID, encode, get_tokenizer
 
-BATCHING = BatchEngine.__module__.endswith(".batching")  # False with the one-at-a-time stand-in
 MAX_BODY_BYTES = 8 * 2**20  # a request body past this is refused before it is read (413)
 MAX_STOPS = 4  # OpenAI's limit on stop strings
 MAX_LOGPROBS = 5  # OpenAI's limit on `logprobs` for completions
@@ -429,7 +423,6 @@ def create_app(engine: BatchEngine, config: ServeConfig, model_id: str, model_co
         stats = engine.stats
         return {
             "status": "draining" if state.draining else "ok",
-            "batching": BATCHING,
             "model": model_id,
             "running": stats["running"],
             "queued": stats["queued"],
@@ -469,10 +462,6 @@ def create_app(engine: BatchEngine, config: ServeConfig, model_id: str, model_co
             raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down",
                            headers={"Retry-After": str(RETRY_AFTER_SECONDS)})  # fmt: skip
         body.refuse_unsupported()
-        if body.logprobs is not None and not BATCHING:
-            raise APIError(
-                400, "logprobs is not supported by this server's engine", param="logprobs", code="unsupported"
-            )
         stops = body.stops()
         max_tokens = 16 if body.max_tokens is None else body.max_tokens
         if max_tokens > config.max_tokens_limit:
@@ -649,10 +638,8 @@ def serve_command(cfg: ServeConfig) -> int:
     c = model.config
     print(f"serving {model_id} ({c.num_layers} layers x {c.d_model}, context {c.max_seq_len}, {device}) "
           f"on http://{shown}:{port}  (playground: /, API: /v1, Ctrl+C to stop)", flush=True)  # fmt: skip
-    # the engine runs the model as it is: on CPU, packed weights for the whole run (the one-at-a-time
-    # stand-in runs `generate`, which packs them itself)
-    packed = cfg.fast_cpu and device.type == "cpu" and BATCHING
-    with fast_cpu_inference(model) if packed else contextlib.nullcontext():
+    # the engine runs the model as it is: on CPU, packed weights for the whole run
+    with fast_cpu_inference(model) if cfg.fast_cpu and device.type == "cpu" else contextlib.nullcontext():
         asyncio.run(serve())
     print("stopped", flush=True)
     return 0

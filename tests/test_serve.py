@@ -240,8 +240,6 @@ def test_concurrent_greedy_requests_each_equal_generate_alone(server, model):
 
 def test_a_request_joins_the_running_batch_without_waiting_for_it(server):
     """A short request sent while a long one decodes is answered before the long one ends."""
-    if not server.health()["batching"]:
-        pytest.skip("this tree has no batching engine (examplegpt/batching.py): requests run one after another")
     finished = {}
 
     def read_long_stream() -> None:
@@ -268,8 +266,6 @@ def test_a_request_joins_the_running_batch_without_waiting_for_it(server):
 
 def test_logprobs_are_the_models_own(server, model):
     """Each token's logprob, and the top ones, equal log_softmax of the model's logits at that position."""
-    if not server.health()["batching"]:
-        pytest.skip("this tree has no batching engine (examplegpt/batching.py), and the stand-in gives no logprobs")
     ids = encode("The meaning of")
     reply = server.client().completions.create(model="tiny", prompt=ids, max_tokens=6, temperature=0, logprobs=3)
     logprobs = reply.choices[0].logprobs
