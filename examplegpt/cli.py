@@ -19,6 +19,7 @@ from .config import (
     EvaluateConfig,
     GenerateConfig,
     GPTConfig,
+    ServeConfig,
     TrainConfig,
     build,
     field_docs,
@@ -103,7 +104,7 @@ def read_config_file(path: str) -> dict:
         raise UserError(f"{path} must hold a table of settings")
     flat = {}
     for key, value in values.items():
-        if key in ("model", "data", "train", "generate") and isinstance(value, dict):
+        if key in ("model", "data", "train", "generate", "serve") and isinstance(value, dict):
             flat.update(value)
         else:
             flat[key] = value
@@ -205,6 +206,13 @@ def run_generate(args: argparse.Namespace) -> int:
     return generate_command(configs["generate"])
 
 
+def run_serve(args: argparse.Namespace) -> int:
+    from .serve import serve_command
+
+    configs = resolve(args, {"serve": ServeConfig})
+    return serve_command(configs["serve"])
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="examplegpt", description="ExampleGPT: train GPT-2 from scratch, and sample from it.")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
@@ -227,6 +235,11 @@ def build_parser() -> Parser:
     generate.add_argument("--config", help="TOML or YAML file of settings (flags win over it)")
     add_config_flags(generate, GenerateConfig)
     generate.set_defaults(run=run_generate)
+
+    serve = commands.add_parser("serve", help="serve a model over HTTP: OpenAI-compatible API and a playground")
+    serve.add_argument("--config", help="TOML or YAML file of settings (flags win over it)")
+    add_config_flags(serve, ServeConfig)
+    serve.set_defaults(run=run_serve)
 
     evaluate = commands.add_parser("evaluate", help="perplexity over a whole split, with a sliding window")
     evaluate.add_argument("--config", help="TOML or YAML file of settings (flags win over it)")

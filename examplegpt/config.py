@@ -294,6 +294,46 @@ class EvaluateConfig:
         check_device(self.device)
 
 
+@dataclass
+class ServeConfig:
+    """How to serve a model over HTTP (OpenAI-compatible completions, and a playground page)."""
+
+    checkpoint: str = field(default="gpt_model.pt", metadata={"aliases": ("-c",)})
+    """Our model file or checkpoint, or a Hugging Face GPT-2 folder."""
+    host: str = "127.0.0.1"
+    """Address to listen on; 0.0.0.0 opens the server to other machines (set an api_key then)."""
+    port: int = 8000
+    """Port to listen on (0: any free port, printed at start)."""
+    api_key: str | None = None
+    """If set, every /v1 request must send 'Authorization: Bearer API_KEY' (default: $EXAMPLEGPT_API_KEY if set)."""
+    model_name: str | None = None
+    """Model id reported by /v1/models and in responses; none: the checkpoint's file or folder name."""
+    max_batch: int = 16
+    """Requests decoded together (each choice of a request is one)."""
+    max_queue: int = 64
+    """Requests waiting for a place in the batch; past it the server answers 503 with Retry-After."""
+    max_tokens_limit: int = 4096
+    """The largest max_tokens a request may ask for (output past the context slides, as in generate)."""
+    drain_seconds: float = 10.0
+    """On SIGTERM, in-flight requests may finish for this long; then they are cut short."""
+    device: str = "auto"
+    """auto, cpu, cuda or mps."""
+    fast_cpu: bool = True
+    """On CPU, multiply by weights packed in oneDNN's layout for the run (cpu_inference.py); off: plain PyTorch."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise UserError(f"port must be in [0, 65535], got {self.port}")
+        for name in ("max_batch", "max_queue", "max_tokens_limit"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.drain_seconds < 0:
+            raise UserError(f"drain_seconds must not be negative, got {self.drain_seconds}")
+        if self.api_key == "":
+            raise UserError("api_key must not be empty")
+        check_device(self.device)
+
+
 @functools.cache
 def field_docs(cls: type) -> dict[str, str]:
     """The docstring written under each field of a dataclass, by field name."""

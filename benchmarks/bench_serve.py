@@ -1,0 +1,157 @@
+"""The server under load: 1, 4 and 16 concurrent streaming clients, against `generate` on the same model.
+
+For each model shape (random weights, saved to a temporary file) the real `examplegpt serve` command is
+started in a subprocess; each client sends one streaming request (a 16-token prompt, 128 new tokens,
+greedy, <|endoftext|> ignored so every request runs its full length) and notes when each chunk arrives.
+Reported per number of clients, pooled over the rounds: aggregate tokens/s (all tokens / wall time from
+the first request to the last token, median of the rounds), time to first token and time between tokens
+(p50, p99). `generate`'s tokens/s is the `generate` command's own figure (--json) on the same model file
+in the same run, for the same prompt length and number of tokens (its second prompt, so the
+one-off weight packing is not counted). Goals (issue 15): one client within 15% of `generate`;
+16 clients' aggregate >= 4x one client's; p99 time between tokens at 16 clients <= 5x one client's.
+
+    python benchmarks/bench_serve.py                       # 6 layers x 384, then the 124M shape
+    python benchmarks/bench_serve.py --shapes 6x384 --clients 1 4 --rounds 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+from examplegpt import GPT, GPTConfig
+from examplegpt.weights import save_model_file
+
+REPO = Path(__file__).resolve().parent.parent
+SHAPES = {
+    "6x384": dict(num_layers=6, d_model=384, num_heads=6, d_ff=1536),
+    "124M": dict(),
+    "2x64": dict(num_layers=2, d_model=64, num_heads=4, d_ff=256),  # for the suite's run of this script
+}
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def child_env(threads: int | None) -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
+def start_server(model_file: Path, max_batch: int, threads: int | None) -> tuple[subprocess.Popen, str]:
+    env = child_env(threads)
+    command = [sys.executable, "-m", "examplegpt", "serve", "-c", str(model_file), "--port", "0"]
+    command += ["--max-batch", str(max_batch), "--device", "cpu"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
+    line = proc.stdout.readline()
+    url = next(word for word in line.split() if word.startswith("http://"))
+    return proc, url
+
+
+async def one_client(client: httpx.AsyncClient, url: str, prompt: list[int], new_tokens: int) -> dict:
+    body = {"prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
+    sent = time.perf_counter()
+    arrivals = []
+    async with client.stream("POST", url + "/v1/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                if json.loads(line[6:])["choices"]:
+                    arrivals.append(time.perf_counter())
+    return {"sent": sent, "arrivals": arrivals}
+
+
+async def load(url: str, clients: int, prompt_tokens: int, new_tokens: int, seed: int) -> list[dict]:
+    gen = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(0, 50257, (prompt_tokens,), generator=gen).tolist() for _ in range(clients)]
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=clients)) as client:
+        return await asyncio.gather(*(one_client(client, url, p, new_tokens) for p in prompts))
+
+
+def generate_rate(model_file: Path, prompt_tokens: int, new_tokens: int, threads: int | None) -> float:
+    """Tokens/s of the `generate` command on this model (its second prompt: the first packs the weights)."""
+    prompt = " hello" * prompt_tokens  # `hello` and ` hello` are one token each
+    command = [sys.executable, "-m", "examplegpt", "generate", "-c", str(model_file), "--device", "cpu",
+               "-n", str(new_tokens), "-t", "0", "--ignore-eos", "--json", "--interactive"]  # fmt: skip
+    out = subprocess.run(
+        command, input=f"{prompt}\n{prompt}\n", capture_output=True, text=True, check=True,
+        env=child_env(threads),
+    ).stdout  # fmt: skip
+    records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert records[-1]["tokens"] == new_tokens, records[-1]
+    return records[-1]["tokens_per_second"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", nargs="+", default=["6x384", "124M"], choices=list(SHAPES))
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--prompt-tokens", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=2, help="runs per number of clients")
+    parser.add_argument("--threads", type=int, help="torch threads of the server and of `generate` (OMP_NUM_THREADS)")
+    args = parser.parse_args()
+
+    print(f"{args.prompt_tokens}-token prompts, {args.new_tokens} new tokens per client, greedy, streaming, "
+          f"{os.cpu_count()} CPU cores, torch threads {args.threads or 'default'}, torch {torch.__version__}")  # fmt: skip
+    for shape in args.shapes:
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(**SHAPES[shape]))
+        with tempfile.TemporaryDirectory() as folder:
+            model_file = Path(folder) / f"{shape}.pt"
+            save_model_file(model, model_file)
+            del model
+            baseline = generate_rate(model_file, args.prompt_tokens, args.new_tokens, args.threads)
+            proc, url = start_server(model_file, max(args.clients), args.threads)
+            try:
+                asyncio.run(load(url, 1, args.prompt_tokens, 4, seed=99))  # warm-up
+                rows = {}
+                for clients in args.clients:
+                    rates, firsts, gaps = [], [], []
+                    for r in range(args.rounds):
+                        results = asyncio.run(load(url, clients, args.prompt_tokens, args.new_tokens, seed=r))
+                        start = min(c["sent"] for c in results)
+                        end = max(c["arrivals"][-1] for c in results)
+                        rates.append(sum(len(c["arrivals"]) for c in results) / (end - start))
+                        firsts += [c["arrivals"][0] - c["sent"] for c in results]
+                        gaps += [b - a for c in results for a, b in zip(c["arrivals"], c["arrivals"][1:])]
+                    rows[clients] = dict(
+                        rate=statistics.median(rates),
+                        ttft=(percentile(firsts, 50), percentile(firsts, 99)),
+                        gap=(percentile(gaps, 50), percentile(gaps, 99)),
+                    )
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=60)
+        print(f"\n{shape}: `generate` {baseline:.1f} tokens/s")
+        print("| clients | aggregate tokens/s | per client | time to first token p50 / p99 (ms) |"
+              " time between tokens p50 / p99 (ms) |")  # fmt: skip
+        print("|---:|---:|---:|---:|---:|")
+        for clients, row in rows.items():
+            print(f"| {clients} | {row['rate']:.1f} | {row['rate'] / clients:.1f} | "
+                  f"{row['ttft'][0] * 1e3:.0f} / {row['ttft'][1] * 1e3:.0f} | "
+                  f"{row['gap'][0] * 1e3:.1f} / {row['gap'][1] * 1e3:.1f} |")  # fmt: skip
+        first, last = min(rows), max(rows)
+        print(f"one client / generate: {rows[first]['rate'] / baseline:.2f} (goal >= 0.85); "
+              f"{last} clients / one: {rows[last]['rate'] / rows[first]['rate']:.2f}x (goal >= 4); "
+              f"p99 between tokens, {last} / one: {rows[last]['gap'][1] / rows[first]['gap'][1]:.2f}x (goal <= 5)")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,387 @@
+"""Continuous batching: many requests decoded together, each joining and leaving the batch on its own.
+
+One background thread runs a loop of steps. Each step:
+
+1. drops the requests that were cancelled since the last step (their rows are free at once);
+2. admits waiting requests while rows are free (at most `max_batch` requests hold a row);
+3. prefills: runs up to `prefill_chunk` prompt tokens of the admitted requests (a long prompt in
+   chunks over several steps), so that the rows already decoding wait one chunk, not a whole prompt,
+   for their next token. When no row is decoding, a whole prompt runs at once. Requests admitted
+   together with prompts of the same length are prefilled together, as one batch;
+4. decodes: one forward pass gives every decoding row its next token, each row at its own length
+   and position in the key/value cache (`kv_cache.py`); a request that is done leaves the batch.
+
+A request's tokens are exactly those `generate` gives for its prompt alone (greedy; with a seed,
+the same draws from the same generator), up to float rounding: a batched matrix product may add in
+another order than a single row's, which moves logits in their last bits and can flip a near-tie.
+
+The context. A prompt longer than the context keeps its last (max_seq_len - 1) tokens, as the
+`generate` command does. A request whose prompt and output outgrow the context slides, as
+`generate` does: its row is run again from position 0 on the last half of the context (as a
+prefill), and decoding goes on, so `max_tokens` is never cut short by the context.
+
+Events. `on_event` is called on the engine's thread, once per new token; the last call has
+`finish_reason` set: "stop" (the token is <|endoftext|>, when `stop_at_eos`), "length" (the
+token is the `max_tokens`-th), "cancelled" (after `Request.cancel()` or `shutdown(drain=False)`;
+token None), or "error" (the engine failed; token None; the engine then stops). Logprobs are of
+the model's own distribution: log-softmax of its logits before repetition penalty, temperature and
+filters.
+
+The model's weights are used as they are: on CPU, wrap the engine's run in
+`cpu_inference.fast_cpu_inference(model)` for packed weights, as `generate` does.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .cpu_inference import kv_cache_dtype
+from .generate import apply_repetition_penalty, sample_next
+from .kv_cache import KVCache
+from .model import GPT
+from .tokenizer import EOT_ID
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request is sampled; the same fields and defaults as the `generate` command's, per request."""
+
+    max_tokens: int
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float = 1.0
+    seed: int | None = None  # a generator of the request's own: same seed, same output
+    stop_at_eos: bool = True  # <|endoftext|> ends the request (finish_reason "stop")
+    logprobs: int | None = None  # each event carries the chosen token's logprob and the top `logprobs`
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.max_tokens >= 1, "max_tokens must be at least 1"),
+            (self.temperature >= 0, "temperature must be >= 0"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (self.top_k is None or self.top_k >= 1, "top_k must be at least 1"),
+            (self.min_p is None or 0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
+            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (self.logprobs is None or self.logprobs >= 0, "logprobs must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+@dataclass
+class TokenEvent:
+    token: int | None  # None only on a final event that brings no token ("cancelled", "error")
+    logprob: float | None = None
+    top_logprobs: dict[int, float] | None = None
+    finish_reason: str | None = None  # None while running; "stop", "length", "cancelled" or "error"
+
+
+class QueueFull(Exception):
+    """The engine holds max_batch running and max_queue waiting requests, or is shutting down."""
+
+
+class Request:
+    """One submitted prompt: the handle `submit` returns, and the engine's record of it."""
+
+    def __init__(self, prompt: list[int], params: SamplingParams, on_event: Callable[[TokenEvent], None]) -> None:
+        self.params = params
+        self.on_event = on_event
+        self.tokens = list(prompt)  # the prompt, then each new token: the window to run again after a slide
+        self.new_tokens = 0
+        self.cancelled = False  # set by any thread; read by the engine at its next step
+        self.finished = False  # the final event was sent
+        self.generator = None if params.seed is None else torch.Generator().manual_seed(params.seed)
+        self.seen: torch.Tensor | None = None  # (1, V) bool: tokens the repetition penalty applies to
+
+    def cancel(self) -> None:
+        """Stop this request: its row is freed at the engine's next step, and a final "cancelled" event sent."""
+        self.cancelled = True
+
+
+@dataclass
+class Prefill:
+    """Requests whose tokens (equal in number) are being run into a cache of their own, chunk by chunk."""
+
+    requests: list[Request]
+    tokens: torch.Tensor  # (k, T): what goes into the cache (the prompt, or after a slide the window)
+    cache: KVCache  # (k rows of T positions)
+    done: int = 0  # tokens already in the cache
+
+
+class BatchEngine:
+    """Continuous batching over one model (see the module docstring). Thread-safe: `submit`, `cancel`,
+    `stats` and `shutdown` may be called from any thread; the model runs on the engine's own thread."""
+
+    def __init__(self, model: GPT, max_batch: int = 16, max_queue: int = 64, prefill_chunk: int = 64) -> None:
+        if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
+            raise ValueError("max_batch and prefill_chunk must be at least 1, max_queue at least 0")
+        if model.config.max_seq_len < 2:
+            raise ValueError("the model's context must hold at least 2 tokens")
+        self.model = model.eval()
+        self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
+        weight = model.lm_head.weight
+        self.device = weight.device
+        self.cache_dtype = kv_cache_dtype(weight.device, weight.dtype)
+        self.cache = KVCache.allocate(model.config, max_batch, self.device, self.cache_dtype)
+        self.error: BaseException | None = None
+        # the engine thread's own state
+        self.decoding: list[Request] = []  # row i of self.cache holds decoding[i]
+        self.prefilling: collections.deque[Prefill] = collections.deque()
+        # shared with the submitting threads, under self.lock
+        self.lock = threading.Condition()
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.live = 0  # requests submitted and not finished
+        self.accepting = True
+        self.draining = True  # what to do with live requests once shutdown() is called
+        self.thread: threading.Thread | None = None
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Requests holding a row ("running": decoding or prefilling) and requests waiting for one ("queued")."""
+        with self.lock:
+            queued = len(self.waiting)
+            return {"running": self.live - queued, "queued": queued}
+
+    def start(self) -> None:
+        """Start the engine's thread (once)."""
+        if self.thread is None:
+            self.thread = threading.Thread(target=self.run, name="batch-engine", daemon=True)
+            self.thread.start()
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, on_event: Callable[[TokenEvent], None]) -> Request:
+        """Queue a prompt (token ids); raises QueueFull past max_batch + max_queue live requests, or after shutdown."""
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        request = Request(prompt_ids[-(self.model.config.max_seq_len - 1) :], params, on_event)
+        with self.lock:
+            if not self.accepting:
+                raise QueueFull("the engine is shutting down")
+            if self.live >= self.max_batch + self.max_queue:
+                raise QueueFull(f"{self.live - len(self.waiting)} requests running and {len(self.waiting)} waiting")
+            self.waiting.append(request)
+            self.live += 1
+            self.lock.notify()
+        return request
+
+    def shutdown(self, drain: bool = True) -> None:
+        """Stop accepting requests. drain=True: the live ones run to their end; else they are cancelled.
+        The engine's thread ends after that; `join` waits for it."""
+        with self.lock:
+            self.accepting = False
+            self.draining = self.draining and drain
+            self.lock.notify()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the engine's thread to end (after `shutdown`); True if it has."""
+        if self.thread is not None:
+            self.thread.join(timeout)
+            return not self.thread.is_alive()
+        return True
+
+    # --- the engine's thread ------------------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            with torch.inference_mode():
+                while self.wait_for_work():
+                    self.step()
+        except BaseException as e:  # every live request must still get its final event
+            self.error = e
+            with self.lock:
+                self.accepting = False
+            for request in self.decoding + [r for job in self.prefilling for r in job.requests] + list(self.waiting):
+                self.finish(request, TokenEvent(None, finish_reason="error"))
+            raise
+
+    def wait_for_work(self) -> bool:
+        """Block until there is something to do; False when the engine should end."""
+        with self.lock:
+            while not (self.waiting or self.decoding or self.prefilling or not self.accepting):
+                self.lock.wait()
+            if not self.accepting and not self.draining:
+                for request in self.waiting:
+                    request.cancelled = True
+                for request in self.decoding + [r for job in self.prefilling for r in job.requests]:
+                    request.cancelled = True
+            return self.live > 0 or self.accepting
+
+    def step(self) -> None:
+        self.drop_cancelled()
+        self.admit()
+        self.prefill()
+        if self.decoding:
+            self.decode()
+
+    def drop_cancelled(self) -> None:
+        with self.lock:
+            waiting = [r for r in self.waiting if r.cancelled]
+            for request in waiting:
+                self.waiting.remove(request)
+        for request in waiting:
+            self.finish(request, TokenEvent(None, finish_reason="cancelled"))
+        for job in list(self.prefilling):
+            keep = [not r.cancelled for r in job.requests]
+            if all(keep):
+                continue
+            for request, kept in zip(job.requests, keep):
+                if not kept:
+                    self.finish(request, TokenEvent(None, finish_reason="cancelled"))
+            if not any(keep):
+                self.prefilling.remove(job)
+                continue
+            rows = torch.tensor(keep).nonzero().squeeze(1)
+            job.requests = [r for r, kept in zip(job.requests, keep) if kept]
+            job.tokens = job.tokens[rows.to(job.tokens.device)]
+            job.cache = select_rows(job.cache, rows)
+        for request in self.decoding:
+            if request.cancelled and not request.finished:
+                self.finish(request, TokenEvent(None, finish_reason="cancelled"))
+        self.release_finished_rows()
+
+    def admit(self) -> None:
+        """Move waiting requests into prefill while rows are free; those of equal prompt length go as one batch."""
+        with self.lock:
+            free = self.max_batch - len(self.decoding) - sum(len(job.requests) for job in self.prefilling)
+            admitted = [self.waiting.popleft() for _ in range(min(free, len(self.waiting)))]
+        groups: dict[int, list[Request]] = {}
+        for request in admitted:
+            groups.setdefault(len(request.tokens), []).append(request)
+        for length, requests in groups.items():
+            # as many rows at once as the chunk budget holds (at least one)
+            per_batch = max(1, self.prefill_chunk // length)
+            for first in range(0, len(requests), per_batch):
+                batch = requests[first : first + per_batch]
+                self.start_prefill(batch, [r.tokens for r in batch])
+
+    def start_prefill(self, requests: list[Request], tokens: list[list[int]], front: bool = False) -> None:
+        """Queue requests for prefill: `tokens` (one list per request, all of one length) go into a new cache.
+        `front`: before the others (a sliding row, which already holds a row of the batch)."""
+        for request in requests:
+            if request.params.repetition_penalty != 1.0 and request.seen is None:
+                request.seen = torch.zeros(1, self.model.config.vocab_size, dtype=torch.bool, device=self.device)
+                request.seen[0, request.tokens] = True
+        ids = torch.tensor(tokens, dtype=torch.long, device=self.device)  # (k, T)
+        cache = KVCache.allocate(self.model.config, len(requests), self.device, self.cache_dtype, ids.shape[1])
+        job = Prefill(requests, ids, cache)
+        if front:
+            self.prefilling.appendleft(job)
+        else:
+            self.prefilling.append(job)
+
+    def prefill(self) -> None:
+        """Run up to prefill_chunk tokens of prompts (all of the first one, when no row is decoding)."""
+        budget = self.prefill_chunk
+        while self.prefilling and (budget > 0 or not self.decoding):
+            job = self.prefilling[0]
+            k, T = job.tokens.shape
+            take = T - job.done
+            if self.decoding:
+                take = min(take, max(1, budget // k))
+            h = self.model.hidden_states(job.tokens[:, job.done : job.done + take], job.cache)  # (k, take, C)
+            job.done += take
+            budget -= k * take
+            if job.done < T:
+                continue
+            self.prefilling.popleft()
+            logits = self.model.logits(h[:, -1])  # (k, V)
+            self.next_tokens(job.requests, logits)
+            for row, request in enumerate(job.requests):
+                if not request.finished:
+                    self.cache.copy_row(len(self.decoding), job.cache, row)
+                    self.decoding.append(request)
+
+    def decode(self) -> None:
+        """One new token for every decoding row."""
+        rows = self.cache.rows(0, len(self.decoding))
+        last = torch.tensor([[r.tokens[-1]] for r in self.decoding], dtype=torch.long, device=self.device)  # (n, 1)
+        logits = self.model.logits(self.model.hidden_states(last, rows)[:, -1])  # (n, V)
+        self.next_tokens(self.decoding, logits)
+        context = self.model.config.max_seq_len
+        full = [r for r, length in zip(self.decoding, rows.lengths.tolist()) if length == context and not r.finished]
+        self.release_finished_rows(also=full)
+        for request in full:  # slide, as `generate` does: run the last half of the context again from position 0
+            self.start_prefill([request], [request.tokens[-(context // 2) :]], front=True)
+
+    def next_tokens(self, requests: list[Request], logits: torch.Tensor) -> list[int]:
+        """Sample each request's next token from its row of logits (k, V), send the events; returns the tokens."""
+        if all(r.params.temperature == 0 and r.seen is None for r in requests):
+            tokens = sample_next(logits, temperature=0).tolist()  # one argmax for every row
+        else:
+            tokens = [self.sample(r, logits[i : i + 1]) for i, r in enumerate(requests)]
+        for i, (request, token) in enumerate(zip(requests, tokens)):
+            request.tokens.append(token)
+            request.new_tokens += 1
+            if request.seen is not None:
+                request.seen[0, token] = True
+            event = TokenEvent(token)
+            if request.params.logprobs is not None:
+                event.logprob, event.top_logprobs = logprobs_of(logits[i], token, request.params.logprobs)
+            if request.params.stop_at_eos and token == EOT_ID:
+                event.finish_reason = "stop"
+            elif request.new_tokens == request.params.max_tokens:
+                event.finish_reason = "length"
+            if event.finish_reason is not None:
+                self.finish(request, event)
+            else:
+                self.send(request, event)
+        return tokens
+
+    def sample(self, request: Request, logits: torch.Tensor) -> int:
+        p = request.params
+        if request.seen is not None:
+            logits = apply_repetition_penalty(logits, request.seen, p.repetition_penalty)
+        return int(sample_next(logits, p.temperature, p.top_p, p.top_k, p.min_p, request.generator)[0])
+
+    def release_finished_rows(self, also: list[Request] = ()) -> None:
+        """Free the rows of finished requests (and of `also`): the last row moves into each hole."""
+        leaving = set(map(id, also))
+        i = 0
+        while i < len(self.decoding):
+            request = self.decoding[i]
+            if request.finished or id(request) in leaving:
+                last = len(self.decoding) - 1
+                if i != last:
+                    self.cache.copy_row(i, self.cache, last)
+                    self.decoding[i] = self.decoding[last]
+                self.decoding.pop()
+            else:
+                i += 1
+
+    def send(self, request: Request, event: TokenEvent) -> None:
+        try:
+            request.on_event(event)
+        except Exception:  # a listener's failure ends its own request, not the engine
+            request.cancelled = True
+
+    def finish(self, request: Request, event: TokenEvent) -> None:
+        if request.finished:
+            return
+        request.finished = True
+        with self.lock:
+            self.live -= 1
+        self.send(request, event)
+
+
+def logprobs_of(logits: torch.Tensor, token: int, top: int) -> tuple[float, dict[int, float]]:
+    """The log-probability of `token` under logits (V,), and the `top` most likely tokens' log-probabilities."""
+    log_probs = torch.log_softmax(logits.float(), dim=-1)  # (V,)
+    values, ids = torch.topk(log_probs, top) if top else (log_probs[:0], log_probs[:0].long())
+    return float(log_probs[token]), dict(zip(ids.tolist(), values.tolist()))
+
+
+def select_rows(cache: KVCache, rows: torch.Tensor) -> KVCache:
+    """A new cache holding only `rows` (a 1-D index) of `cache`."""
+    keys = [layer.k[rows.to(layer.k.device)] for layer in cache.layers]
+    values = [layer.v[rows.to(layer.v.device)] for layer in cache.layers]
+    return KVCache(keys, values, cache.lengths[rows])
