@@ -86,7 +86,7 @@ def resolve_source(cfg: DataConfig) -> Source:
     if name in BUNDLED:
         return Source("text", name, files=[BUNDLED[name]])
     path = Path(name)
-    if any(ch in name for ch in "*?["):
+    if any(ch in name for ch in "*?[") and not path.exists():  # 'notes [draft].txt' is a file's name
         files = sorted(Path(p) for p in glob.glob(name, recursive=True) if Path(p).is_file())
         if not files:
             raise UserError(f"no files match {name}")
