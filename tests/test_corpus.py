@@ -184,3 +184,14 @@ def test_bundled_shakespeare_is_the_text_and_works_offline(tmp_path):
     start = int(np.argmax(train != tokens[: len(train)]))  # where the held-out span was taken out
     assert np.array_equal(tokens[start : start + len(val)], val)
     assert np.array_equal(np.concatenate([tokens[:start], tokens[start + len(val) :]]), train)
+
+
+@pytest.mark.parametrize("run", [" ", "\n", "\t"])
+def test_a_megabyte_of_whitespace_before_text_is_cut_into_pieces_the_tokenizer_can_take(tmp_path, run):
+    # tiktoken alone panics on this text (a whitespace run of a million characters, then a letter)
+    path = tmp_path / "blank.txt"
+    path.write_text(run * 1_020_000 + "x")
+    report = ReadReport()
+    pieces = [piece for piece, _ in text_file_pieces([path], report)]
+    assert "".join(pieces) == path.read_text()
+    assert len(tokens_of_pieces(pieces)) > 0  # raises (PanicException) on pieces too long for tiktoken

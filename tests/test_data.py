@@ -45,6 +45,15 @@ def test_folder_and_glob_make_one_document_per_file(tmp_path):
         assert (all_tokens == EOT_ID).sum() == 3
 
 
+def test_a_file_whose_name_holds_glob_characters_is_that_file(tmp_path):
+    text = make_text(2000, 5)
+    path = tmp_path / "notes [draft] v1?.txt"
+    path.write_text(text)
+    folder = prepare(cfg(tmp_path, path), min_tokens=33)
+    all_tokens = np.concatenate([open_split(folder, "train"), open_split(folder, "val")])
+    assert len(all_tokens) == len(encode(text)) + 1
+
+
 def test_local_huggingface_dataset_folder_uses_its_splits(tmp_path):
     datasets = pytest.importorskip("datasets")
     rows = ["", " = Alpha = \n", "", " Alpha text .\n", "", " = = Section = = \n", "", " more .\n",

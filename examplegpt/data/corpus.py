@@ -28,7 +28,10 @@ HUB_DATASETS = {
 }
 BUNDLED = {"shakespeare": Path(__file__).resolve().parent.parent / "assets" / "tinyshakespeare.txt.gz"}
 TEXT_SUFFIXES = (".txt", ".text", ".md")
-SEGMENT_CHARS = 1 << 20  # long texts are cut into ~1 MB pieces so all threads get work
+# Long texts are cut into pieces of about SEGMENT_CHARS so all threads get work. A piece is at most
+# SEGMENT_CHARS + CUT_SEARCH_CHARS long, and that must stay well under 1,000,000 characters: tiktoken's
+# regex engine gives up (a panic, not an exception) on a whitespace run that long followed by a non-space.
+SEGMENT_CHARS = 1 << 19
 CUT_SEARCH_CHARS = 1 << 16  # how far past the target a cut point is looked for before one is forced
 READ_BYTES = 8 << 20  # text files are read in blocks of this size
 
@@ -83,7 +86,7 @@ def resolve_source(cfg: DataConfig) -> Source:
     if name in BUNDLED:
         return Source("text", name, files=[BUNDLED[name]])
     path = Path(name)
-    if any(ch in name for ch in "*?["):
+    if any(ch in name for ch in "*?[") and not path.exists():  # 'notes [draft].txt' is a file's name
         files = sorted(Path(p) for p in glob.glob(name, recursive=True) if Path(p).is_file())
         if not files:
             raise UserError(f"no files match {name}")

@@ -1,9 +1,11 @@
 """Drills: `prepare` on text shaped against the cutter, through the real command."""
 
+import math
 import random
 
 import numpy as np
 
+from examplegpt.data.corpus import SEGMENT_CHARS
 from examplegpt.tokenizer import EOT_ID, get_tokenizer
 
 from ..conftest import assert_one_line_error, run_cli
@@ -50,7 +52,9 @@ def test_megabytes_of_letters_without_a_space_are_cut_anyway_with_one_warning(tm
     warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning")]
     assert len(warnings) == 1 and "cut anyway" in warnings[0], proc.stderr
     train, val, manifest = cached_tokens(tmp_path / "cache")
-    assert manifest["forced_cuts"] == 3  # a piece per MiB (2**20 characters), no boundary anywhere
+    assert (
+        manifest["forced_cuts"] == math.ceil(len(text) / SEGMENT_CHARS) - 1
+    )  # a piece per SEGMENT_CHARS, no boundary anywhere
     assert len(train) + len(val) > len(text) // 4  # the whole text is there, as tokens
 
     # the same letters with no room for a validation block: one line, and no cache left behind
