@@ -283,3 +283,15 @@ def test_generate_without_a_model_file_says_how_to_get_one(tmp_path, monkeypatch
     assert main(["generate", "-p", "hi"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "gpt_model.pt" in err[0] and "example.py train" in err[0] and "Hugging Face" in err[0]
+
+
+@pytest.mark.parametrize("tiny", [1e-300, 5e-324])
+def test_a_top_p_or_temperature_below_float32s_range_is_greedy(spread_model, tiny):
+    """p and temperature are Python floats that become 0 in float32: the filter still keeps the best token
+    (it used to index -1 and raise), and the division by the temperature does not make the best logit NaN."""
+    with torch.no_grad():
+        logits = spread_model(torch.tensor([[1, 2, 3]]))[0][:, -1]  # (1, V)
+    kept = torch.isfinite(top_p_filter(logits, tiny))[0]
+    assert kept.nonzero().flatten().tolist() == [int(logits.argmax())]
+    assert sample_next(logits, temperature=tiny).tolist() == logits.argmax(dim=-1).tolist()
+    assert sample_next(logits, temperature=1.0, top_p=tiny).tolist() == logits.argmax(dim=-1).tolist()
