@@ -295,6 +295,9 @@ class Completion:
                 choice.request = engine.submit(ids, p, lambda event, c=choice: self.on_event(c, event))
         except QueueFull:
             self.cancel()
+            if engine.error is not None:  # not busy but broken: retrying will not help
+                raise APIError(500, "the model failed earlier and the server cannot generate: restart it",
+                               type="server_error", code="engine_failed") from None  # fmt: skip
             stats = engine.stats
             raise APIError(
                 503,
@@ -422,7 +425,7 @@ def create_app(engine: BatchEngine, config: ServeConfig, model_id: str, model_co
     async def health() -> dict:
         stats = engine.stats
         return {
-            "status": "draining" if state.draining else "ok",
+            "status": "error" if engine.error is not None else "draining" if state.draining else "ok",
             "model": model_id,
             "running": stats["running"],
             "queued": stats["queued"],
