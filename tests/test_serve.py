@@ -365,6 +365,16 @@ def test_a_client_that_disconnects_mid_stream_frees_its_row(server):
     assert 1 <= after - before < 500
 
 
+def test_a_client_that_leaves_a_non_streaming_request_frees_its_row(server):
+    """Tokens keep coming while it decodes: the server must still notice the client has gone."""
+    before = server.wait_for_health(lambda h: h["running"] == 0)["tokens_generated"]
+    body = {**long_stream_body(max_tokens=4000), "stream": False}
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(server.url + "/v1/completions", json=body, timeout=1.0)  # gives up and closes the connection
+    after = server.wait_for_health(lambda h: h["running"] == 0 and h["queued"] == 0)["tokens_generated"]
+    assert 1 <= after - before < 2000
+
+
 def test_past_the_queue_the_server_answers_503_with_retry_after(small_server):
     headers = {"Authorization": "Bearer sesame"}
     url = small_server.url + "/v1/completions"
