@@ -376,7 +376,11 @@ class Guard:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length", b"0").decode("latin-1")
+        headers = dict(scope["headers"])
+        if b"transfer-encoding" in headers and b"content-length" not in headers:  # a body of no stated size
+            response = APIError(411, "send the request body with a Content-Length header", code="length_required")
+            return await response.response()(scope, receive, send)
+        length = headers.get(b"content-length", b"0").decode("latin-1")
         if not length.isdigit() or int(length) > MAX_BODY_BYTES:
             response = APIError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes").response()
             return await response(scope, receive, send)

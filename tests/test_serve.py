@@ -348,6 +348,11 @@ def test_unknown_route_and_huge_body(server):
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
     huge = httpx.post(server.url + "/v1/completions", content=b"x" * (9 * 2**20), timeout=30)
     assert huge.status_code == 413 and "larger than" in huge.json()["error"]["message"]
+    # a chunked body states no size: it would be read whole, past the limit, before anything could refuse it
+    chunks = (b"x" * 2**20 for _ in range(9))
+    chunked = httpx.post(server.url + "/v1/completions", content=chunks, timeout=30)
+    assert chunked.status_code == 411 and chunked.json()["error"]["code"] == "length_required"
+    assert server.health()["status"] == "ok"
 
 
 # --- disconnects, the bounded queue, the API key -------------------------------------------------------
