@@ -38,9 +38,9 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     """CTRL's penalty: logits (B, V) of tokens already seen (B, V bool) are made less likely (in float32)."""
     logits = logits.float()
     penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
-    # an extreme penalty (1e-40, 1e300) overflows float32: inf - inf later is NaN, sampled as the last token id
-    finite = torch.finfo(torch.float32)
-    return torch.where(seen, penalised.clamp(finite.min, finite.max), logits)
+    # a tiny penalty (1e-40) overflows float32 to inf: inf - inf later is NaN, sampled as the last token id
+    largest = torch.finfo(torch.float32).max
+    return torch.where(seen, penalised.clamp(max=largest), logits)
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
