@@ -34,6 +34,7 @@ The model's weights are used as they are: on CPU, wrap the engine's run in
 from __future__ import annotations
 
 import collections
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -202,7 +203,8 @@ class BatchEngine:
                 self.accepting = False
             for request in self.decoding + [r for job in self.prefilling for r in job.requests] + list(self.waiting):
                 self.finish(request, TokenEvent(None, finish_reason="error"))
-            raise
+            # one line, not the thread's traceback: the server keeps answering (with errors) and says why
+            print(f"error: the batching engine stopped: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
 
     def wait_for_work(self) -> bool:
         """Block until there is something to do; False when the engine should end."""
@@ -293,9 +295,10 @@ class BatchEngine:
             budget -= k * take
             if job.done < T:
                 continue
-            self.prefilling.popleft()
             logits = self.model.logits(h[:, -1])  # (k, V)
             self.next_tokens(job.requests, logits)
+            # only now: should sampling fail, the job's requests are still found (and ended) in self.prefilling
+            self.prefilling.popleft()
             for row, request in enumerate(job.requests):
                 if not request.finished:
                     self.cache.copy_row(len(self.decoding), job.cache, row)

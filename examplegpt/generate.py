@@ -38,7 +38,9 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     """CTRL's penalty: logits (B, V) of tokens already seen (B, V bool) are made less likely (in float32)."""
     logits = logits.float()
     penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
-    return torch.where(seen, penalised, logits)
+    # a tiny penalty (1e-40) overflows float32 to inf: inf - inf later is NaN, sampled as the last token id
+    largest = torch.finfo(torch.float32).max
+    return torch.where(seen, penalised.clamp(max=largest), logits)
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -60,7 +62,8 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     sorted_probs = sort_descending(probs)  # (B, V)
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # probability of the tokens ranked above
     needed = mass_before < p  # (B, V): this token is needed to reach p
-    last_needed = needed.sum(dim=-1, keepdim=True) - 1  # (B, 1), index into the sorted order
+    # the most likely token is always needed, even for a p that is 0 in float32 (mass_before is never < 0)
+    last_needed = (needed.sum(dim=-1, keepdim=True) - 1).clamp_(min=0)  # (B, 1), index into the sorted order
     threshold = sorted_probs.gather(-1, last_needed)  # (B, 1)
     return logits.masked_fill(probs < threshold, float("-inf"))
 
@@ -98,6 +101,9 @@ def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     The shift leaves the softmax unchanged, and keeps a tiny temperature finite: the best token's logit
     is 0 and the others go to -inf, so the distribution tends to greedy instead of inf - inf = NaN."""
     logits = logits.float()
+    # a temperature below float32's range would divide by 0 (0 / 0 = NaN for the best token): the smallest normal
+    # float32 gives the same greedy limit
+    temperature = max(temperature, torch.finfo(torch.float32).tiny)
     return (logits - logits.max(dim=-1, keepdim=True).values) / temperature
 
 

@@ -50,6 +50,7 @@ MAX_BODY_BYTES = 8 * 2**20  # a request body past this is refused before it is r
 MAX_STOPS = 4  # OpenAI's limit on stop strings
 MAX_LOGPROBS = 5  # OpenAI's limit on `logprobs` for completions
 RETRY_AFTER_SECONDS = 1
+DISCONNECT_CHECK_SECONDS = 0.25  # how often a non-streaming request looks for its client having left
 
 
 # --- errors -------------------------------------------------------------------------------------
@@ -295,6 +296,9 @@ class Completion:
                 choice.request = engine.submit(ids, p, lambda event, c=choice: self.on_event(c, event))
         except QueueFull:
             self.cancel()
+            if engine.error is not None:  # not busy but broken: retrying will not help
+                raise APIError(500, "the model failed earlier and the server cannot generate: restart it",
+                               type="server_error", code="engine_failed") from None  # fmt: skip
             stats = engine.stats
             raise APIError(
                 503,
@@ -360,6 +364,41 @@ class ServerState:
             completion.cancel()
 
 
+class Guard:
+    """Refuse a huge body before reading it; answer a bug of ours with a 500 error object, not a traceback.
+
+    Plain ASGI, not `@app.middleware("http")`: Starlette's BaseHTTPMiddleware hides the client's
+    disconnection from `Request.is_disconnected()`, which a non-streaming request relies on."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        if b"transfer-encoding" in headers and b"content-length" not in headers:  # a body of no stated size
+            response = APIError(411, "send the request body with a Content-Length header", code="length_required")
+            return await response.response()(scope, receive, send)
+        length = headers.get(b"content-length", b"0").decode("latin-1")
+        if not length.isdigit() or int(length) > MAX_BODY_BYTES:
+            response = APIError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes").response()
+            return await response(scope, receive, send)
+        started = False
+
+        async def send_noting_start(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_noting_start)
+        except Exception as e:
+            print(f"error: {scope['method']} {scope['path']}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            if not started:  # else the answer is under way: all there is to do is end it, which the server does
+                await APIError(500, "internal server error", type="server_error").response()(scope, receive, send)
+
+
 def create_app(engine: BatchEngine, config: ServeConfig, model_id: str, model_config) -> FastAPI:
     state = ServerState(engine, config, model_id, model_config)
 
@@ -387,17 +426,7 @@ def create_app(engine: BatchEngine, config: ServeConfig, model_id: str, model_co
         message = f"{request.method} {request.url.path}: {exc.detail}"
         return APIError(exc.status_code, message, code=kind, headers=exc.headers).response()
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        """Refuse a huge body before reading it; answer a bug of ours with a 500 error object, not a traceback."""
-        length = request.headers.get("content-length", "0")
-        if not length.isdigit() or int(length) > MAX_BODY_BYTES:
-            return APIError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes").response()
-        try:
-            return await call_next(request)
-        except Exception as e:
-            print(f"error: {request.method} {request.url.path}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-            return APIError(500, "internal server error", type="server_error").response()
+    app.add_middleware(Guard)
 
     def check_api_key(request: Request) -> None:
         if config.api_key is None:
@@ -422,7 +451,7 @@ def create_app(engine: BatchEngine, config: ServeConfig, model_id: str, model_co
     async def health() -> dict:
         stats = engine.stats
         return {
-            "status": "draining" if state.draining else "ok",
+            "status": "error" if engine.error is not None else "draining" if state.draining else "ok",
             "model": model_id,
             "running": stats["running"],
             "queued": stats["queued"],
@@ -497,10 +526,15 @@ def create_app(engine: BatchEngine, config: ServeConfig, model_id: str, model_co
             headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
             return StreamingResponse(events, media_type="text/event-stream", headers=headers)
         try:
+            checked = time.monotonic()
             while not completion.done:
-                # a client that left is noticed within a second, and its rows freed
-                if await completion.next_change(timeout=1.0) is None and await request.is_disconnected():
-                    return JSONResponse({})
+                await completion.next_change(timeout=DISCONNECT_CHECK_SECONDS)
+                # a client that left is noticed within DISCONNECT_CHECK_SECONDS, and its rows freed; checked by the
+                # clock, not only when no event comes, since tokens keep coming for as long as it decodes
+                if time.monotonic() - checked >= DISCONNECT_CHECK_SECONDS:
+                    checked = time.monotonic()
+                    if await request.is_disconnected():
+                        return JSONResponse({})
         finally:
             completion.cancel()
             state.in_flight.discard(completion)

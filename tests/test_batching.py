@@ -303,3 +303,31 @@ def test_bad_prompts_are_refused(model):
         engine.submit([], SamplingParams(max_tokens=3), Collector())
     with pytest.raises(ValueError, match="token ids"):
         engine.submit([50257], SamplingParams(max_tokens=3), Collector())
+
+
+@pytest.mark.parametrize("fail_at_call", [1, 3])  # the first sampling ends a prefill; the third, a decode step
+def test_a_failing_engine_ends_every_live_request_with_an_error(model, engine_of, fail_at_call, capsys):
+    """Whatever step the failure comes in, each request gets its final "error" event (none waits forever),
+    new work is refused, and the failure is one line on stderr, not a thread's traceback."""
+    engine = engine_of(model, max_batch=2, max_queue=2)
+    calls = []
+
+    def failing_sample(request, logits):
+        calls.append(1)
+        if len(calls) >= fail_at_call:
+            raise RuntimeError("sampling broke")
+        return 0
+
+    engine.sample = failing_sample  # an instance attribute: the engine's sampled path calls it per row
+    collectors = [Collector() for _ in range(3)]
+    params = SamplingParams(max_tokens=5, temperature=1.0, seed=1)
+    for collector in collectors:
+        engine.submit(prompt_of(4, 0), params, collector)
+    engine.start()
+    for collector in collectors:
+        assert collector.wait().finish_reason == "error"
+    assert engine.join(TIMEOUT) and isinstance(engine.error, RuntimeError)
+    with pytest.raises(QueueFull):
+        engine.submit(prompt_of(4, 0), params, Collector())
+    err = capsys.readouterr().err
+    assert "sampling broke" in err and "Traceback" not in err

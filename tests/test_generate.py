@@ -8,8 +8,10 @@ import torch
 from examplegpt import GPT
 from examplegpt.generate import (
     TextStream,
+    apply_repetition_penalty,
     generate,
     min_p_filter,
+    next_token_probs,
     sample_from,
     sample_next,
     sort_descending,
@@ -283,3 +285,33 @@ def test_generate_without_a_model_file_says_how_to_get_one(tmp_path, monkeypatch
     assert main(["generate", "-p", "hi"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "gpt_model.pt" in err[0] and "example.py train" in err[0] and "Hugging Face" in err[0]
+
+
+@pytest.mark.parametrize("tiny", [1e-300, 5e-324])
+def test_a_top_p_or_temperature_below_float32s_range_is_greedy(spread_model, tiny):
+    """p and temperature are Python floats that become 0 in float32: the filter still keeps the best token
+    (it used to index -1 and raise), and the division by the temperature does not make the best logit NaN."""
+    with torch.no_grad():
+        logits = spread_model(torch.tensor([[1, 2, 3]]))[0][:, -1]  # (1, V)
+    kept = torch.isfinite(top_p_filter(logits, tiny))[0]
+    assert kept.nonzero().flatten().tolist() == [int(logits.argmax())]
+    assert sample_next(logits, temperature=tiny).tolist() == logits.argmax(dim=-1).tolist()
+    assert sample_next(logits, temperature=1.0, top_p=tiny).tolist() == logits.argmax(dim=-1).tolist()
+
+
+@pytest.mark.parametrize("penalty", [1e-300, 1e-40, 1e300])
+def test_an_extreme_repetition_penalty_still_samples_a_finite_distribution(spread_model, penalty):
+    """A penalty whose division overflows float32 used to make the seen tokens' logits inf, the distribution
+    NaN, and the sample the last id (<|endoftext|>) whatever the model said."""
+    with torch.no_grad():
+        logits = spread_model(torch.tensor([[1, 2, 3]]))[0][:, -1]  # (1, V)
+    seen = torch.zeros_like(logits, dtype=torch.bool)
+    seen[0, logits[0].topk(5).indices] = True  # the five best tokens were seen
+    probs = next_token_probs(apply_repetition_penalty(logits, seen, penalty), temperature=1.0, top_p=1.0)
+    assert torch.isfinite(probs).all() and abs(float(probs.sum()) - 1) < 1e-4
+    drawn = int(
+        sample_next(
+            apply_repetition_penalty(logits, seen, penalty), 1.0, 1.0, generator=torch.Generator().manual_seed(0)
+        )
+    )
+    assert bool(seen[0, drawn]) == (penalty < 1)  # a tiny penalty boosts the seen tokens, a huge one buries them

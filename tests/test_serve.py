@@ -348,6 +348,11 @@ def test_unknown_route_and_huge_body(server):
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
     huge = httpx.post(server.url + "/v1/completions", content=b"x" * (9 * 2**20), timeout=30)
     assert huge.status_code == 413 and "larger than" in huge.json()["error"]["message"]
+    # a chunked body states no size: it would be read whole, past the limit, before anything could refuse it
+    chunks = (b"x" * 2**20 for _ in range(9))
+    chunked = httpx.post(server.url + "/v1/completions", content=chunks, timeout=30)
+    assert chunked.status_code == 411 and chunked.json()["error"]["code"] == "length_required"
+    assert server.health()["status"] == "ok"
 
 
 # --- disconnects, the bounded queue, the API key -------------------------------------------------------
@@ -356,13 +361,23 @@ def test_unknown_route_and_huge_body(server):
 def test_a_client_that_disconnects_mid_stream_frees_its_row(server):
     before = server.wait_for_health(lambda h: h["running"] == 0)["tokens_generated"]
     body = long_stream_body(max_tokens=1000)
-    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as response:
+    with httpx.stream("POST", server.url + "/v1/completions", json=body) as response:
         events = sse_events(response)
         next(events)
         assert server.health()["running"] == 1
     # leaving the block closed the connection mid-stream: the row is freed long before its 1000 tokens
     after = server.wait_for_health(lambda h: h["running"] == 0 and h["queued"] == 0)["tokens_generated"]
     assert 1 <= after - before < 500
+
+
+def test_a_client_that_leaves_a_non_streaming_request_frees_its_row(server):
+    """Tokens keep coming while it decodes: the server must still notice the client has gone."""
+    before = server.wait_for_health(lambda h: h["running"] == 0)["tokens_generated"]
+    body = {**long_stream_body(max_tokens=4000), "stream": False}
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(server.url + "/v1/completions", json=body, timeout=1.0)  # gives up and closes the connection
+    after = server.wait_for_health(lambda h: h["running"] == 0 and h["queued"] == 0)["tokens_generated"]
+    assert 1 <= after - before < 2000
 
 
 def test_past_the_queue_the_server_answers_503_with_retry_after(small_server):
@@ -498,3 +513,27 @@ def test_serve_benchmark_runs():
     assert [int(row[1]) for row in rows] == [1, 2]
     assert all(float(row[2]) > 0 for row in rows)
     assert "one client / generate" in proc.stdout
+
+
+def test_after_the_model_fails_health_says_error_and_requests_get_500(model):
+    """In process (a failure cannot be provoked from outside): not a 503 "busy" that retrying would never cure."""
+    from fastapi.testclient import TestClient
+
+    from examplegpt.batching import BatchEngine
+    from examplegpt.config import ServeConfig
+    from examplegpt.serve import create_app
+
+    engine = BatchEngine(model, max_batch=2, max_queue=2)
+
+    def failing_sample(request, logits):
+        raise RuntimeError("sampling broke")
+
+    engine.sample = failing_sample
+    app = create_app(engine, ServeConfig(), "tiny", model.config)
+    with TestClient(app) as client:
+        body = {"prompt": "Hello", "max_tokens": 3, "temperature": 1.0}
+        first = client.post("/v1/completions", json=body)
+        assert first.status_code == 500 and first.json()["error"]["type"] == "server_error"
+        assert client.get("/health").json()["status"] == "error"
+        again = client.post("/v1/completions", json=body)
+        assert again.status_code == 500 and again.json()["error"]["code"] == "engine_failed"
