@@ -370,6 +370,17 @@ def test_a_run_shorter_than_its_warmup_says_so(corpus, tmp_path, capsys):
     assert len(warning) == 1 and "never reaches" in warning[0]
 
 
+def test_a_run_as_long_as_its_warmup_says_it_reaches_the_peak_only_at_the_end(corpus, tmp_path, capsys):
+    from examplegpt.cli import main
+
+    out = tmp_path / "run"
+    assert main(train_args(corpus, out, "--max-steps", "3", "--warmup-steps", "3")) == 0
+    warning = [line for line in capsys.readouterr().err.splitlines() if "warmup" in line]
+    lrs = [json.loads(line).get("lr") for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [lr for lr in lrs if lr is not None][-1] == pytest.approx(3e-3)  # the last step is at the peak
+    assert len(warning) == 1 and "never reaches" not in warning[0] and "last step" in warning[0]
+
+
 def test_the_last_step_runs_at_the_minimum_learning_rate(corpus, tmp_path, capsys):
     from examplegpt.cli import main
 
