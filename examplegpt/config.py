@@ -253,16 +253,16 @@ class GenerateConfig:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise UserError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise UserError(f"temperature must not be negative, got {self.temperature}")
+        if not self.temperature >= 0:  # written so that NaN is refused too
+            raise UserError(f"temperature must be a number >= 0 (0 is greedy), got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k is not None and self.top_k < 1:
             raise UserError(f"top_k must be at least 1, got {self.top_k}")
         if self.min_p is not None and not 0.0 <= self.min_p <= 1.0:
             raise UserError(f"min_p must be in [0, 1], got {self.min_p}")
-        if self.repetition_penalty <= 0:
-            raise UserError(f"repetition_penalty must be positive, got {self.repetition_penalty}")
+        if not self.repetition_penalty > 0:
+            raise UserError(f"repetition_penalty must be a positive number, got {self.repetition_penalty}")
         if self.num_samples < 1:
             raise UserError(f"num_samples must be at least 1, got {self.num_samples}")
         check_device(self.device)

@@ -170,6 +170,8 @@ def test_cli_long_prompt_is_cut_from_the_left_with_a_warning(cli, model_file):
     "args, stdin, words",
     [
         (["-t", "-1"], None, ["temperature"]),
+        (["-t", "nan"], None, ["temperature"]),
+        (["--repetition-penalty", "nan"], None, ["repetition_penalty"]),
         (["--top-p", "0"], None, ["top_p"]),
         (["--top-p", "1.5"], None, ["top_p"]),
         (["--top-k", "0"], None, ["top_k"]),
