@@ -147,19 +147,7 @@ def test_non_finite_loss_is_skipped_then_stops_with_the_last_checkpoint_intact(c
     from examplegpt.cli import main
 
     out = tmp_path / "run"
-    original = GPT.forward
-    calls = {"n": 0}
-
-    def poisoned(self, idx, targets=None):
-        logits, loss = original(self, idx, targets)
-        if self.training and loss is not None:
-            calls["n"] += 1
-            # micro-steps 9-10 (step 5) are poisoned once, then from micro-step 15 (step 8) on for good
-            if calls["n"] in (9, 10) or calls["n"] >= 15:
-                loss = loss * float("nan")
-        return logits, loss
-
-    monkeypatch.setattr(GPT, "forward", poisoned)
+    poison_steps(monkeypatch, {5} | set(range(8, 21)))  # step 5 once, then from step 8 on for good
     status = main(train_args(corpus, out, "--max-steps", "20", "--checkpoint-interval", "3"))
     assert status == 1
     good = read_torch_file(out / "checkpoints" / "checkpoint_epoch1_batch6.pt")
