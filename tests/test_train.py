@@ -198,7 +198,7 @@ def test_fine_tune_from_a_hugging_face_folder(corpus, tmp_path, hf_dir):
 def test_full_disk_while_saving_keeps_the_previous_checkpoint(corpus, tmp_path, monkeypatch):
     import errno
 
-    from examplegpt import checkpoint
+    from examplegpt import weights
     from examplegpt.cli import main
 
     out = tmp_path / "run"
@@ -212,7 +212,7 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(corpus, tmp_path, 
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_save(obj, f, *args, **kwargs)
 
-    monkeypatch.setattr(checkpoint.torch, "save", save_then_fill_the_disk)
+    monkeypatch.setattr(weights.torch, "save", save_then_fill_the_disk)  # atomic_torch_save writes with it
     status = main(train_args(corpus, out, "--max-steps", "8", "--checkpoint-interval", "4"))
     assert status == 1
     files = sorted(p.name for p in (out / "checkpoints").iterdir())
