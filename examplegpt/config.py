@@ -11,6 +11,7 @@ import ast
 import dataclasses
 import functools
 import inspect
+import math
 import textwrap
 from dataclasses import dataclass, field
 
@@ -195,12 +196,20 @@ class TrainConfig:
             raise UserError(
                 f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size ({self.micro_batch_size})"
             )
-        if self.learning_rate <= 0:
-            raise UserError(f"learning_rate must be positive, got {self.learning_rate}")
+        # Comparisons written so that NaN fails them too.
+        if not 0.0 < self.learning_rate < math.inf:
+            raise UserError(f"learning_rate must be a positive number, got {self.learning_rate}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise UserError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
-            raise UserError("warmup_steps, weight_decay and grad_clip must not be negative")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise UserError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.warmup_steps < 0:
+            raise UserError(f"warmup_steps must not be negative, got {self.warmup_steps}")
+        if not 0.0 <= self.weight_decay < math.inf:
+            raise UserError(f"weight_decay must be a number >= 0, got {self.weight_decay}")
+        if not self.grad_clip >= 0.0:
+            raise UserError(f"grad_clip must be a number >= 0 (0 disables clipping), got {self.grad_clip}")
         self.precision = precision_name(self.precision)
         if not self.use_amp and self.precision not in ("auto", "fp32"):
             raise UserError(f"--no-amp computes in fp32, but precision is {self.precision}: pass one of the two")
@@ -253,16 +262,16 @@ class GenerateConfig:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise UserError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise UserError(f"temperature must not be negative, got {self.temperature}")
+        if not self.temperature >= 0:  # written so that NaN is refused too
+            raise UserError(f"temperature must be a number >= 0 (0 is greedy), got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k is not None and self.top_k < 1:
             raise UserError(f"top_k must be at least 1, got {self.top_k}")
         if self.min_p is not None and not 0.0 <= self.min_p <= 1.0:
             raise UserError(f"min_p must be in [0, 1], got {self.min_p}")
-        if self.repetition_penalty <= 0:
-            raise UserError(f"repetition_penalty must be positive, got {self.repetition_penalty}")
+        if not self.repetition_penalty > 0:
+            raise UserError(f"repetition_penalty must be a positive number, got {self.repetition_penalty}")
         if self.num_samples < 1:
             raise UserError(f"num_samples must be at least 1, got {self.num_samples}")
         check_device(self.device)

@@ -96,14 +96,18 @@ def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
 
 
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """logits (B, V) / temperature, in float32, after subtracting each row's maximum.
+    """logits (B, V) / temperature, in float32, as transformers computes it, unless that overflows.
 
-    The shift leaves the softmax unchanged, and keeps a tiny temperature finite: the best token's logit
-    is 0 and the others go to -inf, so the distribution tends to greedy instead of inf - inf = NaN."""
+    A tiny temperature can push a logit to +-inf, and then inf - inf = NaN in the softmax. Subtracting each
+    row's maximum first keeps it finite (the best token's logit is 0, the others go to -inf: greedy in the
+    limit); it is done only then, because the subtraction can round two near logits into a tie that the
+    filters would then both keep. A temperature below float32's smallest normal number is computed as that
+    number: it would round to 0 (and 0 / 0 is NaN), and the distribution is greedy there already."""
     logits = logits.float()
-    # a temperature below float32's range would divide by 0 (0 / 0 = NaN for the best token): the smallest normal
-    # float32 gives the same greedy limit
     temperature = max(temperature, torch.finfo(torch.float32).tiny)
+    scaled = logits / temperature
+    if torch.isinf(scaled).sum() == torch.isinf(logits).sum():  # nothing overflowed
+        return scaled
     return (logits - logits.max(dim=-1, keepdim=True).values) / temperature
 
 

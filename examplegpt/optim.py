@@ -16,7 +16,8 @@ def lr_at(step: int, peak_lr: float, warmup_steps: int, total_steps: int, min_lr
       step < W:                  peak_lr * (step + 1) / W                 (linear warmup)
       W <= step < S - 1:         min + (peak_lr - min) * (1 + cos(pi * (step - W) / (S - 1 - W))) / 2
       step >= max(W, S - 1):     min                                      (the last step runs at the minimum)
-    A run no longer than its warmup never reaches the peak (`train` says so when it starts).
+    A run shorter than its warmup never reaches the peak; one exactly as long reaches it only at its last
+    step (`train` says so when it starts).
     """
     min_lr = peak_lr * min_lr_ratio
     if step < warmup_steps:

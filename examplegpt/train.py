@@ -424,9 +424,13 @@ def build(
         total_steps = min(total_steps, cfg.max_steps)
     if cfg.warmup_steps >= total_steps and world.is_main:
         last_lr = lr_at(total_steps - 1, cfg.learning_rate, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
+        if cfg.warmup_steps > total_steps:
+            outcome = f"never reaches {cfg.learning_rate:g} (it ends at {last_lr:.2e})"
+        else:
+            outcome = f"reaches {cfg.learning_rate:g} only at the last step and never decays"
         print(
             f"warning: the run has {total_steps} steps and warmup_steps is {cfg.warmup_steps}: the learning rate"
-            f" never reaches {cfg.learning_rate:g} (it ends at {last_lr:.2e}); lower --warmup-steps",
+            f" {outcome}; lower --warmup-steps",
             file=sys.stderr,
         )
     return Run(

@@ -44,6 +44,21 @@ def peaked_model(max_seq_len: int) -> GPT:
     return model
 
 
+def eos_only_model() -> GPT:
+    """A tiny model whose every next token is <|endoftext|>: its final hidden state is e_0, and only
+    <|endoftext|>'s embedding scores on it."""
+    from examplegpt.tokenizer import EOT_ID
+
+    torch.manual_seed(0)
+    model = GPT(tiny_config()).eval()
+    with torch.no_grad():
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.zero_()
+        model.transformer.ln_f.bias[0] = 1.0
+        model.transformer.wte.weight[EOT_ID, 0] = 100.0
+    return model
+
+
 @pytest.fixture
 def tiny_model() -> GPT:
     torch.manual_seed(0)

@@ -14,7 +14,7 @@ from examplegpt.generate import generate
 from examplegpt.kv_cache import KVCache
 from examplegpt.tokenizer import EOT_ID
 
-from .conftest import peaked_model, tiny_config
+from .conftest import eos_only_model, peaked_model
 
 TIMEOUT = 120  # seconds any one wait may take: a bound, not a measurement
 
@@ -222,13 +222,7 @@ def test_shutdown_without_drain_cancels_the_live_requests(model, engine_of):
 
 
 def test_eos_ends_a_request_unless_told_otherwise(engine_of):
-    torch.manual_seed(0)
-    model = GPT(tiny_config()).eval()
-    with torch.no_grad():  # the final hidden state becomes e_0, and only <|endoftext|> scores on it
-        model.transformer.ln_f.weight.zero_()
-        model.transformer.ln_f.bias.zero_()
-        model.transformer.ln_f.bias[0] = 1.0
-        model.transformer.wte.weight[EOT_ID, 0] = 100.0
+    model = eos_only_model()
     engine = engine_of(model)
     stops, runs_on = Collector(), Collector()
     engine.submit([5, 6], SamplingParams(max_tokens=10, temperature=0), stops)

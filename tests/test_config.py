@@ -134,3 +134,21 @@ def test_every_command_checks_the_device_and_precision_words_alike(cli, command)
     if command != "evaluate":  # evaluation follows the device: bf16 on a CUDA GPU that has it, else fp32
         precision = cli(command, "--precision", "fp8")
         assert_one_line_error(precision, "precision must be auto, fp32, bf16 or fp16, got 'fp8'")
+
+
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--learning-rate", "nan"),
+        ("--learning-rate", "inf"),
+        ("--beta1", "nan"),
+        ("--beta1", "1.5"),
+        ("--beta2", "-0.1"),
+        ("--weight-decay", "nan"),
+        ("--grad-clip", "nan"),
+    ],
+)
+def test_optimizer_settings_out_of_range_or_nan_are_refused_naming_the_field(flag, value):
+    """Each would otherwise reach torch.optim as a traceback, or train on NaN without a word."""
+    with pytest.raises(UserError, match=flag.removeprefix("--").replace("-", "_")):
+        parse(flag, value)

@@ -21,7 +21,7 @@ from examplegpt.generate import (
 from examplegpt.tokenizer import EOT_ID, encode
 from examplegpt.weights import save_model_file
 
-from .conftest import assert_one_line_error, peaked_model, run_cli, tiny_config
+from .conftest import assert_one_line_error, eos_only_model, peaked_model, run_cli, tiny_config
 
 NEG = float("-inf")
 
@@ -111,13 +111,7 @@ def test_text_stream_never_splits_a_character():
 
 
 def test_eos_ends_a_row_and_pads_it():
-    torch.manual_seed(0)
-    model = GPT(tiny_config()).eval()
-    with torch.no_grad():  # the final hidden state becomes e_0, and only <|endoftext|> scores on it
-        model.transformer.ln_f.weight.zero_()
-        model.transformer.ln_f.bias.zero_()
-        model.transformer.ln_f.bias[0] = 1.0
-        model.transformer.wte.weight[EOT_ID, 0] = 100.0
+    model = eos_only_model()
     out = generate(model, torch.tensor([[5, 6]]), 10, temperature=0, eos_id=EOT_ID)
     assert out.tolist() == [[5, 6, EOT_ID]]  # generation ended at the first <|endoftext|>
     assert generate(model, torch.tensor([[5, 6]]), 4, temperature=0).tolist() == [[5, 6] + [EOT_ID] * 4]
@@ -172,6 +166,8 @@ def test_cli_long_prompt_is_cut_from_the_left_with_a_warning(cli, model_file):
     "args, stdin, words",
     [
         (["-t", "-1"], None, ["temperature"]),
+        (["-t", "nan"], None, ["temperature"]),
+        (["--repetition-penalty", "nan"], None, ["repetition_penalty"]),
         (["--top-p", "0"], None, ["top_p"]),
         (["--top-p", "1.5"], None, ["top_p"]),
         (["--top-k", "0"], None, ["top_k"]),

@@ -125,7 +125,8 @@ def test_thousands_of_rows_of_a_real_sized_vocabulary_match_transformers():
         torch.testing.assert_close(torch.softmax(ours[same], -1), torch.softmax(scores[same], -1), rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("temperature", [1e-40, 1e-30, 1e-12, 1e-6])
+# 5e-324, 1e-300 and 1e-46 are below float32's range
+@pytest.mark.parametrize("temperature", [5e-324, 1e-300, 1e-46, 1e-40, 1e-30, 1e-12, 1e-6])
 @pytest.mark.parametrize("top_p", [1.0, 0.9])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_tiny_temperature_is_greedy_in_the_limit(temperature, top_p, dtype):

@@ -147,19 +147,7 @@ def test_non_finite_loss_is_skipped_then_stops_with_the_last_checkpoint_intact(c
     from examplegpt.cli import main
 
     out = tmp_path / "run"
-    original = GPT.forward
-    calls = {"n": 0}
-
-    def poisoned(self, idx, targets=None):
-        logits, loss = original(self, idx, targets)
-        if self.training and loss is not None:
-            calls["n"] += 1
-            # micro-steps 9-10 (step 5) are poisoned once, then from micro-step 15 (step 8) on for good
-            if calls["n"] in (9, 10) or calls["n"] >= 15:
-                loss = loss * float("nan")
-        return logits, loss
-
-    monkeypatch.setattr(GPT, "forward", poisoned)
+    poison_steps(monkeypatch, {5} | set(range(8, 21)))  # step 5 once, then from step 8 on for good
     status = main(train_args(corpus, out, "--max-steps", "20", "--checkpoint-interval", "3"))
     assert status == 1
     good = read_torch_file(out / "checkpoints" / "checkpoint_epoch1_batch6.pt")
@@ -210,7 +198,7 @@ def test_fine_tune_from_a_hugging_face_folder(corpus, tmp_path, hf_dir):
 def test_full_disk_while_saving_keeps_the_previous_checkpoint(corpus, tmp_path, monkeypatch):
     import errno
 
-    from examplegpt import checkpoint
+    from examplegpt import weights
     from examplegpt.cli import main
 
     out = tmp_path / "run"
@@ -224,7 +212,7 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(corpus, tmp_path, 
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_save(obj, f, *args, **kwargs)
 
-    monkeypatch.setattr(checkpoint.torch, "save", save_then_fill_the_disk)
+    monkeypatch.setattr(weights.torch, "save", save_then_fill_the_disk)  # atomic_torch_save writes with it
     status = main(train_args(corpus, out, "--max-steps", "8", "--checkpoint-interval", "4"))
     assert status == 1
     files = sorted(p.name for p in (out / "checkpoints").iterdir())
@@ -368,6 +356,17 @@ def test_a_run_shorter_than_its_warmup_says_so(corpus, tmp_path, capsys):
     assert main(train_args(corpus, tmp_path / "run", "--max-steps", "3", "--warmup-steps", "5")) == 0
     warning = [line for line in capsys.readouterr().err.splitlines() if "warmup" in line]
     assert len(warning) == 1 and "never reaches" in warning[0]
+
+
+def test_a_run_as_long_as_its_warmup_says_it_reaches_the_peak_only_at_the_end(corpus, tmp_path, capsys):
+    from examplegpt.cli import main
+
+    out = tmp_path / "run"
+    assert main(train_args(corpus, out, "--max-steps", "3", "--warmup-steps", "3")) == 0
+    warning = [line for line in capsys.readouterr().err.splitlines() if "warmup" in line]
+    lrs = [json.loads(line).get("lr") for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [lr for lr in lrs if lr is not None][-1] == pytest.approx(3e-3)  # the last step is at the peak
+    assert len(warning) == 1 and "never reaches" not in warning[0] and "last step" in warning[0]
 
 
 def test_the_last_step_runs_at_the_minimum_learning_rate(corpus, tmp_path, capsys):
