@@ -12,7 +12,6 @@ import re
 from pathlib import Path
 
 from .errors import UserError
-from .weights import atomic_torch_save as atomic_torch_save  # re-exported: checkpoints are written with it
 from .weights import read_torch_file
 
 CHECKPOINT_FORMAT = "examplegpt-checkpoint"

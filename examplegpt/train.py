@@ -27,7 +27,6 @@ from tqdm import tqdm
 
 from .checkpoint import (
     CHECKPOINT_FORMAT,
-    atomic_torch_save,
     checkpoint_path,
     load_checkpoint,
     prune_checkpoints,
@@ -51,7 +50,7 @@ from .metrics import MetricsLog, plot_runs
 from .model import GPT
 from .optim import flops_per_token, lr_at, make_optimizer
 from .tokenizer import TOKENIZER_ID
-from .weights import load_model, save_model_file
+from .weights import atomic_torch_save, load_model, save_model_file
 
 MAX_NONFINITE_IN_A_ROW = 3
 SINGLE_PROCESS = World()
