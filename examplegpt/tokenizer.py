@@ -11,6 +11,7 @@ import functools
 import hashlib
 from pathlib import Path
 
+import numpy as np
 import tiktoken
 from tiktoken_ext.openai_public import r50k_pat_str
 
@@ -41,6 +42,12 @@ def get_tokenizer() -> tiktoken.Encoding:
 def encode(text: str, allow_eot: bool = True) -> list[int]:
     """Token ids of `text`; with allow_eot the literal '<|endoftext|>' becomes the special token."""
     return get_tokenizer().encode(text, allowed_special={EOT} if allow_eot else set(), disallowed_special=())
+
+
+def encode_ordinary_array(text: str) -> np.ndarray:
+    """Token ids of `text`, the literal '<|endoftext|>' included, as plain text: tiktoken's
+    encode_ordinary, returned as a uint32 array without building a Python list of ints."""
+    return get_tokenizer().encode_to_numpy(text, disallowed_special=())
 
 
 def decode(tokens: list[int]) -> str:

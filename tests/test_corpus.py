@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from examplegpt.config import DataConfig
-from examplegpt.data import check_cache, corpus, open_split, prepare
+from examplegpt.data import check_cache, corpus, open_split, prepare, token_cache
 from examplegpt.data.corpus import ReadReport, cut_pieces, text_file_pieces
 from examplegpt.tokenizer import EOT_ID, get_tokenizer
 
@@ -71,11 +71,36 @@ def test_files_read_in_blocks_tokenize_exactly_as_the_whole_file(tmp_path_factor
         patch.setattr(corpus, "SEGMENT_CHARS", size)
         patch.setattr(corpus, "CUT_SEARCH_CHARS", SEARCH)
         pieces = list(text_file_pieces([path], report))
+    text = text.removeprefix("\ufeff")  # a byte-order mark is not text
     assert "".join(p for p, _ in pieces) == text
     assert [end for _, end in pieces] == [False] * (len(pieces) - 1) + [True] * bool(pieces)
     assert max((len(p) for p, _ in pieces), default=0) <= size + SEARCH + 1
     if report.forced_cuts == 0:
         assert tokens_of_pieces([p for p, _ in pieces]) == get_tokenizer().encode_ordinary(text)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(documents=st.lists(st.one_of(texts, runs), min_size=1, max_size=4), size=st.integers(1, 64),
+       workers=st.integers(1, 3), in_flight=st.integers(1, 200))  # fmt: skip
+def test_the_token_file_holds_each_whole_documents_tokens_then_endoftext(
+    tmp_path_factory, documents, size, workers, in_flight
+):
+    folder = tmp_path_factory.mktemp("tokens")
+    files = []
+    for i, text in enumerate(documents):
+        files.append(folder / f"{i}.txt")
+        files[-1].write_bytes(text.encode())
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(corpus, "SEGMENT_CHARS", size)  # many pieces in flight, finishing out of order
+        patch.setattr(corpus, "CUT_SEARCH_CHARS", 1 << 20)
+        patch.setattr(token_cache, "BATCH_CHARS", in_flight)
+        stats = token_cache.tokenize_to_file(text_file_pieces(files, ReadReport()), folder / "t.bin", workers, None)
+    documents = [text.removeprefix("\ufeff") for text in documents]  # a byte-order mark is not text
+    expected = [t for text in documents if text for t in get_tokenizer().encode_ordinary(text) + [EOT_ID]]
+    assert np.fromfile(folder / "t.bin", dtype=np.uint16).tolist() == expected
+    assert stats["tokens"] == len(expected) and stats["documents"] == sum(map(bool, documents))
+    assert stats["bytes"] == sum(len(text.encode()) for text in documents)
+    assert stats["words"] == sum(len(re.findall(r"[^\t\n\x0b\x0c\r\x1c-\x1f ]+", text)) for text in documents)
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,6 @@
 """The data pipeline: every source kind, the verified cache, and the resumable, shardable loader."""
 
+import gzip
 import json
 import os
 
@@ -43,6 +44,27 @@ def test_folder_and_glob_make_one_document_per_file(tmp_path):
         assert manifest["splits"]["train"]["documents"] == 3
         all_tokens = np.concatenate([open_split(folder, "train"), open_split(folder, "val")])
         assert (all_tokens == EOT_ID).sum() == 3
+
+
+def test_a_folder_reads_its_gzip_compressed_text_files_too(tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    texts = [make_text(2000, i) for i in range(3)]
+    (docs / "0.txt").write_text(texts[0])
+    (docs / "1.txt.gz").write_bytes(gzip.compress(texts[1].encode()))
+    (docs / "2.md.gz").write_bytes(gzip.compress(texts[2].encode()))
+    (docs / "archive.tar.gz").write_bytes(gzip.compress(b"\x00" * 100))  # not a text file: ignored
+    folder = prepare(cfg(tmp_path, docs), min_tokens=33)
+    tokens = np.concatenate([open_split(folder, "train"), open_split(folder, "val")])
+    assert len(tokens) == sum(len(encode(text)) + 1 for text in texts)
+
+
+def test_a_utf8_byte_order_mark_is_not_text(tmp_path):
+    text = make_text(2000, 4)
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    folder = prepare(cfg(tmp_path, tmp_path / "bom.txt"), min_tokens=33)
+    tokens = np.concatenate([open_split(folder, "train"), open_split(folder, "val")])
+    assert len(tokens) == len(encode(text)) + 1 and check_cache(folder)["invalid_utf8_bytes"] == 0
 
 
 def test_a_file_whose_name_holds_glob_characters_is_that_file(tmp_path):
@@ -129,12 +151,25 @@ def test_invalid_utf8_is_replaced_and_counted(tmp_path):
         (lambda p: (p / "empty.txt").write_text(""), ["no text"]),
         (lambda p: (p / "short.txt").write_text("too short"), ["too short"]),
         (lambda p: (p / "emptydir").mkdir(), ["no .txt files"]),
+        (lambda p: (p / "in").mkdir() or (p / "in" / "d.txt").write_text("x"), ["no such file", "d.bin"]),
+        (lambda p: (p / "u16.txt").write_text(make_text(500, 1), encoding="utf-16"), ["UTF-16", "convert"]),
+        (lambda p: (p / "u16.txt").write_text(make_text(500, 1), encoding="utf-16-le"), ["not UTF-8", "NUL"]),
     ],
-    ids=["missing", "empty", "shorter-than-a-block", "folder-without-text"],
+    ids=[
+        "missing",
+        "empty",
+        "shorter-than-a-block",
+        "folder-without-text",
+        "missing-in-a-folder",
+        "utf-16",
+        "utf-16-without-mark",
+    ],  # fmt: skip
 )
 def test_bad_sources_fail_in_one_line(cli, monkeypatch, tmp_path, setup, words):
     setup(tmp_path)
     target = next(tmp_path.iterdir(), tmp_path / "nope.txt")
+    if target.name == "in":
+        target = "in/d.bin"  # relative: a hub id has the same shape, but in/ is a folder here
     monkeypatch.chdir(tmp_path)
     proc = cli("prepare", "--data", str(target), "--cache-dir", str(tmp_path / "cache"))
     assert_one_line_error(proc, *words)

@@ -27,7 +27,8 @@ HUB_DATASETS = {
     "wikitext-2": ("Salesforce/wikitext", "wikitext-2-raw-v1"),
 }
 BUNDLED = {"shakespeare": Path(__file__).resolve().parent.parent / "assets" / "tinyshakespeare.txt.gz"}
-TEXT_SUFFIXES = (".txt", ".text", ".md")
+TEXT_SUFFIXES = (".txt", ".text", ".md")  # each also gzip-compressed: notes.txt.gz
+FILE_SUFFIXES = (*TEXT_SUFFIXES, ".gz", ".bin", ".json", ".jsonl", ".csv", ".parquet", ".arrow")  # not in hub ids
 # Long texts are cut into pieces of about SEGMENT_CHARS so all threads get work. A piece is at most
 # SEGMENT_CHARS + CUT_SEARCH_CHARS long, and that must stay well under 1,000,000 characters: tiktoken's
 # regex engine gives up (a panic, not an exception) on a whitespace run that long followed by a non-space.
@@ -96,13 +97,19 @@ def resolve_source(cfg: DataConfig) -> Source:
     if path.is_dir():
         if (path / "dataset_dict.json").exists() or any(path.rglob("*.parquet")) or any(path.rglob("*.arrow")):
             return Source("hf", name, dataset=str(path), dataset_config=cfg.data_config)
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+        files = sorted(p for p in path.rglob("*") if p.is_file() and is_text_file(p))
         if not files:
             raise UserError(f"{name} has no .txt files (nor parquet/arrow files of a Hugging Face dataset)")
         return Source("text", name, files=files)
-    if name.startswith((".", "/", "~")) or name.count("/") > 1 or path.suffix in TEXT_SUFFIXES:
-        raise UserError(f"no such file or folder: {name}")  # a hub id is 'name' or 'owner/name'
+    # a hub id is 'name' or 'owner/name'; anything else, or a name inside a local folder, meant a path
+    local_folder = path.parent != Path(".") and path.parent.is_dir()
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or path.suffix in FILE_SUFFIXES or local_folder:
+        raise UserError(f"no such file or folder: {name}")
     return Source("hf", name, dataset=name, dataset_config=cfg.data_config)
+
+
+def is_text_file(path: Path) -> bool:
+    return path.suffix in TEXT_SUFFIXES or (path.suffix == ".gz" and Path(path.stem).suffix in TEXT_SUFFIXES)
 
 
 class ReadReport:
@@ -167,17 +174,31 @@ def open_text_file(path: Path):
     return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 
+def check_utf8_start(path: Path, block: bytes) -> None:
+    """Refuse text in another encoding, which UTF-8 decoding would turn into replacement characters
+    without complaint: a UTF-16 or UTF-32 byte-order mark, or NUL bytes (UTF-16 without a mark, or
+    a binary file)."""
+    if block.startswith((b"\xff\xfe", b"\xfe\xff", b"\x00\x00\xfe\xff")):
+        raise UserError(f"{path} is UTF-16 or UTF-32 text; convert it to UTF-8 (e.g. iconv -f UTF-16 -t UTF-8)")
+    if len(block) >= 1024 and block.count(0) > len(block) * 0.3:  # UTF-16 of Latin text is half NULs
+        raise UserError(f"{path} is not UTF-8 text: it is full of NUL bytes (UTF-16 text, or a binary file)")
+
+
 def text_file_pieces(files: list[Path], report: ReadReport) -> Iterator[Piece]:
     """Each file is one document, read in blocks (so a file of any size never sits in memory whole) and
-    decoded as UTF-8, undecodable bytes replaced with U+FFFD and counted."""
+    decoded as UTF-8 (a byte-order mark at the start dropped), undecodable bytes replaced with U+FFFD
+    and counted."""
     for path in files:
-        decoder = codecs.getincrementaldecoder("utf-8")(errors=report.error_handler)
+        decoder = codecs.getincrementaldecoder("utf-8-sig")(errors=report.error_handler)
         rest = ""
         try:
             with open_text_file(path) as f:
-                while block := f.read(READ_BYTES):
+                block = f.read(READ_BYTES)
+                check_utf8_start(path, block[:4096])
+                while block:
                     pieces, rest = cut_pieces(rest + decoder.decode(block), report, final=False)
                     yield from ((piece, False) for piece in pieces)
+                    block = f.read(READ_BYTES)
         except (OSError, EOFError) as e:
             raise UserError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
         pieces, _ = cut_pieces(rest + decoder.decode(b"", final=True), report)

@@ -18,8 +18,9 @@ import shutil
 import sys
 import time
 import zlib
+from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ from tqdm import tqdm
 
 from ..config import DataConfig
 from ..errors import UserError
-from ..tokenizer import EOT_ID, TOKENIZER_ID, get_tokenizer
+from ..tokenizer import EOT_ID, TOKENIZER_ID, encode_ordinary_array
 from .corpus import (
     CUT_SEARCH_CHARS,
     Piece,
@@ -42,7 +43,7 @@ from .corpus import (
 
 FORMAT_VERSION = 2
 TOKEN_DTYPE = np.uint16  # GPT-2's 50257 ids fit in 16 bits: half the disk and bandwidth of int32
-BATCH_CHARS = 4 << 20  # text handed to the tokenizer threads at once
+BATCH_CHARS = 4 << 20  # text in flight in the tokenizer threads
 COPY_TOKENS = 1 << 22  # tokens copied at a time when holding out validation
 HOLDOUT_SEED = 20261125
 
@@ -52,62 +53,65 @@ SEPARATOR_BYTES = np.zeros(256, dtype=bool)
 SEPARATOR_BYTES[[9, 10, 11, 12, 13, 28, 29, 30, 31, 32]] = True
 
 
-def count_words(encoded: bytes) -> int:
-    """Whitespace-separated words in UTF-8 text, vectorised (the same as len(text.split()) for ASCII spaces)."""
+def count_words(encoded: bytes, inside_word: bool = False) -> int:
+    """Whitespace-separated words in UTF-8 text, vectorised (the same as len(text.split()) for ASCII
+    spaces). `inside_word`: the text goes on with a word the text before it ended in, not counted again."""
     separator = SEPARATOR_BYTES[np.frombuffer(encoded, dtype=np.uint8)]
     if separator.size == 0:
         return 0
-    return int((~separator[1:] & separator[:-1]).sum()) + int(not separator[0])
+    return int((~separator[1:] & separator[:-1]).sum()) + int(not separator[0] and not inside_word)
 
 
-def tokenize_to_file(pieces: Iterator[Piece], path: Path, workers: int, progress: tqdm | None) -> dict[str, int]:
+def tokenize_to_file(
+    pieces: Iterator[Piece], path: Path, workers: int, progress: tqdm | None, count_text: bool = True
+) -> dict[str, int]:
     """Tokenize document pieces with `workers` threads, streaming uint16 ids to `path`, <|endoftext|>
     after each document.
 
-    The tokenizer works on one batch of pieces in the background while this thread reads and counts
-    the next one and writes the previous one. Returns counts of tokens, documents, and the text's
-    whitespace-separated words and UTF-8 bytes (the denominators of word-level perplexity and bits
-    per byte).
+    Pieces are handed to the threads as they are read, and written back in order once about
+    BATCH_CHARS of text is in flight, so the threads never wait for one another and memory stays
+    bounded. Returns counts of tokens, documents, and (with `count_text`) the text's
+    whitespace-separated words and UTF-8 bytes, the denominators of word-level perplexity and bits
+    per byte. The file is not fsynced: the caller does that to the files it keeps.
     """
-    encoding = get_tokenizer()
-    stats = dict(tokens=0, documents=0, words=0, bytes=0)
+    stats = dict(tokens=0, documents=0, **(dict(words=0, bytes=0) if count_text else {}))
     eot = np.asarray([EOT_ID], dtype=TOKEN_DTYPE).tobytes()
-    with open(path, "wb") as out, ThreadPoolExecutor(max_workers=1) as background:
+    in_flight: deque[tuple[Future, bool, int]] = deque()  # (token ids to come, ends a document, characters)
+    with open(path, "wb") as out, ThreadPoolExecutor(max_workers=workers) as pool:
 
-        def write(job) -> None:
-            future, ends, chars = job
-            for ids, end in zip(future.result(), ends):
-                out.write(np.asarray(ids, dtype=TOKEN_DTYPE).tobytes())
-                if end:
-                    out.write(eot)
-                stats["tokens"] += len(ids) + end
+        def write_oldest() -> int:
+            future, end, chars = in_flight.popleft()
+            ids = future.result()  # (tokens,) uint32
+            out.write(ids.astype(TOKEN_DTYPE).tobytes())
+            if end:
+                out.write(eot)
+            stats["tokens"] += len(ids) + end
             if progress is not None:
                 progress.update(chars)
-                progress.set_postfix(tokens=f"{stats['tokens']:,}")
+                progress.set_postfix(tokens=f"{stats['tokens']:,}", refresh=False)
+            return chars
 
-        pending = None  # the batch being tokenized
-        texts, ends, chars = [], [], 0
+        chars_in_flight = 0
+        inside_word = False  # the last piece ended inside a word of the document it continues
         for text, end in pieces:
-            encoded = text.encode("utf-8", errors="replace")
             stats["documents"] += end
-            stats["words"] += count_words(encoded)
-            stats["bytes"] += len(encoded)
-            texts.append(text)
-            ends.append(end)
-            chars += len(text)
-            if chars >= BATCH_CHARS:
-                job = (background.submit(encoding.encode_ordinary_batch, texts, num_threads=workers), ends, chars)
-                if pending is not None:
-                    write(pending)
-                pending = job
-                texts, ends, chars = [], [], 0
-        if pending is not None:
-            write(pending)
-        if texts:
-            write((background.submit(encoding.encode_ordinary_batch, texts, num_threads=workers), ends, chars))
-        out.flush()
-        os.fsync(out.fileno())
+            if count_text:
+                encoded = text.encode("utf-8", errors="replace")
+                stats["words"] += count_words(encoded, inside_word)
+                stats["bytes"] += len(encoded)
+                inside_word = not end and len(encoded) > 0 and not SEPARATOR_BYTES[encoded[-1]]
+            in_flight.append((pool.submit(encode_ordinary_array, text), end, len(text)))
+            chars_in_flight += len(text)
+            while chars_in_flight > BATCH_CHARS:
+                chars_in_flight -= write_oldest()
+        while in_flight:
+            write_oldest()
     return stats
+
+
+def fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
 
 
 def file_crc32(path: Path, chunk: int = 16 << 20) -> int:
@@ -249,7 +253,7 @@ def write_splits(cfg: DataConfig, source: Source, tmp: Path, min_tokens: int, lo
     if source.kind == "text":
         compressed = any(f.suffix == ".gz" for f in source.files)  # its size on disk is not its text's
         total_bytes = None if compressed else sum(f.stat().st_size for f in source.files)
-        inputs = {"all": (text_file_pieces(source.files, report), total_bytes)}
+        inputs = {"all": (text_file_pieces(source.files, report), total_bytes)}  # its words and bytes go unused
     else:
         hf = load_hf_splits(source, cfg)
         names = {cfg.train_split: "train", cfg.val_split: "val", cfg.test_split: "test"}
@@ -265,7 +269,7 @@ def write_splits(cfg: DataConfig, source: Source, tmp: Path, min_tokens: int, lo
         with tqdm(
             total=total_chars, unit="B", unit_scale=True, desc=f"tokenizing {split}", disable=not sys.stderr.isatty()
         ) as bar:
-            splits[split] = tokenize_to_file(pieces, tmp / f"{split}.bin", workers, bar)
+            splits[split] = tokenize_to_file(pieces, tmp / f"{split}.bin", workers, bar, count_text=split != "all")
     if splits.get("all", splits.get("train", {"tokens": 0}))["tokens"] == 0:
         raise UserError(f"{source.name} holds no text")
     if "all" in splits:
@@ -283,6 +287,8 @@ def write_splits(cfg: DataConfig, source: Source, tmp: Path, min_tokens: int, lo
             f"the validation split has {splits['val']['tokens']:,} tokens, fewer than one window ({min_tokens:,})"
         )
     for split, info in splits.items():
+        if not held_out:  # hold_out wrote and fsynced its own files
+            fsync_file(tmp / f"{split}.bin")
         info["crc32"] = file_crc32(tmp / f"{split}.bin")
     seconds = time.perf_counter() - start
     if report.invalid_utf8_bytes:
