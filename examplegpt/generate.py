@@ -154,6 +154,17 @@ def sample_next(
     return sample_from(next_token_probs(logits, temperature, top_p, top_k, min_p), generator)  # (B,)
 
 
+@contextlib.contextmanager
+def evaluating(model: torch.nn.Module):
+    """Dropout off inside the block; the model's own mode (training or not) again after it."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 @torch.inference_mode()
 def generate(
     model: GPT,
@@ -171,47 +182,48 @@ def generate(
     """Continue each row of `idx` (B, T) by up to `max_new_tokens`: returns (B, T + new).
 
     With `eos_id`, a row that produces it is finished (and padded with eos_id from then on);
-    generation ends early when every row is finished, by eos or by `on_step`'s mask.
+    generation ends early when every row is finished, by eos or by `on_step`'s mask. Dropout is off
+    while sampling, and the model is left in the mode it came in.
     """
-    model.eval()
-    config = model.config
-    B, T = idx.shape
-    context = config.max_seq_len
-    cache = KVCache.allocate(config, B, idx.device, kv_cache_dtype(idx.device, next(model.parameters()).dtype))
-    tokens = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=idx.device)  # (B, T + new)
-    tokens[:, :T] = idx
-    finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
-    seen = None
-    if repetition_penalty != 1.0:
-        seen = torch.zeros(B, config.vocab_size, dtype=torch.bool, device=idx.device)
-        seen.scatter_(1, idx, True)
+    with evaluating(model):
+        config = model.config
+        B, T = idx.shape
+        context = config.max_seq_len
+        cache = KVCache.allocate(config, B, idx.device, kv_cache_dtype(idx.device, next(model.parameters()).dtype))
+        tokens = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=idx.device)  # (B, T + new)
+        tokens[:, :T] = idx
+        finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        seen = None
+        if repetition_penalty != 1.0:
+            seen = torch.zeros(B, config.vocab_size, dtype=torch.bool, device=idx.device)
+            seen.scatter_(1, idx, True)
 
-    logits = model.logits(model.hidden_states(idx[:, -context:], cache)[:, -1])  # (B, V)
-    end = T
-    for _ in range(max_new_tokens):
-        if seen is not None:
-            logits = apply_repetition_penalty(logits, seen, repetition_penalty)
-        next_token = sample_next(logits, temperature, top_p, top_k, min_p, generator)  # (B,)
-        if eos_id is not None:
-            next_token = torch.where(finished, eos_id, next_token)
-            finished |= next_token == eos_id
-        tokens[:, end] = next_token
-        end += 1
-        if seen is not None:
-            seen.scatter_(1, next_token[:, None], True)
-        if on_step is not None:
-            stop = on_step(next_token)
-            if stop is not None:
-                finished |= stop
-        if finished.all() or end == T + max_new_tokens:
-            break
-        if cache.lengths[0] == context:  # cache full: slide, keeping the last half of the context
-            cache.lengths.zero_()  # start again from position 0
-            window = tokens[:, end - context // 2 : end]  # (B, context // 2)
-            logits = model.logits(model.hidden_states(window, cache)[:, -1])
-        else:
-            logits = model.logits(model.hidden_states(next_token[:, None], cache)[:, -1])  # (B, V)
-    return tokens[:, :end]
+        logits = model.logits(model.hidden_states(idx[:, -context:], cache)[:, -1])  # (B, V)
+        end = T
+        for _ in range(max_new_tokens):
+            if seen is not None:
+                logits = apply_repetition_penalty(logits, seen, repetition_penalty)
+            next_token = sample_next(logits, temperature, top_p, top_k, min_p, generator)  # (B,)
+            if eos_id is not None:
+                next_token = torch.where(finished, eos_id, next_token)
+                finished |= next_token == eos_id
+            tokens[:, end] = next_token
+            end += 1
+            if seen is not None:
+                seen.scatter_(1, next_token[:, None], True)
+            if on_step is not None:
+                stop = on_step(next_token)
+                if stop is not None:
+                    finished |= stop
+            if finished.all() or end == T + max_new_tokens:
+                break
+            if cache.lengths[0] == context:  # cache full: slide, keeping the last half of the context
+                cache.lengths.zero_()  # start again from position 0
+                window = tokens[:, end - context // 2 : end]  # (B, context // 2)
+                logits = model.logits(model.hidden_states(window, cache)[:, -1])
+            else:
+                logits = model.logits(model.hidden_states(next_token[:, None], cache)[:, -1])  # (B, V)
+        return tokens[:, :end]
 
 
 class TextStream:

@@ -58,6 +58,18 @@ def test_generation_continues_past_the_context_with_a_sliding_window():
     assert logits[0, -1].argmax().item() == out[0, 32].item()
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_generate_samples_without_dropout_and_leaves_the_models_mode_as_it_was(training):
+    torch.manual_seed(0)
+    model = GPT(tiny_config(dropout=0.5)).train(training)
+    prompt = torch.zeros(1, 4, dtype=torch.long)
+    with torch.no_grad():
+        expected = greedy_without_cache(model.eval(), prompt, 8)  # dropout off: one answer
+    model.train(training)
+    assert torch.equal(generate(model, prompt, 8, temperature=0), expected)
+    assert model.training == training and all(m.training == training for m in model.modules())
+
+
 def test_seeded_sampling_is_reproducible_and_samples_differ(spread_model):
     prompt = torch.tensor([encode("Once upon a time")] * 3)
     run = lambda seed: generate(spread_model, prompt, 30, temperature=1.0, top_p=0.95,
