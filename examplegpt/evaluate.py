@@ -130,6 +130,11 @@ def text_to_score(tokens: np.ndarray) -> np.ndarray:
     return np.concatenate([np.asarray([EOT_ID], dtype=tokens.dtype), tokens])
 
 
+def exp_or_inf(x: float) -> float:
+    """e**x, or infinity past float64's range (a perplexity per word of a text with long words can be)."""
+    return math.exp(x) if x < 709.0 else math.inf
+
+
 def evaluate_command(cfg: EvaluateConfig, data: DataConfig) -> int:
     device = pick_device(cfg.device)
     model = load_for_eval(cfg.checkpoint).to(device).eval().requires_grad_(False)
@@ -153,15 +158,15 @@ def evaluate_command(cfg: EvaluateConfig, data: DataConfig) -> int:
         "stride": stride,
         "tokens_scored": count,
         "loss": total / count,
-        "perplexity": math.exp(total / count),
+        "perplexity": exp_or_inf(total / count),
         "tokens_per_second": count / seconds,
     }
     if stats.get("words"):
         result["words"] = stats["words"]
-        result["word_perplexity"] = math.exp(total / stats["words"])
+        result["word_perplexity"] = exp_or_inf(total / stats["words"])
         result["bits_per_byte"] = total / math.log(2) / stats["bytes"]
-    if cfg.json:
-        print(json.dumps(result))
+    if cfg.json:  # JSON has no infinity: null
+        print(json.dumps({key: None if value == math.inf else value for key, value in result.items()}))
     else:
         for key, value in result.items():
             print(f"{key:>18}  {value:,.4f}" if isinstance(value, float) else f"{key:>18}  {value}")

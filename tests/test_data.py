@@ -3,6 +3,7 @@
 import gzip
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -150,10 +151,15 @@ def test_invalid_utf8_is_replaced_and_counted(tmp_path):
         (lambda p: None, ["no such file"]),
         (lambda p: (p / "empty.txt").write_text(""), ["no text"]),
         (lambda p: (p / "short.txt").write_text("too short"), ["too short"]),
-        (lambda p: (p / "emptydir").mkdir(), ["no .txt files"]),
+        (lambda p: (p / "emptydir").mkdir(), ["no .txt, .text or .md files"]),
         (lambda p: (p / "in").mkdir() or (p / "in" / "d.txt").write_text("x"), ["no such file", "d.bin"]),
         (lambda p: (p / "u16.txt").write_text(make_text(500, 1), encoding="utf-16"), ["UTF-16", "convert"]),
-        (lambda p: (p / "u16.txt").write_text(make_text(500, 1), encoding="utf-16-le"), ["not UTF-8", "NUL"]),
+        (lambda p: (p / "u16.txt").write_text(make_text(500, 1), encoding="utf-16-le"), ["not UTF-8", "control"]),
+        (lambda p: (p / "u16.txt").write_text("short text " * 30, encoding="utf-16-le"), ["not UTF-8"]),
+        (lambda p: (p / "u32.txt").write_text("short text " * 30, encoding="utf-32-be"), ["not UTF-8"]),
+        (lambda p: (p / "ru.txt").write_text("Привет мир " * 300, encoding="utf-16-le"), ["not UTF-8"]),
+        (lambda p: (p / "c.txt.gz").write_bytes(corrupt_gzip(make_text(5000, 2))), ["cannot read", "c.txt.gz"]),
+        (lambda p: (p / "fake.txt.gz").write_text(make_text(500, 2)), ["cannot read", "fake.txt.gz"]),
     ],
     ids=[
         "missing",
@@ -163,6 +169,11 @@ def test_invalid_utf8_is_replaced_and_counted(tmp_path):
         "missing-in-a-folder",
         "utf-16",
         "utf-16-without-mark",
+        "utf-16-short",
+        "utf-32-short",
+        "utf-16-cyrillic",
+        "corrupt-gzip",
+        "not-gzip",
     ],  # fmt: skip
 )
 def test_bad_sources_fail_in_one_line(cli, monkeypatch, tmp_path, setup, words):
@@ -174,6 +185,46 @@ def test_bad_sources_fail_in_one_line(cli, monkeypatch, tmp_path, setup, words):
     proc = cli("prepare", "--data", str(target), "--cache-dir", str(tmp_path / "cache"))
     assert_one_line_error(proc, *words)
     assert not any((tmp_path / "cache").glob("*"))  # nothing half-written left behind
+
+
+def corrupt_gzip(text: str) -> bytes:
+    data = bytearray(gzip.compress(text.encode()))
+    data[200:300] = bytes(b ^ 0xFF for b in data[200:300])  # inside the deflate stream
+    return bytes(data)
+
+
+@pytest.mark.parametrize("name", ["nosuchdir/", "notes.TXT", "Notes.Md", "corpus.zip", "notes.txt.bz2", "in/d.bin"])
+def test_a_missing_path_is_named_as_one_not_taken_for_a_hub_id(cli, monkeypatch, tmp_path, name):
+    (tmp_path / "in").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert_one_line_error(cli("prepare", "--data", name, "--cache-dir", str(tmp_path / "cache")), "no such file", name)
+
+
+def test_a_name_that_could_be_a_hub_id_says_both_when_offline(cli, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    proc = cli("prepare", "--data", "notes", "--cache-dir", str(tmp_path / "cache"))
+    assert_one_line_error(proc, "no file or folder notes here", "cannot reach the Hugging Face hub")
+    assert_one_line_error(cli("prepare", "--data", "", "--cache-dir", str(tmp_path / "cache")), "--data is empty")
+
+
+def test_a_folder_skips_hidden_files_and_reads_any_letter_case(tmp_path):
+    docs = tmp_path / "docs"
+    (docs / ".ipynb_checkpoints").mkdir(parents=True)
+    (docs / "NOTES.TXT").write_text(make_text(2000, 1))
+    (docs / ".hidden.txt").write_text(make_text(2000, 2))
+    (docs / ".ipynb_checkpoints" / "copy.txt").write_text(make_text(2000, 3))
+    folder = prepare(cfg(tmp_path, docs), min_tokens=33)
+    tokens = np.concatenate([open_split(folder, "train"), open_split(folder, "val")])
+    assert len(tokens) == len(encode(make_text(2000, 1))) + 1
+
+
+def test_a_stale_temporary_folder_of_any_name_does_not_stop_a_build(tmp_path):
+    (tmp_path / "a.txt").write_text(make_text(2000, 6))
+    folder = prepare(cfg(tmp_path, tmp_path / "a.txt"), min_tokens=33)
+    shutil.rmtree(folder)
+    (folder.parent / f"{folder.name}.tmp-old").mkdir()  # not a process id
+    assert check_cache(prepare(cfg(tmp_path, tmp_path / "a.txt"), min_tokens=33))
+    assert not (folder.parent / f"{folder.name}.tmp-old").exists()
 
 
 def test_missing_text_column_is_reported(tmp_path):

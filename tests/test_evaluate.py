@@ -1,6 +1,7 @@
 """Evaluation: the sliding-window protocol against brute force, the command, export to Hugging Face."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -74,6 +75,29 @@ def test_evaluate_command_on_a_text_file(tmp_path, model_file):
     )
     table = run_cli("evaluate", "-c", str(model_file), "--data", str(tmp_path / "eval.txt"))
     assert "word_perplexity" in table.stdout and "bits_per_byte" in table.stdout
+
+
+def test_evaluate_counts_the_files_bytes_and_warns_of_undecodable_ones(cli, tmp_path, model_file):
+    text = make_text(600, 3)
+    raw = text.encode().replace(b" the ", b" th\xe9 ")  # Latin-1 bytes: not UTF-8
+    (tmp_path / "latin1.txt").write_bytes(raw)
+    proc = cli("evaluate", "-c", str(model_file), "--data", str(tmp_path / "latin1.txt"), "--json", "--stride", "8")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.splitlines()[-1])
+    invalid = raw.count(0xE9)
+    assert "not valid UTF-8" in proc.stderr and f"{invalid:,} bytes" in proc.stderr
+    total_bits = result["loss"] * result["tokens_scored"] / np.log(2)
+    assert total_bits / result["bits_per_byte"] == pytest.approx(len(raw))  # the file's bytes, not U+FFFD's
+
+
+def test_a_word_perplexity_past_floats_range_is_infinite_not_a_crash(cli, tmp_path, model_file):
+    (tmp_path / "long.txt").write_text("abc123" * 300)  # one word of hundreds of tokens
+    table = cli("evaluate", "-c", str(model_file), "--data", str(tmp_path / "long.txt"), "--stride", "8")
+    assert table.returncode == 0, table.stderr
+    assert re.search(r"word_perplexity\s+inf", table.stdout)
+    proc = cli("evaluate", "-c", str(model_file), "--data", str(tmp_path / "long.txt"), "--stride", "8", "--json")
+    result = json.loads(proc.stdout.splitlines()[-1])  # strict JSON: no Infinity
+    assert result["words"] == 1 and result["word_perplexity"] is None and result["loss"] > 0
 
 
 def test_evaluate_bad_input(cli, tmp_path, model_file, small_model):

@@ -15,6 +15,7 @@ import gzip
 import os
 import re
 import socket
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +28,10 @@ HUB_DATASETS = {
     "wikitext-2": ("Salesforce/wikitext", "wikitext-2-raw-v1"),
 }
 BUNDLED = {"shakespeare": Path(__file__).resolve().parent.parent / "assets" / "tinyshakespeare.txt.gz"}
-TEXT_SUFFIXES = (".txt", ".text", ".md")  # each also gzip-compressed: notes.txt.gz
-FILE_SUFFIXES = (*TEXT_SUFFIXES, ".gz", ".bin", ".json", ".jsonl", ".csv", ".parquet", ".arrow")  # not in hub ids
+TEXT_SUFFIXES = (".txt", ".text", ".md")  # each also gzip-compressed: notes.txt.gz (any letter case)
+# suffixes of files, never the end of a hub id
+FILE_SUFFIXES = (*TEXT_SUFFIXES, ".gz", ".bz2", ".xz", ".zst", ".zip", ".tar", ".tgz", ".bin", ".json", ".jsonl",
+                 ".csv", ".tsv", ".parquet", ".arrow", ".html", ".xml", ".pdf")  # fmt: skip
 # Long texts are cut into pieces of about SEGMENT_CHARS so all threads get work. A piece is at most
 # SEGMENT_CHARS + CUT_SEARCH_CHARS long, and that must stay well under 1,000,000 characters: tiktoken's
 # regex engine gives up (a panic, not an exception) on a whitespace run that long followed by a non-space.
@@ -81,6 +84,8 @@ class Source:
 
 def resolve_source(cfg: DataConfig) -> Source:
     name = cfg.data
+    if not name.strip():
+        raise UserError("--data is empty: name a corpus, a file, a folder or a glob")
     if name in HUB_DATASETS:
         dataset, config = HUB_DATASETS[name]
         return Source("hf", name, dataset=dataset, dataset_config=cfg.data_config or config)
@@ -97,19 +102,28 @@ def resolve_source(cfg: DataConfig) -> Source:
     if path.is_dir():
         if (path / "dataset_dict.json").exists() or any(path.rglob("*.parquet")) or any(path.rglob("*.arrow")):
             return Source("hf", name, dataset=str(path), dataset_config=cfg.data_config)
-        files = sorted(p for p in path.rglob("*") if p.is_file() and is_text_file(p))
+        files = sorted(p for p in path.rglob("*") if p.is_file() and is_text_file(p) and not hidden(p, path))
         if not files:
-            raise UserError(f"{name} has no .txt files (nor parquet/arrow files of a Hugging Face dataset)")
+            raise UserError(
+                f"{name} has no .txt, .text or .md files (nor parquet/arrow files of a Hugging Face dataset)"
+            )
         return Source("text", name, files=files)
     # a hub id is 'name' or 'owner/name'; anything else, or a name inside a local folder, meant a path
     local_folder = path.parent != Path(".") and path.parent.is_dir()
-    if name.startswith((".", "/", "~")) or name.count("/") > 1 or path.suffix in FILE_SUFFIXES or local_folder:
+    path_like = name.startswith((".", "/", "~")) or name.endswith("/") or name.count("/") > 1
+    if path_like or path.suffix.lower() in FILE_SUFFIXES or local_folder:
         raise UserError(f"no such file or folder: {name}")
     return Source("hf", name, dataset=name, dataset_config=cfg.data_config)
 
 
 def is_text_file(path: Path) -> bool:
-    return path.suffix in TEXT_SUFFIXES or (path.suffix == ".gz" and Path(path.stem).suffix in TEXT_SUFFIXES)
+    suffix = path.suffix.lower()
+    return suffix in TEXT_SUFFIXES or (suffix == ".gz" and Path(path.stem).suffix.lower() in TEXT_SUFFIXES)
+
+
+def hidden(path: Path, folder: Path) -> bool:
+    """A dot-file, or a file inside a dot-folder (.git, .ipynb_checkpoints), below `folder`."""
+    return any(part.startswith(".") for part in path.relative_to(folder).parts)
 
 
 class ReadReport:
@@ -119,13 +133,29 @@ class ReadReport:
 
     def __init__(self) -> None:
         self.invalid_utf8_bytes = 0
+        self.replacements = 0  # U+FFFD characters put in their place
         self.forced_cuts = 0
         self.error_handler = f"examplegpt-count-{id(self)}"
         codecs.register_error(self.error_handler, self._replace)
 
     def _replace(self, error: UnicodeDecodeError) -> tuple[str, int]:
         self.invalid_utf8_bytes += error.end - error.start
+        self.replacements += 1
         return "\ufffd", error.end
+
+    def warnings(self, name: str) -> list[str]:
+        lines = []
+        if self.invalid_utf8_bytes:
+            lines.append(
+                f"warning: {self.invalid_utf8_bytes:,} bytes of {name} were not valid UTF-8 and were replaced with U+FFFD"
+            )
+        if self.forced_cuts:
+            lines.append(
+                f"warning: {self.forced_cuts:,} pieces of {name} had no pre-token boundary (a space, a letter next to "
+                f"a digit or a mark) within {CUT_SEARCH_CHARS:,} characters and were cut anyway; tokens at those "
+                "cuts may differ from tokenizing the text whole"
+            )
+        return lines
 
 
 def cut_pieces(
@@ -171,17 +201,34 @@ def document_pieces(documents: Iterator[str], report: ReadReport) -> Iterator[Pi
 
 def open_text_file(path: Path):
     """The file's bytes; gzip files are decompressed on the fly."""
-    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+    return gzip.open(path, "rb") if path.suffix.lower() == ".gz" else open(path, "rb")
 
 
-def check_utf8_start(path: Path, block: bytes) -> None:
-    """Refuse text in another encoding, which UTF-8 decoding would turn into replacement characters
-    without complaint: a UTF-16 or UTF-32 byte-order mark, or NUL bytes (UTF-16 without a mark, or
-    a binary file)."""
-    if block.startswith((b"\xff\xfe", b"\xfe\xff", b"\x00\x00\xfe\xff")):
-        raise UserError(f"{path} is UTF-16 or UTF-32 text; convert it to UTF-8 (e.g. iconv -f UTF-16 -t UTF-8)")
-    if len(block) >= 1024 and block.count(0) > len(block) * 0.3:  # UTF-16 of Latin text is half NULs
-        raise UserError(f"{path} is not UTF-8 text: it is full of NUL bytes (UTF-16 text, or a binary file)")
+READ_ERRORS = (OSError, EOFError, zlib.error)  # zlib.error: a damaged gzip stream
+# control characters that text does not hold (tab, newline, vertical tab, form feed, return, and the
+# separators U+001C..U+001F aside), but UTF-16 and UTF-32 (NUL, and the high byte of Cyrillic, Greek,
+# ...) and binary files do
+CONTROL_BYTES = bytes([*range(0, 9), *range(14, 28)])
+
+
+def check_text_files(files: list[Path]) -> None:
+    """Refuse files in another encoding, which UTF-8 decoding would turn into other characters
+    without complaint: a UTF-16 or UTF-32 byte-order mark, or control bytes in more than a tenth of
+    the first 4 KB (UTF-16 or UTF-32 without a mark, or a binary file)."""
+    for path in files:
+        try:
+            with open_text_file(path) as f:
+                start = f.read(4096)
+        except READ_ERRORS as e:
+            raise UserError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+        if start.startswith((b"\xff\xfe", b"\xfe\xff", b"\x00\x00\xfe\xff")):
+            raise UserError(f"{path} is UTF-16 or UTF-32 text; convert it to UTF-8 (e.g. iconv -f UTF-16 -t UTF-8)")
+        controls = len(start) - len(start.translate(None, CONTROL_BYTES))
+        if controls >= 2 and controls > len(start) // 10:
+            raise UserError(
+                f"{path} is not UTF-8 text: {controls:,} of its first {len(start):,} bytes are control "
+                "characters (UTF-16 or UTF-32 without a byte-order mark, or a binary file)"
+            )
 
 
 def text_file_pieces(files: list[Path], report: ReadReport) -> Iterator[Piece]:
@@ -193,13 +240,10 @@ def text_file_pieces(files: list[Path], report: ReadReport) -> Iterator[Piece]:
         rest = ""
         try:
             with open_text_file(path) as f:
-                block = f.read(READ_BYTES)
-                check_utf8_start(path, block[:4096])
-                while block:
+                while block := f.read(READ_BYTES):
                     pieces, rest = cut_pieces(rest + decoder.decode(block), report, final=False)
                     yield from ((piece, False) for piece in pieces)
-                    block = f.read(READ_BYTES)
-        except (OSError, EOFError) as e:
+        except READ_ERRORS as e:
             raise UserError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
         pieces, _ = cut_pieces(rest + decoder.decode(b"", final=True), report)
         for i, piece in enumerate(pieces):
@@ -232,7 +276,8 @@ def load_hf_splits(source: Source, cfg: DataConfig) -> dict:
     except (ConnectionError, OSError) as e:
         if os.environ.get("HF_HUB_OFFLINE") == "1" or "Couldn't reach" in str(e):
             raise UserError(
-                f"cannot reach the Hugging Face hub to download {source.name}; "
+                ("" if source.name in HUB_DATASETS else f"there is no file or folder {source.name} here, and ")
+                + f"cannot reach the Hugging Face hub to download {source.name}; "
                 "train on local text instead, e.g. --data shakespeare or --data 'path/to/*.txt'"
             ) from None
         raise UserError(f"cannot load dataset {source.name}: {str(e).splitlines()[0]}") from None

@@ -30,10 +30,10 @@ from ..config import DataConfig
 from ..errors import UserError
 from ..tokenizer import EOT_ID, TOKENIZER_ID, encode_ordinary_array
 from .corpus import (
-    CUT_SEARCH_CHARS,
     Piece,
     ReadReport,
     Source,
+    check_text_files,
     document_pieces,
     hf_documents,
     load_hf_splits,
@@ -215,7 +215,8 @@ def build_cache(cfg: DataConfig, source: Source, folder: Path, min_tokens: int, 
     except OSError as e:
         raise UserError(f"cannot create the cache folder {folder.parent}: {e.strerror}") from None
     for stale in folder.parent.glob(f"{folder.name}.tmp-*"):  # left by a run that was killed
-        if not pid_alive(int(stale.name.rsplit("-", 1)[1])):
+        pid = stale.name.rsplit("-", 1)[1]
+        if not pid.isdigit() or not pid_alive(int(pid)):
             shutil.rmtree(stale, ignore_errors=True)
     tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -251,8 +252,9 @@ def write_splits(cfg: DataConfig, source: Source, tmp: Path, min_tokens: int, lo
     splits: dict[str, dict] = {}
     held_out = False
     if source.kind == "text":
-        compressed = any(f.suffix == ".gz" for f in source.files)  # its size on disk is not its text's
+        compressed = any(f.suffix.lower() == ".gz" for f in source.files)  # its size on disk is not its text's
         total_bytes = None if compressed else sum(f.stat().st_size for f in source.files)
+        check_text_files(source.files)
         inputs = {"all": (text_file_pieces(source.files, report), total_bytes)}  # its words and bytes go unused
     else:
         hf = load_hf_splits(source, cfg)
@@ -291,14 +293,8 @@ def write_splits(cfg: DataConfig, source: Source, tmp: Path, min_tokens: int, lo
             fsync_file(tmp / f"{split}.bin")
         info["crc32"] = file_crc32(tmp / f"{split}.bin")
     seconds = time.perf_counter() - start
-    if report.invalid_utf8_bytes:
-        log(f"warning: {report.invalid_utf8_bytes:,} bytes were not valid UTF-8 and were replaced with U+FFFD")
-    if report.forced_cuts:
-        log(
-            f"warning: {report.forced_cuts:,} pieces of {source.name} had no word boundary within "
-            f"{CUT_SEARCH_CHARS:,} characters and were cut anyway; tokens at those cuts may differ "
-            "from tokenizing the text whole"
-        )
+    for line in report.warnings(source.name):
+        log(line)
     manifest = {
         "format_version": FORMAT_VERSION,
         "source": source.name,
@@ -322,8 +318,15 @@ def open_split(folder: Path, split: str) -> np.memmap:
 
 def tokenize_local_text(cfg: DataConfig, out: Path) -> dict | None:
     """Tokenize a local-text source whole (no validation held out) into `out`, outside the cache:
-    its counts of tokens, documents, words and bytes; None when the source is a dataset."""
+    its counts of tokens, documents, words and bytes (of the files: an undecodable byte is one byte,
+    not the three of the U+FFFD that replaced it), warnings on stderr; None when the source is a dataset."""
     source = resolve_source(cfg)
     if source.kind != "text":
         return None
-    return tokenize_to_file(text_file_pieces(source.files, ReadReport()), out, cfg.workers or 1, None)
+    check_text_files(source.files)
+    report = ReadReport()
+    stats = tokenize_to_file(text_file_pieces(source.files, report), out, cfg.workers or 1, None)
+    stats["bytes"] += report.invalid_utf8_bytes - len("\ufffd".encode()) * report.replacements
+    for line in report.warnings(source.name):
+        print(line, file=sys.stderr)
+    return stats
