@@ -132,7 +132,10 @@ def text_to_score(tokens: np.ndarray) -> np.ndarray:
 
 def exp_or_inf(x: float) -> float:
     """e**x, or infinity past float64's range (a perplexity per word of a text with long words can be)."""
-    return math.exp(x) if x < 709.0 else math.inf
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf
 
 
 def evaluate_command(cfg: EvaluateConfig, data: DataConfig) -> int:

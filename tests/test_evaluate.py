@@ -1,6 +1,7 @@
 """Evaluation: the sliding-window protocol against brute force, the command, export to Hugging Face."""
 
 import json
+import math
 import re
 
 import numpy as np
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from examplegpt import GPT
-from examplegpt.evaluate import sliding_window_nll, window_plan
+from examplegpt.evaluate import exp_or_inf, sliding_window_nll, window_plan
 from examplegpt.tokenizer import encode
 from examplegpt.weights import save_model_file
 
@@ -98,6 +99,7 @@ def test_a_word_perplexity_past_floats_range_is_infinite_not_a_crash(cli, tmp_pa
     proc = cli("evaluate", "-c", str(model_file), "--data", str(tmp_path / "long.txt"), "--stride", "8", "--json")
     result = json.loads(proc.stdout.splitlines()[-1])  # strict JSON: no Infinity
     assert result["words"] == 1 and result["word_perplexity"] is None and result["loss"] > 0
+    assert exp_or_inf(709.5) == math.exp(709.5) < math.inf  # finite up to float64's edge
 
 
 def test_evaluate_bad_input(cli, tmp_path, model_file, small_model):

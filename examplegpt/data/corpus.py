@@ -126,6 +126,9 @@ def hidden(path: Path, folder: Path) -> bool:
     return any(part.startswith(".") for part in path.relative_to(folder).parts)
 
 
+REPLACEMENT = "\ufffd"  # what an undecodable byte sequence becomes
+
+
 class ReadReport:
     """What reading a source had to do to the text: undecodable bytes replaced with U+FFFD, and cuts
     forced where no pre-token boundary was near (the one place where pieces may not tokenize exactly
@@ -141,7 +144,11 @@ class ReadReport:
     def _replace(self, error: UnicodeDecodeError) -> tuple[str, int]:
         self.invalid_utf8_bytes += error.end - error.start
         self.replacements += 1
-        return "\ufffd", error.end
+        return REPLACEMENT, error.end
+
+    def bytes_read(self, decoded_utf8_bytes: int) -> int:
+        """The bytes of the files, from the UTF-8 length of the text they decoded to."""
+        return decoded_utf8_bytes - len(REPLACEMENT.encode()) * self.replacements + self.invalid_utf8_bytes
 
     def warnings(self, name: str) -> list[str]:
         lines = []

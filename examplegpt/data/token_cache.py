@@ -326,7 +326,7 @@ def tokenize_local_text(cfg: DataConfig, out: Path) -> dict | None:
     check_text_files(source.files)
     report = ReadReport()
     stats = tokenize_to_file(text_file_pieces(source.files, report), out, cfg.workers or 1, None)
-    stats["bytes"] += report.invalid_utf8_bytes - len("\ufffd".encode()) * report.replacements
+    stats["bytes"] = report.bytes_read(stats["bytes"])
     for line in report.warnings(source.name):
         print(line, file=sys.stderr)
     return stats
