@@ -1,0 +1,53 @@
+"""What machine a benchmark ran on: every table in BENCHMARKS.md names it, since figures move between CPU classes."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+
+import torch
+
+ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")  # the ones that change which kernels run
+
+
+def cpu_model_and_flags() -> tuple[str, list[str]]:
+    """The CPU's model name and which of ISA_FLAGS it has (from /proc/cpuinfo; 'unknown' elsewhere)."""
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        return platform.processor() or "unknown", []
+    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "unknown")
+    flags_line = next((line for line in text.splitlines() if line.startswith("flags")), "")
+    flags = set(flags_line.split(":", 1)[1].split()) if flags_line else set()
+    return model, [f for f in ISA_FLAGS if f in flags]
+
+
+def read_bandwidth_gbs(gib: float = 1.0, repeats: int = 5) -> float:
+    """Best-of-`repeats` read bandwidth of this CPU in GB/s: `tensor.sum()` over `gib` GiB of float32."""
+    x = torch.ones(int(gib * 2**30 / 4))
+    x.sum()  # fault the pages in before timing
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - start)
+    return x.numel() * 4 / best / 1e9
+
+
+def describe_machine(device: torch.device | str = "cpu") -> str:
+    """One line: CPU model, ISA flags, cores, threads, PyTorch build, load average (and the GPU, on CUDA)."""
+    model, flags = cpu_model_and_flags()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    line = (
+        f"CPU {model} | flags {' '.join(flags) or 'none of ' + '/'.join(ISA_FLAGS)} | {os.cpu_count()} cores | "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads | load {load:.1f}"
+    )
+    if torch.device(device).type == "cuda":
+        line += f" | GPU {torch.cuda.get_device_name()}"
+    return line
+
+
+if __name__ == "__main__":
+    print(describe_machine())
+    print(f"read bandwidth {read_bandwidth_gbs():.1f} GB/s")
