@@ -25,6 +25,7 @@ from .config import (
     field_docs,
 )
 from .errors import UserError
+from .reproducibility import pin_cpu_arithmetic
 
 
 class Parser(argparse.ArgumentParser):
@@ -261,6 +262,7 @@ def build_parser() -> Parser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    pin_cpu_arithmetic()  # before any matrix product: same bits in every process
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

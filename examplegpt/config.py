@@ -182,6 +182,8 @@ class TrainConfig:
     """Weights & Biases project name."""
     seed: int = 1337
     """Seed of the initial weights, the data order and dropout."""
+    deterministic: bool = False
+    """On CUDA, deterministic kernels and a fixed cuBLAS workspace (slower): the same bits from the same seed. CPU runs are bit-reproducible without it."""
 
     def __post_init__(self) -> None:
         positive = ("num_epochs", "batch_size", "eval_interval", "eval_windows", "log_interval", "checkpoint_interval")

@@ -49,6 +49,7 @@ from .loss import IGNORE_INDEX
 from .metrics import MetricsLog, plot_runs
 from .model import GPT
 from .optim import flops_per_token, lr_at, make_optimizer
+from .reproducibility import make_cuda_deterministic
 from .tokenizer import TOKENIZER_ID
 from .weights import atomic_torch_save, load_model, save_model_file
 
@@ -296,6 +297,8 @@ def train(model_cfg: GPTConfig, data_cfg: DataConfig, cfg: TrainConfig, resume_s
     `resume_state` is the checkpoint cfg.resume names, when the caller has read it already (see
     `load_resume_state`); otherwise it is read here."""
     device = pick_device(cfg.device)
+    if cfg.deterministic and device.type == "cuda":
+        make_cuda_deterministic()
     world = init_world(device.type)
     try:
         with claim_out_dir(Path(cfg.out_dir)) if world.is_main else contextlib.nullcontext():

@@ -15,6 +15,7 @@ import torch
 
 from examplegpt import GPT, GPTConfig
 from examplegpt.cli import main
+from examplegpt.reproducibility import pin_cpu_arithmetic
 from examplegpt.weights import read_torch_file
 
 REPO = Path(__file__).resolve().parent.parent
@@ -24,6 +25,7 @@ OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 def pytest_configure(config) -> None:
     os.environ.update(OFFLINE)  # before huggingface_hub is imported: it reads them once
+    pin_cpu_arithmetic()  # as every command does: in-process tests compute what the commands compute
 
 
 def tiny_config(**overrides) -> GPTConfig:
