@@ -40,7 +40,7 @@ def child(pinned: bool, cfg: dict, steps: int) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randint(0, 50257, (cfg["batch"], cfg["seq"] + 1), generator=torch.Generator().manual_seed(1))
     times, first_grads = [], None
-    for i in range(steps):
+    for _ in range(steps):
         start = time.perf_counter()
         _, loss = model(x[:, :-1], targets=x[:, 1:])
         loss.backward()
