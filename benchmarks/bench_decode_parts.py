@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from timing import time_steps
 
 from examplegpt.cpu_inference import ROWS_HINT, fast_cpu_inference
-from examplegpt.generate import sample_from, sort_descending
+from examplegpt.sampling import sample_from, sort_descending
 
 
 def median_ms(fn: Callable[[], object], repeats: int) -> float:

@@ -42,39 +42,11 @@ from dataclasses import dataclass
 import torch
 
 from .cpu_inference import kv_cache_dtype
-from .generate import apply_repetition_penalty, sample_next
 from .kv_cache import KVCache
 from .model import GPT
+from .sampling import SamplingParams, choose_next, sample_next
+from .text import crop_prompt, logprobs_of, window_after_slide
 from .tokenizer import EOT_ID
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How one request is sampled; the same fields and defaults as the `generate` command's, per request."""
-
-    max_tokens: int
-    temperature: float = 1.0  # 0 = greedy
-    top_p: float = 1.0
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float = 1.0
-    seed: int | None = None  # a generator of the request's own: same seed, same output
-    stop_at_eos: bool = True  # <|endoftext|> ends the request (finish_reason "stop")
-    logprobs: int | None = None  # each event carries the chosen token's logprob and the top `logprobs`
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.max_tokens >= 1, "max_tokens must be at least 1"),
-            (self.temperature >= 0, "temperature must be >= 0"),
-            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-            (self.top_k is None or self.top_k >= 1, "top_k must be at least 1"),
-            (self.min_p is None or 0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
-            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
-            (self.logprobs is None or self.logprobs >= 0, "logprobs must be >= 0"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
 
 
 @dataclass
@@ -164,7 +136,7 @@ class BatchEngine:
         vocab = self.model.config.vocab_size
         if any(not 0 <= t < vocab for t in prompt_ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
-        request = Request(prompt_ids[-(self.model.config.max_seq_len - 1) :], params, on_event)
+        request = Request(crop_prompt(prompt_ids, self.model.config.max_seq_len), params, on_event)
         with self.lock:
             if not self.accepting:
                 raise QueueFull("the engine is shutting down")
@@ -314,7 +286,9 @@ class BatchEngine:
         full = [r for r, length in zip(self.decoding, rows.lengths.tolist()) if length == context and not r.finished]
         self.release_finished_rows(also=full)
         for request in full:  # slide, as `generate` does: run the last half of the context again from position 0
-            self.start_prefill([request], [request.tokens[-(context // 2) :]], front=True)
+            self.start_prefill(
+                [request], [request.tokens[window_after_slide(len(request.tokens), context)]], front=True
+            )
 
     def next_tokens(self, requests: list[Request], logits: torch.Tensor) -> list[int]:
         """Sample each request's next token from its row of logits (k, V), send the events; returns the tokens."""
@@ -341,10 +315,7 @@ class BatchEngine:
         return tokens
 
     def sample(self, request: Request, logits: torch.Tensor) -> int:
-        p = request.params
-        if request.seen is not None:
-            logits = apply_repetition_penalty(logits, request.seen, p.repetition_penalty)
-        return int(sample_next(logits, p.temperature, p.top_p, p.top_k, p.min_p, request.generator)[0])
+        return int(choose_next(logits, request.params, request.seen, request.generator)[0])
 
     def release_finished_rows(self, also: list[Request] = ()) -> None:
         """Free the rows of finished requests (and of `also`): the last row moves into each hole."""
@@ -374,13 +345,6 @@ class BatchEngine:
         with self.lock:
             self.live -= 1
         self.send(request, event)
-
-
-def logprobs_of(logits: torch.Tensor, token: int, top: int) -> tuple[float, dict[int, float]]:
-    """The log-probability of `token` under logits (V,), and the `top` most likely tokens' log-probabilities."""
-    log_probs = torch.log_softmax(logits.float(), dim=-1)  # (V,)
-    values, ids = torch.topk(log_probs, top) if top else (log_probs[:0], log_probs[:0].long())
-    return float(log_probs[token]), dict(zip(ids.tolist(), values.tolist()))
 
 
 def select_rows(cache: KVCache, rows: torch.Tensor) -> KVCache:

@@ -16,6 +16,7 @@ import textwrap
 from dataclasses import dataclass, field
 
 from .errors import UserError
+from .sampling import GENERATE_DEFAULTS, TOKEN_SETTINGS, SamplingParams, out_of_range
 
 TOKENIZER_VOCAB_SIZE = 50257  # ids the GPT-2 tokenizer produces (50,000 merges + 256 bytes + <|endoftext|>)
 
@@ -40,6 +41,24 @@ def precision_name(precision: str) -> str:
     precision = PRECISION_SYNONYMS.get(precision, precision)
     check_choice("precision", precision, PRECISIONS)
     return precision
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each field of a dataclass, by field name."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, following in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(following, ast.Expr)
+            and isinstance(following.value, ast.Constant)
+        ):
+            docs[node.target.id] = following.value.value
+    # fields added from elsewhere (with_token_settings) bring their help with them
+    docs.update({f.name: f.metadata["help"] for f in dataclasses.fields(cls) if "help" in f.metadata})
+    return docs
 
 
 @dataclass
@@ -220,9 +239,34 @@ class TrainConfig:
         check_device(self.device)
 
 
+def with_token_settings(after: str, defaults: dict[str, object], aliases: dict[str, tuple[str, ...]]):
+    """A class decorator (under @dataclass) that adds SamplingParams' token settings as fields after the field
+    `after`: their type, range and help as SamplingParams defines them, their default from `defaults` or its,
+    and the flags' `aliases`."""
+
+    def add(cls: type) -> type:
+        docs = field_docs(SamplingParams)
+        settings = {f.name: f for f in dataclasses.fields(SamplingParams) if f.name in TOKEN_SETTINGS}
+        annotations = {}
+        for name, hint in cls.__dict__["__annotations__"].items():
+            annotations[name] = hint
+            if name == after:
+                for setting, f in settings.items():
+                    annotations[setting] = f.type
+                    default = defaults.get(setting, f.default)
+                    metadata = {**f.metadata, "help": docs[setting], "aliases": aliases.get(setting, ())}
+                    setattr(cls, setting, field(default=default, metadata=metadata))
+        cls.__annotations__ = annotations
+        return cls
+
+    return add
+
+
 @dataclass
+@with_token_settings(after="max_new_tokens", defaults=GENERATE_DEFAULTS, aliases={"temperature": ("-t",)})
 class GenerateConfig:
-    """How to sample text from a trained model."""
+    """How to sample text from a trained model. The sampling settings (temperature, top_p, top_k, min_p,
+    repetition_penalty, seed) are sampling.SamplingParams', added after max_new_tokens."""
 
     prompt: str = field(default="", metadata={"aliases": ("-p",)})
     """Text to continue; '-' (or a piped stdin with no --prompt) reads it from stdin."""
@@ -230,18 +274,6 @@ class GenerateConfig:
     """Our model file or checkpoint, or a Hugging Face GPT-2 folder."""
     max_new_tokens: int = field(default=50, metadata={"aliases": ("--max-tokens", "-n")})
     """Number of new tokens to generate."""
-    temperature: float = field(default=0.8, metadata={"aliases": ("-t",)})
-    """Sampling temperature; 0 is greedy decoding."""
-    top_p: float = 0.9
-    """Nucleus sampling: keep the smallest set of tokens whose probability sums to top_p (1 keeps all)."""
-    top_k: int | None = None
-    """Keep only the k most likely tokens."""
-    min_p: float | None = None
-    """Drop tokens less likely than min_p times the most likely one."""
-    repetition_penalty: float = 1.0
-    """Divide the positive logits (multiply the negative ones) of tokens already present by this (1 = off)."""
-    seed: int | None = None
-    """Seed for reproducible sampling."""
     num_samples: int = 1
     """Independent samples, generated together as one batch."""
     ignore_eos: bool = False
@@ -264,16 +296,9 @@ class GenerateConfig:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise UserError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if not self.temperature >= 0:  # written so that NaN is refused too
-            raise UserError(f"temperature must be a number >= 0 (0 is greedy), got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k is not None and self.top_k < 1:
-            raise UserError(f"top_k must be at least 1, got {self.top_k}")
-        if self.min_p is not None and not 0.0 <= self.min_p <= 1.0:
-            raise UserError(f"min_p must be in [0, 1], got {self.min_p}")
-        if not self.repetition_penalty > 0:
-            raise UserError(f"repetition_penalty must be a positive number, got {self.repetition_penalty}")
+        problem = out_of_range(self)  # the sampling settings' ranges
+        if problem:
+            raise UserError(problem)
         if self.num_samples < 1:
             raise UserError(f"num_samples must be at least 1, got {self.num_samples}")
         check_device(self.device)
@@ -343,22 +368,6 @@ class ServeConfig:
         if self.api_key == "":
             raise UserError("api_key must not be empty")
         check_device(self.device)
-
-
-@functools.cache
-def field_docs(cls: type) -> dict[str, str]:
-    """The docstring written under each field of a dataclass, by field name."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body
-    docs = {}
-    for node, following in zip(body, body[1:]):
-        if (
-            isinstance(node, ast.AnnAssign)
-            and isinstance(following, ast.Expr)
-            and isinstance(following.value, ast.Constant)
-        ):
-            docs[node.target.id] = following.value.value
-    return docs
 
 
 def build(cls: type, values: dict) -> object:

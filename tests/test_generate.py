@@ -6,10 +6,9 @@ import pytest
 import torch
 
 from examplegpt import GPT
-from examplegpt.generate import (
-    TextStream,
+from examplegpt.generate import generate
+from examplegpt.sampling import (
     apply_repetition_penalty,
-    generate,
     min_p_filter,
     next_token_probs,
     sample_from,
@@ -18,6 +17,7 @@ from examplegpt.generate import (
     top_k_filter,
     top_p_filter,
 )
+from examplegpt.text import TextStream
 from examplegpt.tokenizer import EOT_ID, encode
 from examplegpt.weights import save_model_file
 

@@ -14,7 +14,7 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from examplegpt.generate import apply_repetition_penalty, filter_logits, next_token_probs, sample_next
+from examplegpt.sampling import apply_repetition_penalty, filter_logits, next_token_probs, sample_next
 
 logits_process = pytest.importorskip("transformers.generation.logits_process")
 

@@ -1,0 +1,226 @@
+"""How the next token is chosen: the sampling settings, and the pure filters that apply them.
+
+`SamplingParams` is the one definition of every sampling setting: its default, its range (the
+field's metadata) and its help (the docstring under it). The `generate` command's flags
+(config.GenerateConfig), the batching engine's requests and the HTTP API's request body are all
+made from it, so a new setting is written here and used in the filters below, nowhere else.
+
+The filters work on a batch of logits (B, V) in transformers' order: repetition penalty,
+temperature, top-k, top-p, min-p; then one draw per row. The sampler avoids PyTorch's CPU sort and
+multinomial (see `sort_descending` and `sample_from`), which do more work than sampling needs: a
+decode step of a small model is short enough that they would cost as much as the model itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+
+def within(**bounds: float) -> dict:
+    """A field's metadata: the range its value must lie in, in pydantic's words (ge, gt, le, lt)."""
+    return {"range": bounds}
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request's tokens are chosen, and when it ends. Defaults are OpenAI's (the HTTP API's);
+    the `generate` command and function start from GENERATE_DEFAULTS instead."""
+
+    max_tokens: int = field(default=16, metadata=within(ge=1))
+    """Number of new tokens to generate."""
+    temperature: float = field(default=1.0, metadata=within(ge=0))
+    """Sampling temperature; 0 is greedy decoding."""
+    top_p: float = field(default=1.0, metadata=within(gt=0, le=1))
+    """Nucleus sampling: keep the smallest set of tokens whose probability sums to top_p (1 keeps all)."""
+    top_k: int | None = field(default=None, metadata=within(ge=1))
+    """Keep only the k most likely tokens."""
+    min_p: float | None = field(default=None, metadata=within(ge=0, le=1))
+    """Drop tokens less likely than min_p times the most likely one."""
+    repetition_penalty: float = field(default=1.0, metadata=within(gt=0))
+    """Divide the positive logits (multiply the negative ones) of tokens already present by this (1 = off)."""
+    seed: int | None = field(default=None, metadata=within(ge=0, lt=2**63))
+    """Seed for reproducible sampling: the same seed gives the same text (each request draws from a generator of its own)."""
+    stop_at_eos: bool = True
+    """<|endoftext|> ends the text."""
+    logprobs: int | None = field(default=None, metadata=within(ge=0))
+    """Report each chosen token's log-probability and the `logprobs` most likely tokens' (of the model's own distribution)."""
+
+    def __post_init__(self) -> None:
+        problem = out_of_range(self)
+        if problem:
+            raise ValueError(problem)
+
+
+# The settings that end a request or say what it reports: each front end names and bounds them its own way
+# (`generate --max-new-tokens --ignore-eos`; the API's max_tokens, ignore_eos, logprobs up to 5).
+REQUEST_SETTINGS = ("max_tokens", "stop_at_eos", "logprobs")
+# The rest choose each token: the `generate` command and the API take every one of them as they are.
+TOKEN_SETTINGS = tuple(f.name for f in dataclasses.fields(SamplingParams) if f.name not in REQUEST_SETTINGS)
+# Defaults of the `generate` command and function: a small model's text reads better a little cooler than OpenAI's 1.0.
+GENERATE_DEFAULTS = {"temperature": 0.8, "top_p": 0.9}
+
+
+COMPARE = {"ge": operator.ge, "gt": operator.gt, "le": operator.le, "lt": operator.lt}
+
+
+def out_of_range(settings: object) -> str | None:
+    """The first field of a dataclass whose value lies outside its `within` range, as a sentence; None if none.
+
+    Written so that NaN is out of every range."""
+    for f in dataclasses.fields(settings):
+        bounds, value = f.metadata.get("range"), getattr(settings, f.name)
+        if bounds is None or value is None:
+            continue
+        if not all(COMPARE[kind](value, bound) for kind, bound in bounds.items()):
+            return f"{f.name} must be {describe_range(bounds)}, got {value}"
+    return None
+
+
+def describe_range(bounds: dict) -> str:
+    """'>= 0', 'in (0, 1]', ... for a `within` range."""
+    low = next(((kind, b) for kind, b in bounds.items() if kind in ("ge", "gt")), None)
+    high = next(((kind, b) for kind, b in bounds.items() if kind in ("le", "lt")), None)
+    if low and high:
+        return f"in {'[' if low[0] == 'ge' else '('}{low[1]}, {high[1]}{']' if high[0] == 'le' else ')'}"
+    kind, bound = low or high
+    return {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}[kind] + f" {bound}"
+
+
+# --- the filters ----------------------------------------------------------------------------------
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's penalty: logits (B, V) of tokens already seen (B, V bool) are made less likely (in float32)."""
+    logits = logits.float()
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    # a tiny penalty (1e-40) overflows float32 to inf: inf - inf later is NaN, sampled as the last token id
+    largest = torch.finfo(torch.float32).max
+    return torch.where(seen, penalised.clamp(max=largest), logits)
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits per row (and any tied with the k-th); the rest become -inf."""
+    if k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]  # (B, 1)
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus filter: keep the most likely tokens until their probability reaches p.
+
+    Tokens tied with the last one kept are kept too, so the result does not depend on sort order.
+    """
+    if p >= 1.0:
+        return logits
+    probs = torch.softmax(logits.float(), dim=-1)  # (B, V)
+    sorted_probs = sort_descending(probs)  # (B, V)
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # probability of the tokens ranked above
+    needed = mass_before < p  # (B, V): this token is needed to reach p
+    # the most likely token is always needed, even for a p that is 0 in float32 (mass_before is never < 0)
+    last_needed = (needed.sum(dim=-1, keepdim=True) - 1).clamp_(min=0)  # (B, 1), index into the sorted order
+    threshold = sorted_probs.gather(-1, last_needed)  # (B, 1)
+    return logits.masked_fill(probs < threshold, float("-inf"))
+
+
+def sort_descending(values: torch.Tensor) -> torch.Tensor:
+    """The values of each row (B, V), largest first, without their indices."""
+    if values.device.type == "cpu":
+        # torch.sort also sorts the indices, which top-p does not need; NumPy sorts the values alone,
+        # with SIMD, many times faster for a row of the vocabulary (BENCHMARKS.md).
+        return torch.from_numpy(np.flip(np.sort(values.detach().numpy(), axis=-1), axis=-1).copy())
+    return torch.sort(values, dim=-1, descending=True).values
+
+
+def sample_from(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One index per row of probs (B, V), drawn by inverting the cumulative distribution: (B,).
+
+    Same distribution as torch.multinomial(probs, 1), which draws a random variate per token of the
+    vocabulary where one per row is enough (much faster on CPU: BENCHMARKS.md).
+    """
+    cdf = probs.cumsum(dim=-1)  # (B, V)
+    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device) * cdf[:, -1:]  # (B, 1)
+    # the first token whose cumulative probability passes u; a zero-probability token never is
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1).squeeze(-1)
+
+
+def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Drop tokens whose probability is below min_p times the most likely token's."""
+    probs = torch.softmax(logits.float(), dim=-1)  # (B, V)
+    return logits.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, float("-inf"))
+
+
+def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logits (B, V) / temperature, in float32, as transformers computes it, unless that overflows.
+
+    A tiny temperature can push a logit to +-inf, and then inf - inf = NaN in the softmax. Subtracting each
+    row's maximum first keeps it finite (the best token's logit is 0, the others go to -inf: greedy in the
+    limit); it is done only then, because the subtraction can round two near logits into a tie that the
+    filters would then both keep. A temperature below float32's smallest normal number is computed as that
+    number: it would round to 0 (and 0 / 0 is NaN), and the distribution is greedy there already."""
+    logits = logits.float()
+    temperature = max(temperature, torch.finfo(torch.float32).tiny)
+    scaled = logits / temperature
+    if torch.isinf(scaled).sum() == torch.isinf(logits).sum():  # nothing overflowed
+        return scaled
+    return (logits - logits.max(dim=-1, keepdim=True).values) / temperature
+
+
+def filter_logits(
+    logits: torch.Tensor,
+    temperature: float = 0.8,
+    top_p: float = 0.9,
+    top_k: int | None = None,
+    min_p: float | None = None,
+) -> torch.Tensor:
+    """logits (B, V) scaled by temperature (> 0) and filtered, in transformers' order (temperature,
+    top-k, top-p, min-p): float32, the dropped tokens at -inf."""
+    logits = apply_temperature(logits, temperature)
+    if top_k is not None:
+        logits = top_k_filter(logits, top_k)
+    logits = top_p_filter(logits, top_p)
+    if min_p is not None:
+        logits = min_p_filter(logits, min_p)
+    return logits
+
+
+def next_token_probs(
+    logits: torch.Tensor,
+    temperature: float = 0.8,
+    top_p: float = 0.9,
+    top_k: int | None = None,
+    min_p: float | None = None,
+) -> torch.Tensor:
+    """The distribution (B, V) that sampling draws from at temperature > 0."""
+    return torch.softmax(filter_logits(logits, temperature, top_p, top_k, min_p), dim=-1)
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 0.8,
+    top_p: float = 0.9,
+    top_k: int | None = None,
+    min_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """One token per row of logits (B, V): greedy at temperature 0, else sampled after the filters."""
+    if temperature == 0:
+        return logits.float().argmax(dim=-1)  # on CPU a bfloat16 argmax is several times slower than a float32 copy's
+    return sample_from(next_token_probs(logits, temperature, top_p, top_k, min_p), generator)  # (B,)
+
+
+def choose_next(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    seen: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """One token per row of logits (B, V) under `params`; `seen` (B, V bool): tokens the repetition penalty applies to."""
+    if seen is not None and params.repetition_penalty != 1.0:
+        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    return sample_next(logits, params.temperature, params.top_p, params.top_k, params.min_p, generator)  # (B,)
