@@ -1,17 +1,13 @@
 """`examplegpt serve`: an OpenAI-compatible completions server over the continuous-batching engine, and a playground.
 
-The HTTP side (FastAPI on uvicorn) runs on one asyncio event loop; the model runs on the engine's own
-thread (`batching.BatchEngine`), which decodes every admitted request together, one token per step.
-Each choice of a request (n choices per prompt) is one engine request. The engine calls back from its
-thread with each new token; the callback only hands the event to the event loop, where the text is
-decoded, stop strings are looked for (the engine knows only <|endoftext|> and max_tokens) and the
-answer is written: one JSON object, or server-sent events in OpenAI's format ending with `data: [DONE]`.
-
-Every failure a client can cause is answered with OpenAI's error object,
-`{"error": {"message", "type", "param", "code"}}`, and the right status; the server keeps serving.
+A request travels: parse (`CompletionRequest`, made from sampling.SamplingParams, and `parse_request`)
+-> submit to the engine (`Completion`: each choice of each prompt is one engine request) -> stream
+(`stream_events`: server-sent events in OpenAI's format ending with `data: [DONE]`) or answer
+(`answer`: one JSON object). The HTTP side (FastAPI on uvicorn) runs on one asyncio event loop; the
+model runs on the engine's own thread, which calls back with each new token; the callback only hands
+the event to the event loop, where `text.CompletionText` decodes it and looks for stop strings.
+Failures are answered with OpenAI's error object (`http_errors.py`); the schema is at /openapi.json.
 """
-
-from __future__ import annotations
 
 import asyncio
 import contextlib
@@ -23,94 +19,61 @@ import signal
 import socket
 import sys
 import time
+import typing
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from importlib import resources
 from pathlib import Path
 from types import FrameType
-from typing import Annotated
+from typing import Annotated, Literal
 
 import torch
 import uvicorn
 from fastapi import Depends, FastAPI, Request
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, create_model
 from starlette.exceptions import HTTPException
 
-from .batching import BatchEngine, QueueFull, SamplingParams, TokenEvent
-from .config import ServeConfig
+from .batching import BatchEngine, QueueFull, TokenEvent
+from .config import ServeConfig, field_docs
 from .cpu_inference import fast_cpu_inference
 from .device import pick_device
 from .errors import UserError
-from .generate import TextStream
-from .tokenizer import EOT_ID, encode, get_tokenizer
+from .http_errors import RETRY_AFTER_SECONDS, APIError, Guard, error_responses, validation_error
+from .sampling import TOKEN_SETTINGS, SamplingParams
+from .text import CompletionText, crop_prompt
+from .tokenizer import EOT_ID, encode
 
-MAX_BODY_BYTES = 8 * 2**20  # a request body past this is refused before it is read (413)
 MAX_STOPS = 4  # OpenAI's limit on stop strings
-MAX_LOGPROBS = 5  # OpenAI's limit on `logprobs` for completions
-RETRY_AFTER_SECONDS = 1
+# OpenAI's limits that are narrower than SamplingParams' own
+API_LIMITS = {"temperature": {"le": 2}, "logprobs": {"le": 5}}
 DISCONNECT_CHECK_SECONDS = 0.25  # how often a non-streaming request looks for its client having left
 
 
-# --- errors -------------------------------------------------------------------------------------
+# --- 1. parse: the request body ---------------------------------------------------------------------
 
 
-class APIError(Exception):
-    """An error answered to the client as OpenAI's error object."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        type: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-        self.headers = headers
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+def integral(value: object) -> object:
+    """JSON Schema's integers include 2.0: let it be 2 (strict pydantic would refuse it), and nothing else."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
-def validation_error(exc: RequestValidationError) -> APIError:
-    """The first problem pydantic found in a request body, as one sentence naming the field."""
-    errors = exc.errors()
-    error = errors[0]
-    location = [str(part) for part in error.get("loc", ()) if part != "body"]
-    param = location[0] if location else None
-    if error["type"] == "json_invalid":
-        reason = error.get("ctx", {}).get("error", "parse error")
-        return APIError(400, f"the request body is not valid JSON ({reason})", code="invalid_json")
-    if not location:
-        if error["type"] == "missing":
-            return APIError(400, "the request body is empty: send a JSON object", code="invalid_json")
-        return APIError(
-            400, f"the request body must be a JSON object, got {error.get('input')!r:.80}", code="invalid_json"
-        )
-    if error["type"] == "extra_forbidden":
-        return APIError(400, f"unknown field '{param}'", param=param, code="unknown_field")
-    if error["type"] == "missing":
-        return APIError(400, f"missing required field '{param}'", param=param, code="missing_field")
-    # a field of several types (prompt, stop) has an error per type: a broken constraint says more than a wrong type
-    same_field = [e for e in errors if [str(p) for p in e["loc"] if p != "body"][:1] == [param]]
-    error = next((e for e in same_field if not e["type"].endswith("_type")), error)
-    message = error["msg"] if len(same_field) == 1 or error is not errors[0] else "not a valid value"
-    if len(same_field) > 1 and message == "not a valid value":
-        kinds = sorted({str(e["loc"][2]) for e in same_field if len(e["loc"]) > 2})
-        message += f" (expected {' or '.join(kinds)})"
-    return APIError(
-        400, f"{param}: {message}, got {json.dumps(error.get('input'))[:80]}", param=param, code="invalid_value"
-    )
+def integer(**limits: int) -> object:
+    """An integer field within `limits` (pydantic's ge, gt, le, lt) that takes 2.0 as 2."""
+    return Annotated[int, Field(**limits), BeforeValidator(integral)]
 
 
-# --- the request ----------------------------------------------------------------------------------
+def neutral(value: object) -> Callable[[object], object]:
+    def check(given: object) -> object:
+        if given != value:
+            raise ValueError(f"only {json.dumps(value)} is supported")
+        return given
+
+    return check
 
 
 class StreamOptions(BaseModel):
@@ -118,162 +81,126 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class CompletionRequest(BaseModel):
-    """The body of POST /v1/completions: OpenAI's fields, and ExampleGPT's sampling extras."""
+class RequestBase(BaseModel):
+    """OpenAI's fields of POST /v1/completions that are not sampling settings."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str | None = None
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: Annotated[int, Field(ge=1)] | None = 16
-    temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
-    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
-    n: Annotated[int, Field(ge=1)] = 1
-    stop: str | Annotated[list[str], Field(max_length=MAX_STOPS)] | None = None
-    seed: Annotated[int, Field(ge=0, lt=2**63)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     user: str | None = None
+    ignore_eos: bool = Field(False, description="Keep generating past <|endoftext|> (as `generate --ignore-eos`).")
     # OpenAI fields that ExampleGPT does not implement: accepted only at their neutral value.
-    echo: bool = False
-    best_of: int | None = None
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
-    suffix: str | None = None
-    # ExampleGPT's extras (as in `examplegpt generate`)
-    top_k: Annotated[int, Field(ge=1)] | None = None
-    min_p: Annotated[float, Field(ge=0, le=1)] | None = None
-    repetition_penalty: Annotated[float, Field(gt=0)] = 1.0
-    ignore_eos: bool = False
-
-    def refuse_unsupported(self) -> None:
-        unsupported = {
-            "echo": self.echo,
-            "best_of": self.best_of not in (None, 1),
-            "frequency_penalty": self.frequency_penalty != 0,
-            "presence_penalty": self.presence_penalty != 0,
-            "logit_bias": bool(self.logit_bias),
-            "suffix": self.suffix is not None,
-        }
-        for name, used in unsupported.items():
-            if used:
-                hint = " (repetition_penalty is supported)" if name.endswith("_penalty") else ""
-                raise APIError(400, f"{name} is not supported by this server{hint}", param=name, code="unsupported")
-
-    def stops(self) -> list[str]:
-        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if any(s == "" for s in stops):
-            raise APIError(400, "stop: a stop string must not be empty", param="stop", code="invalid_value")
-        return stops
+    echo: Annotated[bool, AfterValidator(neutral(False)), Field(json_schema_extra={"const": False})] = False
+    best_of: integer(ge=1, le=1) | None = None
+    frequency_penalty: Annotated[float, Field(ge=0, le=0)] = 0.0
+    presence_penalty: Annotated[float, Field(ge=0, le=0)] = 0.0
+    logit_bias: Annotated[dict[str, float], Field(max_length=0)] | None = None
+    suffix: None = None
 
 
-def prompt_token_lists(prompt: str | list, vocab_size: int) -> list[list[int]]:
-    """The prompts of a request as token id lists. An empty prompt starts from <|endoftext|>, GPT-2's document start."""
-    if isinstance(prompt, str):
-        lists = [encode(prompt)]
-    elif not prompt:
-        raise APIError(400, "prompt: the list of prompts is empty", param="prompt", code="invalid_value")
-    elif isinstance(prompt[0], str):
-        lists = [encode(p) for p in prompt]
-    elif isinstance(prompt[0], int):
-        lists = [list(prompt)]
+def sampling_fields(max_tokens_limit: int) -> dict[str, tuple]:
+    """The body's fields made from SamplingParams: its type, default, range and help, with OpenAI's narrower
+    limits, and the server's on max_tokens (its default, OpenAI's 16, is held to it as well)."""
+    docs, hints = field_docs(SamplingParams), typing.get_type_hints(SamplingParams)
+    limits = {**API_LIMITS, "max_tokens": {"le": max_tokens_limit}}
+    fields = {}
+    for f in dataclasses.fields(SamplingParams):
+        if f.name not in (*TOKEN_SETTINGS, "max_tokens", "logprobs"):
+            continue
+        kinds = [k for k in typing.get_args(hints[f.name]) if k is not type(None)] or [hints[f.name]]
+        bounds = {**f.metadata.get("range", {}), **limits.get(f.name, {})}
+        constrained = integer(**bounds) if kinds[0] is int else Annotated[kinds[0], Field(**bounds)]
+        optional = len(kinds) < len(typing.get_args(hints[f.name])) or f.name == "max_tokens"  # null: the default
+        default = min(f.default, max_tokens_limit) if f.name == "max_tokens" else f.default
+        fields[f.name] = (constrained | None if optional else constrained, Field(default, description=docs[f.name]))
+    return fields
+
+
+def request_model(config: ServeConfig, vocab_size: int, capacity: int) -> type[BaseModel]:
+    """The body of POST /v1/completions on this server: its limits (max_tokens, n, token ids) are in the schema."""
+    token = integer(ge=0, lt=vocab_size)
+    prompts = Field(min_length=1)
+    prompt = (
+        str
+        | Annotated[list[str], prompts]
+        | Annotated[list[token], Field(min_length=1)]
+        | Annotated[list[list[token]], prompts]
+    )
+    stop = Annotated[str, Field(min_length=1)]
+    n_help = f"Completions of each prompt; prompts x n at most {capacity} (max_batch + max_queue)."
+    return create_model(
+        "CompletionRequest",
+        __base__=RequestBase,
+        __doc__="The body of POST /v1/completions: OpenAI's fields, and ExampleGPT's sampling extras.",
+        prompt=(prompt, Field(description="Text, texts, token ids, or lists of token ids.")),
+        n=(integer(ge=1, le=capacity), Field(1, description=n_help)),
+        stop=(stop | Annotated[list[stop], Field(max_length=MAX_STOPS)] | None, None),
+        **sampling_fields(config.max_tokens_limit),
+    )
+
+
+def parse_request(body: BaseModel, state: "ServerState") -> tuple[list[list[int]], list[SamplingParams], list[str]]:
+    """The prompts (token ids, cropped to the context) and each choice's engine settings, prompt-major."""
+    if isinstance(body.prompt, str):
+        prompts = [encode(body.prompt)]
+    elif isinstance(body.prompt[0], str):
+        prompts = [encode(p) for p in body.prompt]
+    elif isinstance(body.prompt[0], int):
+        prompts = [list(body.prompt)]
     else:
-        lists = [list(p) for p in prompt]
-    for ids in lists:
-        bad = [t for t in ids if not 0 <= t < vocab_size]
-        if bad:
-            raise APIError(
-                400, f"prompt: token id {bad[0]} is not in [0, {vocab_size})", param="prompt", code="invalid_value"
-            )
-    return [ids or [EOT_ID] for ids in lists]
-
-
-# --- one completion: its choices and their text ---------------------------------------------------
-
-
-def token_text(token: int) -> str:
-    """A token as text for logprobs; a token that is part of a UTF-8 character is shown as OpenAI does, `bytes:\\xNN`."""
-    raw = get_tokenizer().decode_single_token_bytes(token)
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
-
-
-class Choice:
-    """One completion of one prompt as it arrives: the text decoded so far, the part of it already sent,
-    stop strings looked for in it, and the logprobs of its tokens."""
-
-    def __init__(self, index: int, stops: list[str], logprobs: int | None, ignore_eos: bool = False) -> None:
-        self.index = index
-        self.eos_is_text = ignore_eos  # else <|endoftext|> ends the choice and is not part of its text
-        self.stops = stops
-        # text that might be the beginning of a stop string is held back until it is known not to be
-        self.holdback = max((len(s) for s in stops), default=1) - 1
-        self.stream = TextStream()
-        self.text = ""
-        self.sent = 0  # characters of self.text already streamed
-        self.tokens: list[int] = []
-        self.finish_reason: str | None = None
-        self.finish_sent = False  # streaming: the chunk with finish_reason has gone out
-        self.logprobs = (
-            None if logprobs is None else {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        prompts = [list(p) for p in body.prompt]
+    # an empty prompt starts from <|endoftext|>, GPT-2's document start; a long one keeps its last tokens
+    prompts = [crop_prompt(ids or [EOT_ID], state.context) for ids in prompts]
+    capacity = state.capacity
+    if len(prompts) * body.n > capacity:
+        raise APIError(400, f"n: {len(prompts)} prompt(s) x n={body.n} is {len(prompts) * body.n} completions; this "
+                       f"server takes at most {capacity} at once (max_batch + max_queue)", param="n", code="invalid_value")  # fmt: skip
+    settings = {name: getattr(body, name) for name in TOKEN_SETTINGS}
+    params = [
+        SamplingParams(
+            **{**settings, "seed": None if body.seed is None else (body.seed + j) % 2**63},  # choice j: seed + j
+            max_tokens=type(body).model_fields["max_tokens"].default if body.max_tokens is None else body.max_tokens,
+            stop_at_eos=not body.ignore_eos,
+            logprobs=body.logprobs,
         )
-        self.logprobs_sent = 0
-        self.request = None  # the engine's Request
+        for _ in prompts
+        for j in range(body.n)
+    ]
+    stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    return prompts, params, stops
+
+
+# --- 2. submit to the engine ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Choice:
+    """One completion of one prompt as it arrives, and what has been sent of it."""
+
+    index: int
+    text: CompletionText
+    eos_is_text: bool  # else <|endoftext|> ends the choice and is not part of its text
+    finish_reason: str | None = None
+    finish_sent: bool = False  # streaming: the chunk with finish_reason has gone out
+    request: object = None  # the engine's Request
 
     def add(self, event: TokenEvent) -> bool:
         """Take one event from the engine; True when a stop string ended this choice (its request should be cancelled)."""
         if self.finish_reason is not None:  # cut at a stop string: what the engine still sends is not wanted
             return False
         if event.token is not None and (event.token != EOT_ID or self.eos_is_text):
-            offset = len(self.text)
-            self.tokens.append(event.token)
-            self.text += self.stream.push(event.token)
-            if self.logprobs is not None:
-                self.add_logprobs(event, offset)
-            if self.cut_at_stop(offset):
+            if self.text.push(event.token, event.logprob, event.top_logprobs):
+                self.finish_reason = "stop"
                 return True
         if event.finish_reason is not None:
-            self.text += self.stream.flush()
-            self.finish_reason = event.finish_reason
-            self.cut_at_stop(0)
+            self.text.finish()
+            self.finish_reason = "stop" if self.text.stopped else event.finish_reason
         return False
 
-    def add_logprobs(self, event: TokenEvent, offset: int) -> None:
-        top = event.top_logprobs or {}
-        self.logprobs["tokens"].append(token_text(event.token))
-        self.logprobs["token_logprobs"].append(event.logprob)
-        self.logprobs["top_logprobs"].append({token_text(t): lp for t, lp in top.items()})
-        self.logprobs["text_offset"].append(offset)
-
-    def cut_at_stop(self, searched_up_to: int) -> bool:
-        """End the text before the first stop string found in it; the part before `searched_up_to` was searched already."""
-        hits = [i for s in self.stops if (i := self.text.find(s, max(0, searched_up_to - len(s) + 1))) >= 0]
-        if not hits:
-            return False
-        self.text = self.text[: min(hits)]
-        self.finish_reason = "stop"
-        if self.logprobs is not None:  # drop the tokens that begin at or after the cut
-            keep = sum(1 for o in self.logprobs["text_offset"] if o < len(self.text))
-            for values in self.logprobs.values():
-                del values[keep:]
-        return True
-
-    def take_text(self) -> str:
-        """The text not streamed yet that is safe to send (none that could still become a stop string)."""
-        end = len(self.text) if self.finish_reason is not None else max(self.sent, len(self.text) - self.holdback)
-        piece = self.text[self.sent : end]
-        self.sent = end
-        return piece
-
-    def take_logprobs(self) -> dict | None:
-        if self.logprobs is None:
-            return None
-        start, self.logprobs_sent = self.logprobs_sent, len(self.logprobs["tokens"])
-        return {key: values[start:] for key, values in self.logprobs.items()}
+    def logprobs(self) -> dict | None:
+        return None if self.text.logprobs is None else self.text.logprobs.lists
 
 
 class Completion:
@@ -283,16 +210,24 @@ class Completion:
     applied there by `next_change`, so choices are only ever touched by the loop.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, choices: list[Choice], state: ServerState) -> None:
-        self.loop = loop
-        self.choices = choices
+    def __init__(
+        self, prompts: list[list[int]], params: list[SamplingParams], stops: list[str], state: "ServerState"
+    ) -> None:
+        self.loop = asyncio.get_running_loop()
         self.state = state
+        self.prompt_tokens = sum(len(ids) for ids in prompts)
+        self.prompts = [ids for ids in prompts for _ in range(len(params) // len(prompts))]  # one per choice
+        self.params = params
+        self.choices = [
+            Choice(i, CompletionText(stops, logprobs=p.logprobs is not None), eos_is_text=not p.stop_at_eos)
+            for i, p in enumerate(params)
+        ]
         self.events: asyncio.Queue[tuple[Choice, TokenEvent]] = asyncio.Queue()
 
-    def submit(self, engine: BatchEngine, prompts: list[list[int]], params: list[SamplingParams]) -> None:
+    def submit(self, engine: BatchEngine) -> None:
         """Hand every choice to the engine; if it is full, none of them (503)."""
         try:
-            for choice, ids, p in zip(self.choices, prompts, params):
+            for choice, ids, p in zip(self.choices, self.prompts, self.params):
                 choice.request = engine.submit(ids, p, lambda event, c=choice: self.on_event(c, event))
         except QueueFull:
             self.cancel()
@@ -307,6 +242,7 @@ class Completion:
                 code="overloaded",
                 headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
             ) from None
+        self.state.in_flight.add(self)
 
     def on_event(self, choice: Choice, event: TokenEvent) -> None:  # on the engine's thread
         if event.token is not None:
@@ -329,13 +265,122 @@ class Completion:
         return choice
 
     def cancel(self) -> None:
-        """Cancel every choice still decoding: the engine frees its row at the next step."""
+        """Cancel every choice still decoding (the engine frees its row at the next step); the call is over."""
         for choice in self.choices:
             if choice.request is not None and choice.finish_reason is None:
                 choice.request.cancel()
+        self.state.in_flight.discard(self)
+
+    def usage(self) -> dict:
+        prompt_tokens = self.prompt_tokens
+        completion_tokens = sum(len(c.text.tokens) for c in self.choices)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
 
 
-# --- the app -------------------------------------------------------------------------------------
+# --- 3. stream or answer -------------------------------------------------------------------------------
+
+
+def sse(data: dict | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+async def stream_events(completion: Completion, head: dict, include_usage: bool) -> AsyncIterator[str]:
+    """Server-sent events: a chunk per choice as its text grows, its finish_reason on its last; then [DONE].
+
+    A client that disconnects cancels this generator (Starlette watches the connection), and the
+    `finally` cancels the choices still decoding.
+    """
+    try:
+        while not completion.done:
+            choice = await completion.next_change()
+            if choice.finish_reason == "error":
+                raise RuntimeError("the engine failed")
+            text = choice.text.take()
+            logprobs = None if choice.text.logprobs is None else choice.text.logprobs.take()
+            finishing = choice.finish_reason is not None and not choice.finish_sent
+            if text or finishing or (logprobs and logprobs["tokens"]):
+                choice.finish_sent = choice.finish_reason is not None
+                part = {
+                    "text": text,
+                    "index": choice.index,
+                    "logprobs": logprobs,
+                    "finish_reason": choice.finish_reason,
+                }
+                yield sse({**head, "choices": [part]})
+        if include_usage:
+            yield sse({**head, "choices": [], "usage": completion.usage()})
+        yield sse("[DONE]")
+    except Exception as e:  # a failure of ours: the client gets an error event, not a cut stream
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        yield sse(APIError(500, "the server failed while generating", type="server_error").body())
+        yield sse("[DONE]")
+    finally:
+        completion.cancel()
+
+
+async def answer(completion: Completion, head: dict, request: Request) -> dict | JSONResponse:
+    """The whole completion as one JSON object, once every choice has finished."""
+    try:
+        checked = time.monotonic()
+        while not completion.done:
+            await completion.next_change(timeout=DISCONNECT_CHECK_SECONDS)
+            # a client that left is noticed within DISCONNECT_CHECK_SECONDS, and its rows freed; checked by the
+            # clock, not only when no event comes, since tokens keep coming for as long as it decodes
+            if time.monotonic() - checked >= DISCONNECT_CHECK_SECONDS:
+                checked = time.monotonic()
+                if await request.is_disconnected():
+                    return JSONResponse({})
+    finally:
+        completion.cancel()
+    if any(c.finish_reason == "error" for c in completion.choices):
+        raise APIError(500, "the model failed while generating", type="server_error")
+    choices = [
+        {"text": c.text.text, "index": c.index, "logprobs": c.logprobs(), "finish_reason": c.finish_reason}
+        for c in completion.choices
+    ]
+    return {**head, "choices": choices, "usage": completion.usage()}
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class LogprobsBody(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    text: str
+    index: int
+    logprobs: LogprobsBody | None
+    finish_reason: Literal["stop", "length", "cancelled"] | None
+
+
+class CompletionBody(BaseModel):
+    """The answer: one JSON object, or (`stream`) a server-sent event of this shape per piece of text."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+STREAM = {
+    "text/event-stream": {
+        "schema": {"type": "string", "description": "`data: {CompletionBody}` events, then `data: [DONE]`"}
+    }
+}
+
+
+# --- the app ------------------------------------------------------------------------------------------
 
 
 class ServerState:
@@ -347,6 +392,7 @@ class ServerState:
         self.model_id = model_id
         self.context = model_config.max_seq_len
         self.vocab_size = model_config.vocab_size
+        self.capacity = engine.max_batch + engine.max_queue  # completions the engine holds at once
         self.created = int(time.time())
         self.in_flight: set[Completion] = set()
         self.tokens_generated = 0  # by the engine since the start, for every request
@@ -364,43 +410,32 @@ class ServerState:
             completion.cancel()
 
 
-class Guard:
-    """Refuse a huge body before reading it; answer a bug of ours with a 500 error object, not a traceback.
+class Health(BaseModel):
+    status: Literal["ok", "draining", "error"]
+    model: str
+    running: int
+    queued: int
+    tokens_generated: int
+    max_batch: int
+    max_queue: int
 
-    Plain ASGI, not `@app.middleware("http")`: Starlette's BaseHTTPMiddleware hides the client's
-    disconnection from `Request.is_disconnected()`, which a non-streaming request relies on."""
 
-    def __init__(self, app) -> None:
-        self.app = app
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    max_model_len: int
 
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = dict(scope["headers"])
-        if b"transfer-encoding" in headers and b"content-length" not in headers:  # a body of no stated size
-            response = APIError(411, "send the request body with a Content-Length header", code="length_required")
-            return await response.response()(scope, receive, send)
-        length = headers.get(b"content-length", b"0").decode("latin-1")
-        if not length.isdigit() or int(length) > MAX_BODY_BYTES:
-            response = APIError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes").response()
-            return await response(scope, receive, send)
-        started = False
 
-        async def send_noting_start(message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_noting_start)
-        except Exception as e:
-            print(f"error: {scope['method']} {scope['path']}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-            if not started:  # else the answer is under way: all there is to do is end it, which the server does
-                await APIError(500, "internal server error", type="server_error").response()(scope, receive, send)
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
 
 
 def create_app(engine: BatchEngine, config: ServeConfig, model_id: str, model_config) -> FastAPI:
     state = ServerState(engine, config, model_id, model_config)
+    CompletionRequest = request_model(config, state.vocab_size, state.capacity)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -409,204 +444,126 @@ def create_app(engine: BatchEngine, config: ServeConfig, model_id: str, model_co
         engine.shutdown(drain=False)  # the streams have ended (or been cut) by now: nothing is left to drain
         engine.join(timeout=10)
 
-    app = FastAPI(title="ExampleGPT", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="ExampleGPT", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = state
-
-    @app.exception_handler(APIError)
-    async def on_api_error(request: Request, exc: APIError) -> JSONResponse:
-        return exc.response()
-
-    @app.exception_handler(RequestValidationError)
-    async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return validation_error(exc).response()
-
-    @app.exception_handler(HTTPException)
-    async def on_http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        kind = "not_found" if exc.status_code == 404 else None
-        message = f"{request.method} {request.url.path}: {exc.detail}"
-        return APIError(exc.status_code, message, code=kind, headers=exc.headers).response()
-
+    app.openapi = lambda: openapi_schema(app)
+    app.add_exception_handler(APIError, on_api_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(HTTPException, on_http_error)
     app.add_middleware(Guard)
+    authorized, key_errors = api_key_check(config.api_key)
 
-    def check_api_key(request: Request) -> None:
-        if config.api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        scheme, _, key = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), config.api_key.encode()):
-            raise APIError(
-                401,
-                "missing or incorrect API key: send it as 'Authorization: Bearer KEY'",
-                code="invalid_api_key",
-                headers={"WWW-Authenticate": "Bearer"},
+    @app.post("/v1/completions", dependencies=authorized,
+              responses={200: {"model": CompletionBody, "content": STREAM}, **error_responses(400, *key_errors, 411, 413, 500, 503)})  # fmt: skip
+    async def completions(body: CompletionRequest, request: Request):
+        if state.draining:
+            raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down",
+                           headers={"Retry-After": str(RETRY_AFTER_SECONDS)})  # fmt: skip
+        completion = Completion(*parse_request(body, state), state)
+        completion.submit(engine)
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": model_id}  # fmt: skip
+        if body.stream:
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+            return StreamingResponse(
+                stream_events(completion, head, include_usage), media_type="text/event-stream", headers=headers
             )
-
-    authorized = [Depends(check_api_key)]
+        return await answer(completion, head, request)
 
     @app.get("/", response_class=HTMLResponse)
     async def playground() -> HTMLResponse:
         return HTMLResponse(resources.files("examplegpt").joinpath("playground.html").read_text(encoding="utf-8"))
 
-    @app.get("/health")
+    @app.get("/health", response_model=Health)
     async def health() -> dict:
         stats = engine.stats
-        return {
-            "status": "error" if engine.error is not None else "draining" if state.draining else "ok",
-            "model": model_id,
-            "running": stats["running"],
-            "queued": stats["queued"],
-            "tokens_generated": state.tokens_generated,
-            "max_batch": config.max_batch,
-            "max_queue": config.max_queue,
-        }
+        status = "error" if engine.error is not None else "draining" if state.draining else "ok"
+        return {"status": status, "model": model_id, "running": stats["running"], "queued": stats["queued"],
+                "tokens_generated": state.tokens_generated, "max_batch": config.max_batch, "max_queue": config.max_queue}  # fmt: skip
 
     def model_card() -> dict:
         return {"id": model_id, "object": "model", "created": state.created, "owned_by": "examplegpt",
                 "max_model_len": state.context}  # fmt: skip
 
-    @app.get("/v1/models", dependencies=authorized)
+    @app.get("/v1/models", dependencies=authorized, response_model=ModelList, responses=error_responses(*key_errors))
     async def list_models() -> dict:
         return {"object": "list", "data": [model_card()]}
 
-    @app.get("/v1/models/{name:path}", dependencies=authorized)
-    async def get_model(name: str) -> dict:
+    @app.get("/v1/models/{name:path}", dependencies=authorized, response_model=ModelCard,
+             responses=error_responses(*key_errors, 404))  # fmt: skip
+    async def get_model(name: Annotated[str, PathParam(examples=[model_id])]) -> dict:
         if name != model_id:
             raise APIError(
                 404, f"no model '{name}': this server serves '{model_id}'", param="model", code="model_not_found"
             )
         return model_card()
 
-    @app.post("/v1/chat/completions", dependencies=authorized)
+    @app.post("/v1/chat/completions", dependencies=authorized, responses=error_responses(*key_errors, 404, 411, 413))
     async def chat_completions() -> None:
-        raise APIError(
-            404,
-            "this server serves a GPT-2 base model, which is not trained to chat: "
-            "use POST /v1/completions with a prompt (client.completions.create)",
-            code="unsupported_endpoint",
-        )
-
-    @app.post("/v1/completions", dependencies=authorized)
-    async def completions(body: CompletionRequest, request: Request):
-        if state.draining:
-            raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down",
-                           headers={"Retry-After": str(RETRY_AFTER_SECONDS)})  # fmt: skip
-        body.refuse_unsupported()
-        stops = body.stops()
-        max_tokens = 16 if body.max_tokens is None else body.max_tokens
-        if max_tokens > config.max_tokens_limit:
-            raise APIError(400, f"max_tokens: at most {config.max_tokens_limit} on this server, got {max_tokens}",
-                           param="max_tokens", code="invalid_value")  # fmt: skip
-        prompts = prompt_token_lists(body.prompt, state.vocab_size)
-        capacity = config.max_batch + config.max_queue
-        if len(prompts) * body.n > capacity:
-            raise APIError(
-                400,
-                f"n: {len(prompts)} prompt(s) x n={body.n} is {len(prompts) * body.n} completions; this server takes "
-                f"at most {capacity} at once (max_batch + max_queue)",
-                param="n",
-                code="invalid_value",
-            )
-        # the engine keeps the last (context - 1) tokens of a longer prompt, as `generate` does
-        prompts = [ids[-(state.context - 1) :] for ids in prompts]
-        choices, choice_prompts, params = [], [], []
-        for i, ids in enumerate(prompts):
-            for j in range(body.n):
-                choices.append(Choice(i * body.n + j, stops, body.logprobs, body.ignore_eos))
-                choice_prompts.append(ids)
-                params.append(sampling_params(body, max_tokens, j))
-        completion = Completion(asyncio.get_running_loop(), choices, state)
-        completion.submit(engine, choice_prompts, params)
-        state.in_flight.add(completion)
-        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": model_id}  # fmt: skip
-        usage_of = lambda: usage(prompts, choices)
-        if body.stream:
-            include_usage = body.stream_options is not None and body.stream_options.include_usage
-            events = stream_events(completion, state, head, usage_of if include_usage else None)
-            headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-            return StreamingResponse(events, media_type="text/event-stream", headers=headers)
-        try:
-            checked = time.monotonic()
-            while not completion.done:
-                await completion.next_change(timeout=DISCONNECT_CHECK_SECONDS)
-                # a client that left is noticed within DISCONNECT_CHECK_SECONDS, and its rows freed; checked by the
-                # clock, not only when no event comes, since tokens keep coming for as long as it decodes
-                if time.monotonic() - checked >= DISCONNECT_CHECK_SECONDS:
-                    checked = time.monotonic()
-                    if await request.is_disconnected():
-                        return JSONResponse({})
-        finally:
-            completion.cancel()
-            state.in_flight.discard(completion)
-        if any(c.finish_reason == "error" for c in choices):
-            raise APIError(500, "the model failed while generating", type="server_error")
-        body_choices = [
-            {"text": c.text, "index": c.index, "logprobs": c.logprobs, "finish_reason": c.finish_reason}
-            for c in choices
-        ]
-        return {**head, "choices": body_choices, "usage": usage_of()}
+        raise APIError(404, "this server serves a GPT-2 base model, which is not trained to chat: "
+                       "use POST /v1/completions with a prompt (client.completions.create)", code="unsupported_endpoint")  # fmt: skip
 
     return app
 
 
-def sampling_params(body: CompletionRequest, max_tokens: int, j: int) -> SamplingParams:
-    """The engine's settings for choice j of a request; with a seed, choice j draws from seed + j."""
-    return SamplingParams(
-        max_tokens=max_tokens,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        top_k=body.top_k,
-        min_p=body.min_p,
-        repetition_penalty=body.repetition_penalty,
-        seed=None if body.seed is None else (body.seed + j) % 2**63,
-        stop_at_eos=not body.ignore_eos,
-        logprobs=body.logprobs,
-    )
+def api_key_check(api_key: str | None) -> tuple[list, tuple[int, ...]]:
+    """The dependency that checks the API key on /v1 routes (none without a key), and the status it may answer."""
+    if api_key is None:
+        return [], ()
+    bearer = HTTPBearer(auto_error=False, description="The server's --api-key")
+
+    def check_api_key(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+        if credentials is None or not hmac.compare_digest(credentials.credentials.strip().encode(), api_key.encode()):
+            raise APIError(401, "missing or incorrect API key: send it as 'Authorization: Bearer KEY'",
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+
+    return [Depends(check_api_key)], (401,)
 
 
-def usage(prompts: list[list[int]], choices: list[Choice]) -> dict:
-    prompt_tokens = sum(len(ids) for ids in prompts)
-    completion_tokens = sum(len(c.tokens) for c in choices)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
+async def on_api_error(request: Request, exc: APIError) -> JSONResponse:
+    return exc.response()
 
 
-def sse(data: dict | str) -> str:
-    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return validation_error(exc).response()
 
 
-async def stream_events(completion: Completion, state: ServerState, head: dict, usage_of) -> AsyncIterator[str]:
-    """Server-sent events: a chunk per choice as its text grows, its finish_reason on its last; then [DONE].
+async def on_http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    """Starlette's own errors (no such route, a method the route does not take) as OpenAI's error object."""
+    kind = "not_found" if exc.status_code == 404 else None
+    return APIError(
+        exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code=kind, headers=exc.headers
+    ).response()
 
-    A client that disconnects cancels this generator (Starlette watches the connection), and the
-    `finally` cancels the choices still decoding.
-    """
-    try:
-        while not completion.done:
-            choice = await completion.next_change()
-            text, logprobs = choice.take_text(), choice.take_logprobs()
-            if choice.finish_reason == "error":
-                raise RuntimeError("the engine failed")
-            finishing = choice.finish_reason is not None and not choice.finish_sent
-            if text or finishing or (logprobs and logprobs["tokens"]):
-                choice.finish_sent = choice.finish_reason is not None
-                part = {
-                    "text": text,
-                    "index": choice.index,
-                    "logprobs": logprobs,
-                    "finish_reason": choice.finish_reason,
-                }
-                yield sse({**head, "choices": [part]})
-        if usage_of is not None:
-            yield sse({**head, "choices": [], "usage": usage_of()})
-        yield sse("[DONE]")
-    except Exception as e:  # a failure of ours: the client gets an error event, not a cut stream
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-        yield sse(APIError(500, "the server failed while generating", type="server_error").body())
-        yield sse("[DONE]")
-    finally:
-        completion.cancel()
-        state.in_flight.discard(completion)
+
+def openapi_schema(app: FastAPI) -> dict:
+    """FastAPI's schema of the app, less the 422 answer it documents for every body: this server answers 400."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        for operations in schema["paths"].values():
+            for operation in operations.values():
+                operation["responses"].pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = exact_bounds(schema)
+    return app.openapi_schema
+
+
+def exact_bounds(schema: object) -> object:
+    """The schema with whole-number bounds as integers: FastAPI's schema model stores them as floats, and a
+    float bound such as 2**63 lets a client's integer past it (2**63 + 190 rounds to the same float) look valid."""
+    if isinstance(schema, dict):
+        return {
+            key: int(value)
+            if key in BOUNDS and isinstance(value, float) and value.is_integer()
+            else exact_bounds(value)
+            for key, value in schema.items()
+        }
+    return [exact_bounds(value) for value in schema] if isinstance(schema, list) else schema
+
+
+BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 
 
 # --- the command ---------------------------------------------------------------------------------
