@@ -373,11 +373,14 @@ class CompletionBody(BaseModel):
     usage: Usage | None = None
 
 
-STREAM = {
-    "text/event-stream": {
-        "schema": {"type": "string", "description": "`data: {CompletionBody}` events, then `data: [DONE]`"}
-    }
-}
+# each server-sent event: `data: ` and a CompletionBody (or, should the model fail, an ErrorResponse) as JSON,
+# the last one `data: [DONE]`
+EVENT_DATA = {"anyOf": [
+    {"const": "[DONE]"},
+    {"contentMediaType": "application/json", "contentSchema": {"anyOf": [{"$ref": "#/components/schemas/CompletionBody"},
+                                                                      {"$ref": "#/components/schemas/ErrorResponse"}]}},
+]}  # fmt: skip
+STREAM = {"text/event-stream": {"schema": {"type": "object", "properties": {"data": EVENT_DATA}, "required": ["data"]}}}
 
 
 # --- the app ------------------------------------------------------------------------------------------
