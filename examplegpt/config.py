@@ -23,6 +23,7 @@ TOKENIZER_VOCAB_SIZE = 50257  # ids the GPT-2 tokenizer produces (50,000 merges 
 # One vocabulary for every command: where a setting means the same thing, it has the same name and values.
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+OPTIMIZERS = ("adamw", "muon")
 PRECISION_SYNONYMS = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # torch's dtype names
 RENAMED = {"max_tokens": "max_new_tokens", "dtype": "precision"}  # earlier config-file keys, still read
 
@@ -167,10 +168,18 @@ class TrainConfig:
     """AdamW beta2."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value (0 disables clipping)."""
+    optimizer: str = "adamw"
+    """adamw: AdamW for every parameter; muon: Muon for the blocks' weight matrices, AdamW (learning_rate, weight_decay, betas) for the embeddings, the tied LM head, biases and LayerNorms."""
+    muon_learning_rate: float = 0.02
+    """Muon's peak learning rate (same warmup and decay as learning_rate); a tall matrix's step is scaled by sqrt(rows / cols)."""
+    muon_momentum: float = 0.95
+    """Muon's Nesterov momentum."""
+    muon_weight_decay: float = 0.0
+    """Muon's decoupled weight decay: each step multiplies the matrices by 1 - lr * muon_weight_decay."""
     use_amp: bool = field(default=True, metadata={"aliases": ("--amp",)})
     """Mixed precision in the format `precision` names; off is the same as precision=fp32."""
     precision: str = "auto"
-    """auto, bf16, fp16 or fp32; auto: bf16 where the GPU has it, else fp16 with a gradient scaler, fp32 on CPU."""
+    """auto, bf16, fp16 or fp32; auto: bf16 where the GPU has it, else fp16 with a gradient scaler; on CPU bf16 only with native bf16 (AVX512-BF16 or AMX) and d_model >= 512, else fp32."""
     use_checkpointing: bool = field(default=True, metadata={"aliases": ("--checkpointing",)})
     """Gradient checkpointing per transformer block: less memory for about a third more compute."""
     compile: bool = False
@@ -229,6 +238,13 @@ class TrainConfig:
             raise UserError(f"warmup_steps must not be negative, got {self.warmup_steps}")
         if not 0.0 <= self.weight_decay < math.inf:
             raise UserError(f"weight_decay must be a number >= 0, got {self.weight_decay}")
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        if not 0.0 < self.muon_learning_rate < math.inf:
+            raise UserError(f"muon_learning_rate must be a positive number, got {self.muon_learning_rate}")
+        if not 0.0 <= self.muon_momentum < 1.0:
+            raise UserError(f"muon_momentum must be in [0, 1), got {self.muon_momentum}")
+        if not 0.0 <= self.muon_weight_decay < math.inf:
+            raise UserError(f"muon_weight_decay must be a number >= 0, got {self.muon_weight_decay}")
         if not self.grad_clip >= 0.0:
             raise UserError(f"grad_clip must be a number >= 0 (0 disables clipping), got {self.grad_clip}")
         self.precision = precision_name(self.precision)

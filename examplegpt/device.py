@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import torch
 
@@ -22,8 +23,33 @@ def pick_device(name: str) -> torch.device:
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # config.PRECISIONS
 
 
-def pick_dtype(precision: str, device: torch.device, use_amp: bool = True) -> torch.dtype:
-    """Training's compute dtype: bf16 where supported, fp16 on older GPUs, fp32 on CPU unless bf16 is asked for."""
+# x86 flags of bf16 matrix instructions; without them bf16 is converted to fp32 and back, slower than fp32.
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+# bf16 halves the bytes a matmul reads; that pays only for wide matrices: GPT-2 124M (d_model 768) steps
+# 1.60x faster under bf16 autocast on a CPU with AMX, the tiny preset (d_model 192) 0.95x.
+CPU_BF16_MIN_D_MODEL = 512
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux lists them (empty where there is no /proc/cpuinfo)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+
+
+def cpu_prefers_bf16(d_model: int, flags: set[str] | None = None) -> bool:
+    """bf16 autocast on CPU: only with native bf16 matmuls (AVX512-BF16 or AMX) and d_model >= CPU_BF16_MIN_D_MODEL."""
+    flags = cpu_flags() if flags is None else flags
+    return any(f in flags for f in NATIVE_BF16_FLAGS) and d_model >= CPU_BF16_MIN_D_MODEL
+
+
+def pick_dtype(
+    precision: str, device: torch.device, use_amp: bool = True, d_model: int = 0, flags: set[str] | None = None
+) -> torch.dtype:
+    """Training's compute dtype: bf16 where supported, fp16 on older GPUs; on CPU bf16 where `cpu_prefers_bf16`
+    (`flags`: the CPU's, read from the machine when None), else fp32."""
     if not use_amp:
         return torch.float32
     if precision != "auto":
@@ -32,7 +58,7 @@ def pick_dtype(precision: str, device: torch.device, use_amp: bool = True) -> to
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type == "mps":
         return torch.float16
-    return torch.float32
+    return torch.bfloat16 if cpu_prefers_bf16(d_model, flags) else torch.float32
 
 
 def inference_dtype(precision: str, device: torch.device) -> torch.dtype:

@@ -1,4 +1,11 @@
-"""The optimizer and the learning-rate schedule: small pure pieces, unit-tested."""
+"""The optimizer and the learning-rate schedule: small pure pieces, unit-tested.
+
+Two optimizers are offered. AdamW for every parameter is the original recipe. Muon (Jordan et al. 2024,
+`torch.optim.Muon`) replaces each update of a hidden weight matrix by the nearest semi-orthogonal matrix
+(Newton-Schulz iterations on the momentum), so every direction of the matrix moves by the same amount;
+it is defined for 2-D matrices that map one hidden space to another, so the embeddings (and the LM head
+tied to them), biases and LayerNorms keep AdamW, as in modded-nanogpt and nanochat.
+"""
 
 from __future__ import annotations
 
@@ -36,16 +43,83 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+def hidden_matrices(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The blocks' 2-D weights (attention's c_attn and c_proj, the MLP's c_fc and c_proj): Muon's share."""
+    return [p for p in model.transformer.h.parameters() if p.requires_grad and p.dim() == 2]
+
+
+def muon_split(model: torch.nn.Module, cfg: TrainConfig) -> tuple[list[dict], list[dict]]:
+    """(Muon's groups, AdamW's groups): the hidden matrices, then the embeddings (decayed) and the 1-D rest."""
+    matrices = hidden_matrices(model)
+    rest = [p for p in model.parameters() if p.requires_grad and all(p is not m for m in matrices)]
+    embeddings = [p for p in rest if p.dim() >= 2]  # wte (which is also the LM head) and wpe
+    vectors = [p for p in rest if p.dim() < 2]  # biases and LayerNorm weights
+    muon_groups = [{"params": matrices, "weight_decay": cfg.muon_weight_decay}]
+    adamw_groups = [{"params": embeddings, "weight_decay": cfg.weight_decay}, {"params": vectors, "weight_decay": 0.0}]
+    return muon_groups, adamw_groups
+
+
+class MuonWithAdamW:
+    """Muon for the hidden matrices and AdamW for the rest, stepped as one optimizer.
+
+    It has what the training loop, the gradient scaler and the checkpoint ask of an optimizer
+    (param_groups, step, zero_grad, state_dict); the two states are saved side by side."""
+
+    def __init__(self, muon: torch.optim.Muon, adamw: torch.optim.AdamW) -> None:
+        self.muon, self.adamw = muon, adamw
+        self.optimizers = (muon, adamw)
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.muon.param_groups + self.adamw.param_groups
+
+    def step(self, closure=None) -> None:
+        for optimizer in self.optimizers:
+            optimizer.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.muon.load_state_dict(state["muon"])
+        self.adamw.load_state_dict(state["adamw"])
+
+
+Optimizer = torch.optim.AdamW | MuonWithAdamW
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> Optimizer:
     # The fused kernel does the whole update in one pass over the parameters (CUDA, and CPU since torch 2.4).
-    fused = device.type in ("cuda", "cpu")
-    return torch.optim.AdamW(
-        parameter_groups(model, cfg.weight_decay),
-        lr=cfg.learning_rate,
-        betas=(cfg.beta1, cfg.beta2),
-        eps=1e-8,
-        fused=fused or None,
+    fused = device.type in ("cuda", "cpu") or None
+    adamw = dict(lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=fused)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), **adamw)
+    muon_groups, adamw_groups = muon_split(model, cfg)
+    # adjust_lr_fn "original" (Keller Jordan's): a tall matrix's step is scaled by sqrt(rows / cols), as in
+    # modded-nanogpt and nanochat, so one muon_learning_rate suits c_attn (3C x C) and c_fc (4C x C).
+    muon = torch.optim.Muon(
+        muon_groups, lr=cfg.muon_learning_rate, momentum=cfg.muon_momentum, nesterov=True, adjust_lr_fn="original"
     )
+    return MuonWithAdamW(muon, torch.optim.AdamW(adamw_groups, **adamw))
+
+
+def torch_optimizers(optimizer: Optimizer) -> tuple[torch.optim.Optimizer, ...]:
+    """The torch optimizers inside `optimizer` (what FSDP's state-dict functions take)."""
+    return optimizer.optimizers if isinstance(optimizer, MuonWithAdamW) else (optimizer,)
+
+
+def set_learning_rates(optimizer: Optimizer, lr: float, cfg: TrainConfig) -> None:
+    """Set this step's rates: `lr` is lr_at's for the peak learning_rate (AdamW's); Muon's groups follow the
+    same schedule from their own peak (lr_at is proportional to its peak)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    if isinstance(optimizer, MuonWithAdamW):
+        for group in optimizer.muon.param_groups:
+            group["lr"] = lr * cfg.muon_learning_rate / cfg.learning_rate
 
 
 def flops_per_token(num_params: int, num_layers: int, d_model: int, seq_len: int) -> int:

@@ -48,7 +48,7 @@ from .errors import UserError
 from .loss import IGNORE_INDEX
 from .metrics import MetricsLog, plot_runs
 from .model import GPT
-from .optim import flops_per_token, lr_at, make_optimizer
+from .optim import flops_per_token, lr_at, make_optimizer, set_learning_rates, torch_optimizers
 from .reproducibility import make_cuda_deterministic
 from .tokenizer import TOKENIZER_ID
 from .weights import atomic_torch_save, load_model, save_model_file
@@ -220,7 +220,7 @@ def optimizer_state(model: GPT, optimizer: torch.optim.Optimizer, world: World, 
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         return get_optimizer_state_dict(
-            model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+            model, torch_optimizers(optimizer), options=StateDictOptions(full_state_dict=True, cpu_offload=True)
         )
     return optimizer.state_dict()
 
@@ -231,7 +231,7 @@ def load_states(model: GPT, optimizer: torch.optim.Optimizer, state: dict, world
 
         set_state_dict(
             model,
-            optimizer,
+            torch_optimizers(optimizer),
             model_state_dict=state["model"],
             optim_state_dict=state["optimizer"],
             options=StateDictOptions(full_state_dict=True),
@@ -317,7 +317,7 @@ def run(
     world: World,
     device: torch.device,
 ) -> int:
-    device, dtype = set_up(cfg, world, device)
+    device, dtype = set_up(cfg, world, device, model_cfg.d_model)
     if resume_state is None:
         resume_state = load_resume_state(cfg)
     r = build(model_cfg, data_cfg, cfg, resume_state, world, device, dtype)
@@ -368,14 +368,14 @@ def run(
 # --- set up, build, restore ------------------------------------------------------------------------
 
 
-def set_up(cfg: TrainConfig, world: World, device: torch.device) -> tuple[torch.device, torch.dtype]:
-    """This rank's device and the compute dtype."""
+def set_up(cfg: TrainConfig, world: World, device: torch.device, d_model: int) -> tuple[torch.device, torch.dtype]:
+    """This rank's device and the compute dtype (on CPU it depends on the model's width: see pick_dtype)."""
     if device.type == "cuda" and world.size > 1:
         device = torch.device("cuda", world.local_rank)
     if device.type == "cuda":  # TF32 matmuls on Ampere and newer: ~free speed for fp32 parts
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    return device, pick_dtype(cfg.precision, device, cfg.use_amp)
+    return device, pick_dtype(cfg.precision, device, cfg.use_amp, d_model)
 
 
 def build(
@@ -393,6 +393,9 @@ def build(
         differ = [f"{k}={saved[k]} (this run: {v})" for k, v in asdict(model_cfg).items() if saved.get(k) != v]
         if differ:
             raise UserError(f"the checkpoint was trained with another model configuration: {', '.join(differ)}")
+        saved_optimizer = resume_state["config"]["train"].get("optimizer", "adamw")
+        if saved_optimizer != cfg.optimizer:
+            raise UserError(f"the checkpoint was trained with --optimizer {saved_optimizer}: resume with that one")
     torch.manual_seed(cfg.seed)
     if cfg.init_from and resume_state is None:
         pretrained = load_model(cfg.init_from)
@@ -490,8 +493,7 @@ def announce(r: Run, steps_done: int) -> None:
 def train_step(r: Run, step: int, lr: float, counters: Counters) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """One optimizer step (step is 0-based): (mean loss, gradient norm), or (None, None) when the loss or
     gradient was not finite and the step was skipped (the weights unchanged)."""
-    for group in r.optimizer.param_groups:
-        group["lr"] = lr
+    set_learning_rates(r.optimizer, lr, r.cfg)
     epoch, index = divmod(step, r.loader.batches_per_epoch)
     x, y = (torch.from_numpy(a) for a in r.loader.batch(epoch, index))  # (per_rank, T) each
     if r.device.type == "cuda":

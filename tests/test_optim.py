@@ -1,0 +1,211 @@
+"""The optimizers: Muon's parameter split, its schedule, its checkpoints across processes; bf16 on CPU."""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from examplegpt import GPT, TrainConfig
+from examplegpt.device import pick_dtype
+from examplegpt.optim import MuonWithAdamW, hidden_matrices, make_optimizer, muon_split, set_learning_rates
+from examplegpt.weights import read_torch_file
+
+from .conftest import REPO, assert_one_line_error, final_weights, losses, run_cli, tiny_config, train_args
+
+MUON = ["--optimizer", "muon", "--muon-learning-rate", "0.02"]
+
+
+def test_every_parameter_is_in_exactly_one_group_and_muon_gets_only_the_blocks_matrices():
+    model = GPT(tiny_config(num_layers=3))
+    muon_groups, adamw_groups = muon_split(model, TrainConfig(optimizer="muon"))
+    muon = [p for g in muon_groups for p in g["params"]]
+    adamw = [p for g in adamw_groups for p in g["params"]]
+    ids = [id(p) for p in muon + adamw]
+    assert sorted(ids) == sorted(id(p) for p in model.parameters()) and len(set(ids)) == len(ids)
+    names = {id(p): n for n, p in model.named_parameters()}  # the tied LM head is wte: one entry
+    assert sorted(names[id(p)] for p in muon) == sorted(
+        f"transformer.h.{i}.{m}.weight"
+        for i in range(3)
+        for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    )
+    embeddings, vectors = adamw_groups
+    assert {names[id(p)] for p in embeddings["params"]} == {"transformer.wte.weight", "transformer.wpe.weight"}
+    assert all(p.dim() == 1 for p in vectors["params"]) and vectors["weight_decay"] == 0.0
+    assert hidden_matrices(model)[0] is model.transformer.h[0].attn.c_attn.weight
+
+
+def test_both_optimizers_follow_the_schedule_from_their_own_peak():
+    model = GPT(tiny_config())
+    cfg = TrainConfig(optimizer="muon", learning_rate=1e-3, muon_learning_rate=0.02)
+    optimizer = make_optimizer(model, cfg, torch.device("cpu"))
+    assert isinstance(optimizer, MuonWithAdamW)
+    set_learning_rates(optimizer, 5e-4, cfg)  # half of the peak, as lr_at gives it halfway down
+    assert [g["lr"] for g in optimizer.muon.param_groups] == [pytest.approx(0.01)]
+    assert [g["lr"] for g in optimizer.adamw.param_groups] == [5e-4, 5e-4]
+    adamw_only = make_optimizer(model, TrainConfig(learning_rate=1e-3), torch.device("cpu"))
+    set_learning_rates(adamw_only, 5e-4, cfg)
+    assert isinstance(adamw_only, torch.optim.AdamW) and {g["lr"] for g in adamw_only.param_groups} == {5e-4}
+
+
+def test_a_muon_step_changes_every_parameter_and_its_state_round_trips():
+    torch.manual_seed(0)
+    model = GPT(tiny_config())
+    optimizer = make_optimizer(model, TrainConfig(optimizer="muon"), torch.device("cpu"))
+    x = torch.randint(0, 50257, (2, 16))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model(x, x)[1].backward()
+    optimizer.step()
+    unchanged = [n for n, p in model.named_parameters() if torch.equal(p, before[n])]
+    assert unchanged == []
+    state = optimizer.state_dict()
+    assert set(state) == {"muon", "adamw"} and len(state["muon"]["state"]) == 4 * 2  # one momentum per matrix
+    again = make_optimizer(model, TrainConfig(optimizer="muon"), torch.device("cpu"))
+    again.load_state_dict(state)
+    for a, b in zip(again.muon.state.values(), optimizer.muon.state.values()):
+        assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
+
+
+# --- bf16 on CPU: decided by the CPU's flags and the model's width -------------------------------------------
+
+CPU = torch.device("cpu")
+AMX = {"avx2", "avx512f", "amx_tile", "amx_bf16"}
+AVX512_BF16 = {"avx2", "avx512f", "avx512_bf16"}
+ZEN3 = {"avx2", "fma", "f16c"}  # this machine: no native bf16
+
+
+@pytest.mark.parametrize("flags", [AMX, AVX512_BF16])
+def test_cpu_amp_is_bf16_for_a_wide_model_on_a_cpu_with_native_bf16(flags):
+    assert pick_dtype("auto", CPU, True, d_model=768, flags=flags) == torch.bfloat16
+    assert pick_dtype("auto", CPU, True, d_model=192, flags=flags) == torch.float32  # tiny: bf16 is slower
+    assert pick_dtype("fp32", CPU, True, d_model=768, flags=flags) == torch.float32  # fp32 still forces fp32
+    assert pick_dtype("auto", CPU, False, d_model=768, flags=flags) == torch.float32  # --no-amp
+
+
+def test_cpu_amp_is_fp32_on_a_cpu_without_native_bf16():
+    assert pick_dtype("auto", CPU, True, d_model=768, flags=ZEN3) == torch.float32
+    assert pick_dtype("auto", CPU, True, d_model=4096, flags=set()) == torch.float32
+    assert pick_dtype("bf16", CPU, True, d_model=64, flags=ZEN3) == torch.bfloat16  # asked for: given
+
+
+@pytest.mark.slow
+def test_this_machine_trains_in_the_format_its_flags_call_for(corpus, tmp_path):
+    from examplegpt.device import cpu_prefers_bf16
+
+    expected = "bfloat16" if cpu_prefers_bf16(32) else "float32"
+    proc = run_cli(*[a for a in train_args(corpus, tmp_path / "run", "--max-steps", "1") if a != "--no-amp"])
+    assert proc.returncode == 0, proc.stderr
+    assert f"| {expected} |" in proc.stdout  # the start line says which format was chosen
+
+
+# --- through the real CLI ---------------------------------------------------------------------------------------
+
+
+def weight_hash(out_dir) -> str:
+    weights = final_weights(out_dir)
+    digest = hashlib.sha256()
+    for name in sorted(weights):
+        digest.update(name.encode() + weights[name].numpy().tobytes())
+    return digest.hexdigest()
+
+
+@pytest.mark.slow
+def test_muon_kill_and_resume_in_fresh_processes_is_bit_identical_to_an_uninterrupted_run(corpus, tmp_path):
+    steps = [*MUON, "--max-steps", "24", "--checkpoint-interval", "6", "--grad-clip", "0.5"]  # 2 micro-steps a step
+    straight = tmp_path / "straight"
+    assert run_cli(*train_args(corpus, straight, *steps)).returncode == 0
+
+    killed = tmp_path / "killed"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "examplegpt", *train_args(corpus, killed, *steps)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    first = killed / "checkpoints" / "checkpoint_epoch1_batch6.pt"
+    deadline = time.time() + 240
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert first.exists() and not (killed / "gpt_model.pt").exists()
+    saved = read_torch_file(first)["optimizer"]
+    assert set(saved) == {"muon", "adamw"} and saved["muon"]["state"]  # Muon's momentum is in the checkpoint
+    resumed = run_cli(*train_args(corpus, killed, *steps, "--resume", "auto"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from step" in resumed.stdout
+
+    assert weight_hash(straight) == weight_hash(killed)
+    assert losses(straight) == losses(killed)
+
+
+@pytest.mark.slow
+def test_resume_with_the_other_optimizer_is_one_line(corpus, tmp_path):
+    out = tmp_path / "run"
+    assert run_cli(*train_args(corpus, out, "--max-steps", "2")).returncode == 0
+    proc = run_cli(*train_args(corpus, out, "--max-steps", "4", "--resume", "auto", *MUON))
+    assert_one_line_error(proc, "--optimizer adamw")
+
+
+@pytest.mark.slow
+def test_fine_tune_with_muon_from_an_adamw_model(corpus, tmp_path):
+    base = tmp_path / "base"
+    assert run_cli(*train_args(corpus, base, "--max-steps", "4")).returncode == 0
+    tuned = tmp_path / "tuned"
+    proc = run_cli(*train_args(corpus, tuned, "--max-steps", "4", "--init-from", str(base / "gpt_model.pt"), *MUON))
+    assert proc.returncode == 0, proc.stderr
+    assert "optimizer fresh" in proc.stdout
+    assert losses(tuned)[0][1] < losses(base)[0][1]  # it starts from the trained weights
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--optimizer", "sgd"], ["optimizer", "adamw", "muon"]),
+        (["--optimizer", "muon", "--muon-learning-rate", "0"], ["muon_learning_rate"]),
+        (["--optimizer", "muon", "--muon-momentum", "1"], ["muon_momentum"]),
+    ],
+)
+def test_bad_muon_settings_are_one_line(cli, corpus, tmp_path, extra, words):
+    assert_one_line_error(cli(*train_args(corpus, tmp_path / "run", *extra)), *words)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_muon_under_two_processes_matches_one_process(corpus, tmp_path, mode):
+    """Newton-Schulz runs in bf16, so a different summation order (the all-reduce, FSDP's sharded matmuls)
+    moves the update by bf16 rounding: close, not bit-equal."""
+    steps = [*MUON, "--batch-size", "8", "--val-fraction", "0.1", "--max-steps", "6"]
+    one = tmp_path / "one"
+    assert run_cli(*train_args(corpus, one, *steps, "--micro-batch-size", "4")).returncode == 0
+    two = tmp_path / "two"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
+    command += ["-m", "examplegpt", *train_args(corpus, two, *steps, *(["--fsdp"] if mode == "fsdp" else []))]
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    a, b = final_weights(one), final_weights(two)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 2e-3
+    for (s1, l1, v1), (s2, l2, v2) in zip(losses(one), losses(two)):
+        assert s1 == s2 and (l1 is None or abs(l1 - l2) < 1e-3) and (v1 is None or abs(v1 - v2) < 1e-3)
+
+
+@pytest.mark.slow
+def test_the_optimizer_sweep_runs_on_cpu_without_the_gpu_image_s_missing_packages(tmp_path):
+    """benchmarks/bench_optimizers.py --smoke, with datasets, fastapi, wandb and transformers made unimportable
+    (the GPU image has none of them): it writes the table, the JSON and the curves."""
+    blocked = "import sys, runpy\nfor m in ('datasets', 'fastapi', 'wandb', 'transformers'): sys.modules[m] = None\n"
+    script = REPO / "benchmarks" / "bench_optimizers.py"
+    run = f"{blocked}sys.argv = ['bench', '--smoke', '--out', {str(tmp_path)!r}]\nrunpy.run_path({str(script)!r}, run_name='__main__')"
+    proc = subprocess.run([sys.executable, "-c", run], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert {(r["optimizer"], r["seed"]) for r in results["runs"]} == {(o, s) for o in ("adamw", "muon") for s in (0, 1)}
+    assert {e["shape"] for e in results["equal_time"]} == {"smoke"}
+    assert "| smoke | shakespeare | muon |" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
