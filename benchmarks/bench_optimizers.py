@@ -70,14 +70,17 @@ def corpora(args: argparse.Namespace) -> dict[str, tuple[np.ndarray, np.ndarray]
     return found
 
 
-def train_once(args, shape: dict, data: tuple[np.ndarray, np.ndarray], optimizer_name: str, lr: float, seed: int):
-    """One run; returns its record: final val loss, train time, and the curve [(step, train seconds, val loss)]."""
+def train_once(
+    args, shape: dict, data: tuple[np.ndarray, np.ndarray], optimizer_name: str, lr: float, seed: int, adamw_lr: float
+):
+    """One run; returns its record: final val loss, train time, and the curve [(step, train seconds, val loss)].
+    `lr` is the peak LR of the optimizer named; a Muon run's AdamW part runs at `adamw_lr`."""
     device, dtype = args.device, args.dtype
     model_cfg = GPTConfig(**shape)
     muon = optimizer_name == "muon"
     cfg = TrainConfig(
         optimizer=optimizer_name,
-        learning_rate=args.muon_adamw_lr if muon else lr,
+        learning_rate=adamw_lr if muon else lr,
         muon_learning_rate=lr if muon else 0.02,
         warmup_steps=args.warmup_steps,
         max_steps=args.steps,
@@ -123,6 +126,16 @@ def train_once(args, shape: dict, data: tuple[np.ndarray, np.ndarray], optimizer
     return dict(val_loss=curve[-1][2], train_seconds=train_seconds, curve=curve)
 
 
+def best_adamw_lr(runs: list[dict], shape: str, data: str, grid: list[float]) -> float:
+    """The AdamW LR with the lowest mean val loss so far on (shape, data): a Muon run's AdamW part runs at it,
+    so the two recipes differ only in the blocks' matrices. Runs go seed by seed, AdamW's grid before Muon's,
+    so from the first seed on it is known."""
+    done = [r for r in runs if (r["shape"], r["data"], r["optimizer"]) == (shape, data, "adamw")]
+    by_lr = {lr: [r["val_loss"] for r in done if r["lr"] == lr] for lr in grid}
+    scored = {lr: statistics.fmean(v) for lr, v in by_lr.items() if v and all(map(math.isfinite, v))}
+    return min(scored, key=scored.get) if scored else grid[len(grid) // 2]
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -155,7 +168,7 @@ def summarize(runs: list[dict]) -> dict:
         mean, error = mean_and_error([m["val_loss"] for m in members])
         seconds = statistics.fmean(m["train_seconds"] for m in members)
         table.append(dict(shape=shape, data=data, optimizer=opt, lr=lr, seeds=len(members), mean=mean, se=error,
-                          train_seconds=seconds))  # fmt: skip
+                          train_seconds=seconds, adamw_lr=members[0].get("adamw_lr")))  # fmt: skip
     best, equal_time = [], []
     for shape, data in dict.fromkeys((t["shape"], t["data"]) for t in table):
         winners = {}
@@ -198,7 +211,8 @@ def markdown(summary: dict, header: dict) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for t in sorted(summary["table"], key=lambda t: (t["shape"], t["data"], t["optimizer"], t["lr"])):
-        lines.append(f"| {t['shape']} | {t['data']} | {t['optimizer']} | {t['lr']:g} | {t['seeds']} "
+        lr = f"{t['lr']:g}" + (f" (AdamW part {t['adamw_lr']:g})" if t["adamw_lr"] else "")
+        lines.append(f"| {t['shape']} | {t['data']} | {t['optimizer']} | {lr} | {t['seeds']} "
                      f"| {t['mean']:.4f} +- {t['se']:.4f} | {t['train_seconds']:.1f} |")  # fmt: skip
     lines += ["", "## Best LR per optimizer, and equal wall time", ""]
     lines += [
@@ -267,7 +281,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--optimizers", default="adamw,muon")
     p.add_argument("--adamw-lrs", default=",".join(map(str, LR_GRID["adamw"])))
     p.add_argument("--muon-lrs", default=",".join(map(str, LR_GRID["muon"])))
-    p.add_argument("--muon-adamw-lr", type=float, default=3e-3, help="AdamW's LR for the rest of a Muon run")
+    p.add_argument(
+        "--muon-adamw-lr",
+        type=float,
+        default=None,
+        help="AdamW's LR for the rest of a Muon run (default: AdamW's best)",
+    )
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--seq-len", type=int, default=None, help="context length (default: each shape's, 256)")
@@ -323,8 +342,9 @@ def main(argv: list[str] | None = None) -> int:
     warm_up = argparse.Namespace(**{**vars(args), "steps": 2, "eval_every": 2, "eval_windows": 1})
     for shape in shapes:
         for opt in args.optimizers.split(","):
-            train_once(warm_up, shapes[shape], next(iter(data.values())), opt, lrs[opt][0], 0)
+            train_once(warm_up, shapes[shape], next(iter(data.values())), opt, lrs[opt][0], 0, lrs["adamw"][0])
     runs: list[dict] = []
+    muon_adamw_lr: dict[tuple[str, str], float] = {}
     last_seconds: dict[str, float] = {}  # wall seconds of the latest run of each shape: the next one's estimate
     status = "complete"
     try:
@@ -334,10 +354,15 @@ def main(argv: list[str] | None = None) -> int:
             if args.time_budget_s is not None and elapsed + estimate > args.time_budget_s:
                 status = f"stopped by --time-budget-s {args.time_budget_s:g} after {len(runs)} of {len(plan)} runs"
                 break
+            if (shape, name) not in muon_adamw_lr:  # fixed at the first Muon run: the same for every seed
+                muon_adamw_lr[shape, name] = args.muon_adamw_lr or best_adamw_lr(runs, shape, name, lrs["adamw"])
+            adamw_lr = muon_adamw_lr[shape, name]
             run_started = time.perf_counter()
-            record = train_once(args, shapes[shape], data[name], opt, lr, seed)
+            record = train_once(args, shapes[shape], data[name], opt, lr, seed, adamw_lr)
             last_seconds[shape] = time.perf_counter() - run_started
             runs.append(dict(shape=shape, data=name, optimizer=opt, lr=lr, seed=seed, **record))
+            if opt == "muon":
+                runs[-1]["adamw_lr"] = adamw_lr
             print(f"[{time.perf_counter() - started:6.1f}s] {shape} {name} {opt} lr {lr:g} seed {seed}:"
                   f" val {record['val_loss']:.4f} ({record['train_seconds']:.1f}s training)", flush=True)  # fmt: skip
             write_results(out, runs, header)

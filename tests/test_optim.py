@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from examplegpt import GPT, TrainConfig
+from examplegpt import GPT, DataConfig, GPTConfig, TrainConfig
 from examplegpt.device import pick_dtype
 from examplegpt.optim import MuonWithAdamW, hidden_matrices, make_optimizer, muon_split, set_learning_rates
 from examplegpt.weights import read_torch_file
@@ -209,3 +209,14 @@ def test_the_optimizer_sweep_runs_on_cpu_without_the_gpu_image_s_missing_package
     assert {e["shape"] for e in results["equal_time"]} == {"smoke"}
     assert "| smoke | shakespeare | muon |" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "curves.png").stat().st_size > 10_000
+
+
+def test_the_quick_start_config_file_is_read_by_train(monkeypatch):
+    """configs/shakespeare.toml (the README's first command) names only settings `train --config` knows."""
+    from examplegpt.cli import build_parser, resolve
+
+    monkeypatch.chdir(REPO)  # the README runs it from the repository root
+    args = build_parser().parse_args(["train", "--config", "configs/shakespeare.toml", "--max-steps", "7"])
+    configs = resolve(args, {"model": GPTConfig, "data": DataConfig, "train": TrainConfig})
+    assert configs["data"].data == "shakespeare" and configs["train"].max_steps == 7  # flags win over the file
+    assert configs["model"].d_model <= 256  # sized for a CPU
