@@ -99,11 +99,9 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), **adamw)
     muon_groups, adamw_groups = muon_split(model, cfg)
-    # adjust_lr_fn "original" (Keller Jordan's): a tall matrix's step is scaled by sqrt(rows / cols), as in
+    # Muon's default step scaling (Keller Jordan's) multiplies a tall matrix's step by sqrt(rows / cols), as in
     # modded-nanogpt and nanochat, so one muon_learning_rate suits c_attn (3C x C) and c_fc (4C x C).
-    muon = torch.optim.Muon(
-        muon_groups, lr=cfg.muon_learning_rate, momentum=cfg.muon_momentum, nesterov=True, adjust_lr_fn="original"
-    )
+    muon = torch.optim.Muon(muon_groups, lr=cfg.muon_learning_rate, momentum=cfg.muon_momentum, nesterov=True)
     return MuonWithAdamW(muon, torch.optim.AdamW(adamw_groups, **adamw))
 
 
