@@ -1,6 +1,6 @@
 """Continuous batching: many requests decoded together, each joining and leaving the batch on its own.
 
-One background thread runs a loop of steps. Each step:
+One thread runs a loop of steps (`run`): the caller's, or one of the engine's own (`start`). Each step:
 
 1. drops the requests that were cancelled since the last step (their rows are free at once);
 2. admits waiting requests while rows are free (at most `max_batch` requests hold a row);
@@ -29,6 +29,12 @@ filters.
 
 The model's weights are used as they are: on CPU, wrap the engine's run in
 `cpu_inference.fast_cpu_inference(model)` for packed weights, as `generate` does.
+
+Which thread. On CPU, run the engine on the thread that has run the model so far (`run_beside`; the
+`serve` command: the main thread, which loaded, packed and warmed it up), not on a new one (`start`). PyTorch's OpenMP runtime
+(GNU libgomp) gives each thread that runs a parallel op a pool of its own, and once the pools hold
+more threads than there are CPUs, every pool sleeps between ops instead of spinning: a second thread
+running the model halves the speed of both on a small machine (BENCHMARKS.md, issue 24).
 """
 
 from __future__ import annotations
@@ -114,7 +120,8 @@ class BatchEngine:
         self.live = 0  # requests submitted and not finished
         self.accepting = True
         self.draining = True  # what to do with live requests once shutdown() is called
-        self.thread: threading.Thread | None = None
+        self.thread: threading.Thread | None = None  # the one that runs the loop, once `run` or `start` is called
+        self.stopped = threading.Event()  # the loop has ended
 
     @property
     def stats(self) -> dict[str, int]:
@@ -124,10 +131,42 @@ class BatchEngine:
             return {"running": self.live - queued, "queued": queued}
 
     def start(self) -> None:
-        """Start the engine's thread (once)."""
-        if self.thread is None:
+        """Run the engine on a thread of its own (once; nothing if a thread runs it already)."""
+        with self.lock:
+            if self.thread is not None:
+                return
             self.thread = threading.Thread(target=self.run, name="batch-engine", daemon=True)
-            self.thread.start()
+        self.thread.start()
+
+    def warm_up(self) -> None:
+        """Run the model once at each size the engine's steps take (decoding 1, 2, 4, ... max_batch rows; a prompt
+        chunk of 2, 4, ... prefill_chunk tokens), on the calling thread, the one that will `run` the engine: what
+        a first step at a size costs (`cpu_inference`'s probe of packed weights, oneDNN's kernels) is paid here,
+        not by the first requests."""
+        chunk = min(self.prefill_chunk, self.model.config.max_seq_len)
+        shapes = [(rows, 1) for rows in powers_of_two_up_to(self.max_batch)]
+        shapes += [(1, tokens) for tokens in powers_of_two_up_to(chunk) if tokens > 1]
+        with torch.inference_mode():
+            for rows, tokens in shapes:
+                cache = KVCache.allocate(self.model.config, rows, self.device, self.cache_dtype, max_len=tokens)
+                ids = torch.zeros(rows, tokens, dtype=torch.long, device=self.device)  # (rows, tokens)
+                self.model.logits(self.model.hidden_states(ids, cache)[:, -1])  # (rows, V)
+
+    def run_beside(self, front: Callable[[], None]) -> None:
+        """Run `front` (what submits the requests: the HTTP server, a benchmark's clients) on a thread of its own
+        and the engine on this one, the thread that loaded and warmed up the model ("Which thread" above),
+        until `front` returns; then shut the engine down (cancelling what is left) and return."""
+
+        def front_then_shutdown() -> None:
+            try:
+                front()
+            finally:
+                self.shutdown(drain=False)
+
+        thread = threading.Thread(target=front_then_shutdown, name="front")
+        thread.start()
+        self.run()
+        thread.join()
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, on_event: Callable[[TokenEvent], None]) -> Request:
         """Queue a prompt (token ids); raises QueueFull past max_batch + max_queue live requests, or after shutdown."""
@@ -156,15 +195,17 @@ class BatchEngine:
             self.lock.notify()
 
     def join(self, timeout: float | None = None) -> bool:
-        """Wait for the engine's thread to end (after `shutdown`); True if it has."""
-        if self.thread is not None:
-            self.thread.join(timeout)
-            return not self.thread.is_alive()
-        return True
+        """Wait for the engine's loop to end (after `shutdown`); True if it has, or never ran."""
+        return self.thread is None or self.stopped.wait(timeout)
 
     # --- the engine's thread ------------------------------------------------------------------
 
     def run(self) -> None:
+        """The engine's loop, on the calling thread, until `shutdown` and the end of the live requests."""
+        with self.lock:
+            if self.thread not in (None, threading.current_thread()):
+                raise RuntimeError("the engine already runs on another thread")
+            self.thread = threading.current_thread()
         try:
             with torch.inference_mode():
                 while self.wait_for_work():
@@ -177,6 +218,8 @@ class BatchEngine:
                 self.finish(request, TokenEvent(None, finish_reason="error"))
             # one line, not the thread's traceback: the server keeps answering (with errors) and says why
             print(f"error: the batching engine stopped: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        finally:
+            self.stopped.set()
 
     def wait_for_work(self) -> bool:
         """Block until there is something to do; False when the engine should end."""
@@ -345,6 +388,11 @@ class BatchEngine:
         with self.lock:
             self.live -= 1
         self.send(request, event)
+
+
+def powers_of_two_up_to(n: int) -> list[int]:
+    """1, 2, 4, ... below n, then n."""
+    return [2**i for i in range(n.bit_length()) if 2**i < n] + [n]
 
 
 def select_rows(cache: KVCache, rows: torch.Tensor) -> KVCache:

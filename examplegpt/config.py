@@ -308,6 +308,8 @@ class GenerateConfig:
     """Compile the decode step with torch.compile (CUDA)."""
     fast_cpu: bool = True
     """On CPU, multiply by weights packed in oneDNN's layout for the run (cpu_inference.py); off: plain PyTorch."""
+    verbose: bool = False
+    """Print on stderr where packed weights were measured faster than plain PyTorch, and so used."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -339,6 +341,8 @@ class EvaluateConfig:
     """Print one JSON object instead of the table."""
     fast_cpu: bool = True
     """On CPU, multiply by weights packed in oneDNN's layout for the run (cpu_inference.py); off: plain PyTorch."""
+    verbose: bool = False
+    """Print on stderr where packed weights were measured faster than plain PyTorch, and so used."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:

@@ -9,6 +9,15 @@ here it is used in eager mode and applied from outside the model: the commands (
 `evaluate`, `serve`) wrap their run in `fast_cpu_inference(model)` unless told `--no-fast-cpu`,
 and library functions never switch it on by themselves.
 
+Packing does not pay on every CPU at every batch size: on an AVX-512/AMX Xeon the packed product of
+one row is about 10% slower than PyTorch's own while 8 rows run 1.7x faster, and on an AVX2 EPYC the
+order differs again (BENCHMARKS.md, issue 24). So within the block each group of Linears that share
+a weight shape runs packed or plain per number of rows, as measured the first time the group meets
+that number (`PackedGroup.speedup`): both products over the group's weights, alternately, best of
+three, packed kept only where it is clearly faster. The measurements are kept for the process, on
+the thread that runs the model (the probe is part of its first forward pass at a new size), and
+`packing_summary` / `packing_report` say what was chosen.
+
 The packed copies cost as much memory as the weights, so they live only as long as the block that
 made them. The packed product has no gradient: the block refuses a model that autograd would train.
 """
@@ -17,7 +26,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -26,6 +36,17 @@ import torch.nn.functional as F
 # The number of rows oneDNN is told to expect, which picks the layout; any number of rows still works.
 # 64 suits both one-row decode steps and batches (a hint of 1 picks a slower layout for both).
 ROWS_HINT = 64
+
+# The probe. Rows are measured in powers of two, up to PROBE_ROWS (past it the products are bound by
+# arithmetic, not by streaming the weights, and one measurement stands for every size). A pass runs
+# every weight of the group (so they stream from memory, as in the model) unless that passes PROBE_MACS.
+PROBE_ROWS = 128
+PROBE_MACS = 5 * 10**8
+PROBE_REPEATS = 3
+PACKED_MARGIN = 1.05  # packed must be at least 5% faster to be used: a tie, within noise, stays plain PyTorch
+
+# (out, in, dtype, bias, weights in the group, rows measured) -> plain time / packed time, for the process
+_speedups: dict[tuple, float] = {}
 
 AUTOGRAD_REFUSED = (
     "fast_cpu_inference is for inference only: the packed product has no gradient, and this model has "
@@ -85,13 +106,68 @@ def _weight_state(weight: torch.Tensor) -> tuple:
     return weight.data_ptr(), version, weight.dtype, weight.shape
 
 
+def rows_measured(rows: int) -> int:
+    """The number of rows a product of `rows` rows is probed at: the next power of two, at most PROBE_ROWS."""
+    return min(1 << (rows - 1).bit_length(), PROBE_ROWS)
+
+
+class PackedGroup:
+    """The Linears of one block that share a weight shape, dtype and bias: packed or plain, per rows, together."""
+
+    def __init__(self, forwards: list[PackedLinearForward], probe: bool) -> None:
+        self.forwards = forwards
+        self.probe = probe  # False: packed at every size (benchmarks, tests)
+        weight = forwards[0].linear.weight
+        # the count is part of the key: a dozen weights stream from memory where one may sit in the cache
+        self.key = (*weight.shape, weight.dtype, forwards[0].linear.bias is not None, len(forwards))
+
+    def packed_pays(self, rows: int) -> bool:
+        return not self.probe or self.speedup(rows_measured(rows)) >= PACKED_MARGIN
+
+    def speedup(self, rows: int) -> float:
+        """Plain time / packed time of the group's products at `rows` rows, measured once per process."""
+        key = (*self.key, rows)
+        if key not in _speedups:
+            _speedups[key] = self.measure(rows)
+        return _speedups[key]
+
+    def measure(self, rows: int) -> float:
+        forwards = [f for f in self.forwards if f.packed is not None]
+        if not forwards:
+            return 0.0
+        out_features, in_features = forwards[0].linear.weight.shape
+        forwards = forwards[: max(1, PROBE_MACS // (rows * in_features * out_features))]
+        x = torch.randn(rows, in_features, dtype=forwards[0].linear.weight.dtype)
+
+        def plain() -> None:
+            for f in forwards:
+                F.linear(x, f.linear.weight, f.linear.bias)
+
+        def packed() -> None:
+            for f in forwards:
+                _packed_forward(f.packed, f.linear.bias, x)
+
+        with torch.no_grad():
+            plain(), packed()  # the first calls pick (and build) the kernels
+            plain_s, packed_s = (min(_seconds(run) for _ in range(PROBE_REPEATS)) for run in (plain, packed))
+        return plain_s / packed_s
+
+
+def _seconds(run: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
 class PackedLinearForward:
-    """The forward an nn.Linear runs inside `fast_cpu_inference`: its packed weight, packed again if it changes."""
+    """The forward an nn.Linear runs inside `fast_cpu_inference`: its packed weight (packed again if it
+    changes) where its group's probe found packing faster for this many rows, else the plain product."""
 
     def __init__(self, linear: nn.Linear) -> None:
         self.linear = linear
         self.state = _weight_state(linear.weight)
         self.packed: torch.Tensor | None = _pack(linear.weight)
+        self.group: PackedGroup | None = None  # set by fast_cpu_inference
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.linear.weight, self.linear.bias
@@ -100,14 +176,15 @@ class PackedLinearForward:
         state = _weight_state(weight)
         if state != self.state:
             self.state, self.packed = state, _pack(weight) if can_pack(weight) else None
-        if self.packed is None:  # moved to a device or dtype oneDNN does not take
-            return F.linear(x, weight, bias)
+        if self.packed is None or not self.group.packed_pays(x.numel() // x.shape[-1]):
+            return F.linear(x, weight, bias)  # moved to a device or dtype oneDNN does not take, or not faster here
         return _packed_forward(self.packed, bias, x)
 
 
 @contextlib.contextmanager
-def fast_cpu_inference(model: nn.Module) -> Iterator[None]:
-    """Within the block, each nn.Linear of `model` that oneDNN can take multiplies by its packed weight.
+def fast_cpu_inference(model: nn.Module, probe: bool = True) -> Iterator[None]:
+    """Within the block, each nn.Linear of `model` that oneDNN can take multiplies by its packed weight,
+    at the numbers of rows where the probe found that faster (`probe=False`: at every number).
 
     Where oneDNN cannot take the weights (CUDA, MPS, float16, a build without it) the model runs as
     it is. Blocks nest: an inner block leaves the Linears an outer one packed to the outer one.
@@ -120,9 +197,38 @@ def fast_cpu_inference(model: nn.Module) -> Iterator[None]:
         m for m in model.modules() if isinstance(m, nn.Linear) and "forward" not in vars(m) and can_pack(m.weight)
     ]
     try:
+        groups: dict[tuple, list[PackedLinearForward]] = {}
         for linear in linears:
             linear.forward = PackedLinearForward(linear)  # shadows the class's forward
+            shape = (*linear.weight.shape, linear.weight.dtype, linear.bias is not None)
+            groups.setdefault(shape, []).append(linear.forward)
+        for forwards in groups.values():
+            group = PackedGroup(forwards, probe)
+            for forward in forwards:
+                forward.group = group
         yield
     finally:
         for linear in linears:  # the packed copies go with the forwards that hold them
             vars(linear).pop("forward", None)
+
+
+def packing_report() -> list[str]:
+    """One line per weight shape and number of rows probed in this process: the speed-up and the choice."""
+    lines = []
+    for key, speedup in sorted(_speedups.items(), key=lambda item: (item[0][-1], item[0][:2])):
+        out_features, in_features, dtype, _, count, rows = key
+        choice = "packed" if speedup >= PACKED_MARGIN else "plain"
+        lines.append(f"{count} x Linear({in_features}, {out_features}, {str(dtype).removeprefix('torch.')}), "
+                     f"{rows}{'+' if rows == PROBE_ROWS else ''} rows: packed {speedup:.2f}x plain -> {choice}")  # fmt: skip
+    return lines
+
+
+def packing_summary() -> str:
+    """The probe's choices in this process, per number of rows, in a few words (for a start-up line)."""
+    by_rows: dict[int, list[bool]] = {}
+    for (*_, rows), speedup in _speedups.items():
+        by_rows.setdefault(rows, []).append(speedup >= PACKED_MARGIN)
+    if not by_rows:
+        return "packed weights: not probed"
+    parts = [f"{rows}{'+' if rows == PROBE_ROWS else ''}: {sum(c)}/{len(c)}" for rows, c in sorted(by_rows.items())]
+    return "packed weight shapes at rows " + ", ".join(parts)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .config import DataConfig, EvaluateConfig
-from .cpu_inference import fast_cpu_inference
+from .cpu_inference import fast_cpu_inference, packing_report
 from .data import check_cache, open_split, prepare, tokenize_local_text
 from .device import autocast, inference_dtype, pick_device
 from .errors import UserError
@@ -153,6 +153,8 @@ def evaluate_command(cfg: EvaluateConfig, data: DataConfig) -> int:
                 model, text_to_score(tokens), stride, cfg.batch_size, device, EOT_ID, progress=sys.stderr.isatty()
             )
         seconds = time.perf_counter() - start
+    if cfg.verbose:
+        print("\n".join(f"cpu_inference: {line}" for line in packing_report()), file=sys.stderr)
     result = {
         "checkpoint": cfg.checkpoint,
         "data": data.data,

@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 
 from .config import GenerateConfig
-from .cpu_inference import fast_cpu_inference, kv_cache_dtype
+from .cpu_inference import fast_cpu_inference, kv_cache_dtype, packing_report
 from .device import inference_dtype, pick_device
 from .errors import UserError
 from .kv_cache import KVCache
@@ -130,6 +130,8 @@ def generate_command(cfg: GenerateConfig) -> int:
             prompt = prompt.rstrip("\n") if cfg.interactive else prompt
             if prompt:
                 run_prompt(model, prompt, cfg, device)
+    if cfg.verbose:
+        print("\n".join(f"cpu_inference: {line}" for line in packing_report()), file=sys.stderr)
     return 0
 
 

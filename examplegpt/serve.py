@@ -3,9 +3,10 @@
 A request travels: parse (`CompletionRequest`, made from sampling.SamplingParams, and `parse_request`)
 -> submit to the engine (`Completion`: each choice of each prompt is one engine request) -> stream
 (`stream_events`: server-sent events in OpenAI's format ending with `data: [DONE]`) or answer
-(`answer`: one JSON object). The HTTP side (FastAPI on uvicorn) runs on one asyncio event loop; the
-model runs on the engine's own thread, which calls back with each new token; the callback only hands
-the event to the event loop, where `text.CompletionText` decodes it and looks for stop strings.
+(`answer`: one JSON object). The HTTP side (FastAPI on uvicorn) runs on one asyncio event loop on a
+thread of its own; the model runs on the main thread (`batching.BatchEngine`, "Which thread", says
+why), which calls back with each new token; the callback only hands the event to the event loop,
+where `text.CompletionText` decodes it and looks for stop strings.
 Failures are answered with OpenAI's error object (`http_errors.py`); the schema is at /openapi.json.
 """
 
@@ -18,6 +19,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 import typing
 import uuid
@@ -40,7 +42,7 @@ from starlette.exceptions import HTTPException
 
 from .batching import BatchEngine, QueueFull, TokenEvent
 from .config import ServeConfig, field_docs
-from .cpu_inference import fast_cpu_inference
+from .cpu_inference import fast_cpu_inference, packing_summary
 from .device import pick_device
 from .errors import UserError
 from .http_errors import RETRY_AFTER_SECONDS, APIError, Guard, error_responses, validation_error
@@ -436,13 +438,18 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-def create_app(engine: BatchEngine, config: ServeConfig, model_id: str, model_config) -> FastAPI:
+def create_app(
+    engine: BatchEngine, config: ServeConfig, model_id: str, model_config, start_engine: bool = True
+) -> FastAPI:
+    """The app; its lifespan starts the engine on a thread of its own (unless `start_engine` is False: the
+    caller runs it) and shuts it down."""
     state = ServerState(engine, config, model_id, model_config)
     CompletionRequest = request_model(config, state.vocab_size, state.capacity)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine.start()
+        if start_engine:
+            engine.start()
         yield
         engine.shutdown(drain=False)  # the streams have ended (or been cut) by now: nothing is left to drain
         engine.join(timeout=10)
@@ -586,6 +593,9 @@ class GracefulServer(uvicorn.Server):
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():  # only the main thread gets signals
+            yield
+            return
         previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             yield
@@ -618,22 +628,27 @@ def serve_command(cfg: ServeConfig) -> int:
     model_id = cfg.model_name or Path(cfg.checkpoint.rstrip("/")).name
     sock = listen(cfg.host, cfg.port)
     engine = BatchEngine(model, max_batch=cfg.max_batch, max_queue=cfg.max_queue)
-    app = create_app(engine, cfg, model_id, model.config)
+    app = create_app(engine, cfg, model_id, model.config, start_engine=False)
     state: ServerState = app.state.server
+    runner = asyncio.Runner()
+    loop = runner.get_loop()
+    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=None)
+    server = GracefulServer(config, on_exit=lambda: loop.call_soon_threadsafe(state.start_draining, loop))
 
-    async def serve() -> None:
-        loop = asyncio.get_running_loop()
-        config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=None)
-        server = GracefulServer(config, on_exit=lambda: loop.call_soon_threadsafe(state.start_draining, loop))
-        await server.serve(sockets=[sock])
+    def serve_http() -> None:
+        with runner:
+            runner.run(server.serve(sockets=[sock]))
 
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     c = model.config
-    print(f"serving {model_id} ({c.num_layers} layers x {c.d_model}, context {c.max_seq_len}, {device}) "
-          f"on http://{shown}:{port}  (playground: /, API: /v1, Ctrl+C to stop)", flush=True)  # fmt: skip
-    # the engine runs the model as it is: on CPU, packed weights for the whole run
+    # The model runs on this (main) thread only: loaded, packed, warmed up and decoding (batching.py says why).
     with fast_cpu_inference(model) if cfg.fast_cpu and device.type == "cpu" else contextlib.nullcontext():
-        asyncio.run(serve())
+        engine.warm_up()
+        packing = f", {packing_summary()}" if cfg.fast_cpu and device.type == "cpu" else ""
+        print(f"serving {model_id} ({c.num_layers} layers x {c.d_model}, context {c.max_seq_len}, {device}{packing}) "
+              f"on http://{shown}:{port}  (playground: /, API: /v1, Ctrl+C to stop)", flush=True)  # fmt: skip
+        with server.capture_signals():
+            engine.run_beside(serve_http)
     print("stopped", flush=True)
     return 0

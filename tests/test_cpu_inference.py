@@ -8,12 +8,31 @@ import torch
 import torch.nn.functional as F
 
 from examplegpt import GPT, cpu_inference, generate
-from examplegpt.cpu_inference import AUTOGRAD_REFUSED, PackedLinearForward, can_pack, fast_cpu_inference, kv_cache_dtype
+from examplegpt.cpu_inference import (
+    AUTOGRAD_REFUSED,
+    PackedGroup,
+    PackedLinearForward,
+    can_pack,
+    fast_cpu_inference,
+    kv_cache_dtype,
+    packing_report,
+    packing_summary,
+)
 from examplegpt.weights import save_model_file
 
 from .conftest import peaked_model, tiny_config
 
 pytestmark = pytest.mark.skipif(not can_pack(torch.ones(1)), reason="this PyTorch build has no oneDNN")
+
+
+REAL_MEASURE = PackedGroup.measure
+
+
+@pytest.fixture(autouse=True)
+def packing_pays_everywhere(monkeypatch):
+    """The tests of what packing computes see it used at every size; the probe's own tests replace this."""
+    monkeypatch.setattr(cpu_inference, "_speedups", {})  # a fresh process's decisions
+    monkeypatch.setattr(PackedGroup, "measure", lambda group, rows: 2.0)
 
 
 def packed_linears(model: torch.nn.Module) -> list[torch.nn.Linear]:
@@ -186,3 +205,70 @@ def test_the_commands_apply_it_and_no_fast_cpu_turns_it_off(command, cli, tmp_pa
     assert plain.returncode == 0 and packed_calls == []
     if command == "generate":
         assert plain.stdout == fast.stdout  # greedy: the same tokens either way
+
+
+def test_the_probe_keeps_the_plain_product_where_packing_is_slower(tiny_model, monkeypatch):
+    monkeypatch.setattr(PackedGroup, "measure", REAL_MEASURE)
+    real = cpu_inference._packed_forward
+    calls = []
+
+    def counted(weight, bias, x):
+        calls.append(1)
+        return real(weight, bias, x)
+
+    def seconds(run) -> float:  # a CPU where each packed product takes a second longer (a clock, not a sleep)
+        before = len(calls)
+        run()
+        return 0.001 + len(calls) - before
+
+    monkeypatch.setattr(cpu_inference, "_packed_forward", counted)
+    monkeypatch.setattr(cpu_inference, "_seconds", seconds)
+    idx = torch.randint(0, 50257, (2, 8))
+    with torch.inference_mode(), fast_cpu_inference(tiny_model):
+        tiny_model(idx)  # the first pass at these sizes probes them
+        calls.clear()
+        logits, _ = tiny_model(idx)
+    assert calls == []  # every product plain
+    assert torch.equal(logits, tiny_model(idx)[0])
+    report = packing_report()
+    assert report and all(line.endswith("-> plain") for line in report)
+    assert rows_of(packing_summary()) == {"16": "0/5"}  # 2 x 8 rows through the blocks' 4 shapes and the head
+
+
+def test_the_probe_decides_per_number_of_rows_once_per_process(tiny_model, packed_calls, monkeypatch):
+    measured = []
+
+    def measure(group, rows):  # packing pays from 2 rows on
+        measured.append((group.key, rows))
+        return 0.9 if rows == 1 else 1.5
+
+    monkeypatch.setattr(PackedGroup, "measure", measure)
+    cache_len = tiny_model.config.max_seq_len
+    for _ in range(2):  # the second run, a new block, measures nothing again
+        with torch.inference_mode(), fast_cpu_inference(tiny_model):
+            for batch in (1, 3):
+                packed_calls.clear()
+                cache = cpu_inference_cache(tiny_model, batch, cache_len)
+                tiny_model.hidden_states(torch.zeros(batch, 1, dtype=torch.long), cache)
+                assert len(packed_calls) == (0 if batch == 1 else 4 * tiny_model.config.num_layers)
+    shapes = {key for key, _ in measured}
+    assert len(shapes) == 4 and sorted(measured) == sorted((key, rows) for key in shapes for rows in (1, 4))
+    assert rows_of(packing_summary()) == {"1": "0/4", "4": "4/4"}
+
+
+def test_the_real_probe_measures_a_speedup(tiny_model, monkeypatch):
+    monkeypatch.setattr(PackedGroup, "measure", REAL_MEASURE)
+    with torch.inference_mode(), fast_cpu_inference(tiny_model):
+        tiny_model(torch.randint(0, 50257, (1, 4)))
+    speedups = cpu_inference._speedups
+    assert len(speedups) == 5 and all(s > 0 for s in speedups.values())  # 4 rows through 5 weight shapes
+
+
+def cpu_inference_cache(model, batch, length):
+    from examplegpt.kv_cache import KVCache
+
+    return KVCache.allocate(model.config, batch, max_len=length)
+
+
+def rows_of(summary: str) -> dict[str, str]:
+    return dict(part.split(": ") for part in summary.split("rows ", 1)[1].split(", "))
