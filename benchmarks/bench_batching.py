@@ -101,7 +101,7 @@ def compare_packing(model: GPT, args: argparse.Namespace) -> None:
     rates: dict[tuple[int, str], list[float]] = {}
     for batch in (1, 8):
         prompt = torch.randint(0, model.config.vocab_size, (batch, args.prompt_tokens), generator=gen)
-        for mode, block in modes.items():
+        for block in modes.values():
             with block():
                 generate(model, prompt, 4, temperature=0)  # packs, probes, builds the kernels
         for _ in range(args.rounds):
@@ -113,7 +113,9 @@ def compare_packing(model: GPT, args: argparse.Namespace) -> None:
     print("|---:|---:|---:|---:|---:|---:|")
     for batch in (1, 8):
         packed, plain, probed = (statistics.median(rates[batch, mode]) for mode in modes)
-        print(f"| {batch} | {packed:,.1f} | {plain:,.1f} | {probed:,.1f} | {packed / plain:.2f} | {probed / plain:.2f} |")
+        print(
+            f"| {batch} | {packed:,.1f} | {plain:,.1f} | {probed:,.1f} | {packed / plain:.2f} | {probed / plain:.2f} |"
+        )
     print("the probe's choices:\n  " + "\n  ".join(packing_report()))
 
 

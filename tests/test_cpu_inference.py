@@ -197,9 +197,10 @@ def test_the_commands_apply_it_and_no_fast_cpu_turns_it_off(command, cli, tmp_pa
         args = ["generate", "-c", str(model_file), "-p", "Hello", "--max-tokens", "4", "-t", "0", "--ignore-eos"]
     else:
         args = ["evaluate", "-c", str(model_file), "--data", str(corpus), "--cache-dir", str(tmp_path / "c"), "--json"]
-    fast = cli(*args, "--device", "cpu")
+    fast = cli(*args, "--device", "cpu", "--verbose")
     assert fast.returncode == 0, fast.stderr
     assert packed_calls  # the command ran on packed weights
+    assert "cpu_inference: 2 x Linear(64, 192, float32)" in fast.stderr and "-> packed" in fast.stderr  # --verbose
     packed_calls.clear()
     plain = cli(*args, "--device", "cpu", "--no-fast-cpu")
     assert plain.returncode == 0 and packed_calls == []

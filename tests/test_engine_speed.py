@@ -61,7 +61,9 @@ SCRIPT = textwrap.dedent(
 @pytest.mark.slow
 def test_one_request_through_the_engine_runs_at_least_0_8x_generate():
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=900, cwd=REPO, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=900, cwd=REPO, env=env
+    )
     assert proc.returncode == 0, proc.stderr
     ratio = float(proc.stdout.split("ratio")[-1])
     assert ratio >= 0.8, proc.stdout
