@@ -15,7 +15,7 @@ from .conftest import REPO
 
 SCRIPT = textwrap.dedent(
     """
-    import threading, time
+    import os, threading, time
     import torch
     from examplegpt import GPT, GPTConfig
     from examplegpt.batching import BatchEngine, SamplingParams
@@ -27,33 +27,48 @@ SCRIPT = textwrap.dedent(
     prompt = torch.randint(0, 50257, (1, 16)).tolist()
     n = 32
 
+    def sleeps():  # voluntary context switches per live thread of the process: how often each slept on a futex
+        counts = {}
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{tid}/status") as status:
+                    counts[tid] = sum(int(line.split()[1]) for line in status if line.startswith("voluntary_ctxt"))
+            except FileNotFoundError:  # the thread ended meanwhile
+                pass
+        return counts
+
+    def slept_per_token(before):
+        return sum(count - before.get(tid, 0) for tid, count in sleeps().items()) / n
+
     def generate_rate():
-        start = time.perf_counter()
+        before, start = sleeps(), time.perf_counter()
         generate(model, torch.tensor(prompt), n, temperature=0)
-        return n / (time.perf_counter() - start)
+        return n / (time.perf_counter() - start), slept_per_token(before)
 
     def engine_rate():  # as the serve command runs it: the engine here, the requests from another thread
-        engine, done, seconds = BatchEngine(model, max_batch=4), threading.Event(), []
+        engine, done, result = BatchEngine(model, max_batch=4), threading.Event(), []
 
         def client():
-            start = time.perf_counter()
+            before, start = sleeps(), time.perf_counter()
             params = SamplingParams(max_tokens=n, temperature=0, stop_at_eos=False)
             engine.submit(prompt[0], params, lambda e: e.finish_reason and done.set())
             done.wait()
-            seconds.append(time.perf_counter() - start)
+            result.append((n / (time.perf_counter() - start), slept_per_token(before)))  # the engine still alive
 
         engine.run_beside(client)
-        return n / seconds[0]
+        return result[0]
 
     with fast_cpu_inference(model):
         BatchEngine(model, max_batch=4).warm_up()
         generate_rate()
         rates = {"generate": [], "engine": []}
         for _ in range(3):  # alternating; the best of each: the machine's other load only ever slows a run
-            rates["generate"].append(generate_rate())
-            rates["engine"].append(engine_rate())
+            for name, rate in (("generate", generate_rate), ("engine", engine_rate)):
+                rates[name].append(rate())
     print("rates", rates)
-    print("ratio", max(rates["engine"]) / max(rates["generate"]))
+    print("generate_sleeps", min(s for _, s in rates["generate"]))
+    print("engine_sleeps", min(s for _, s in rates["engine"]))
+    print("ratio", max(r for r, _ in rates["engine"]) / max(r for r, _ in rates["generate"]))
     """
 )
 
@@ -65,8 +80,11 @@ def test_one_request_through_the_engine_runs_at_least_0_8x_generate():
         [sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=900, cwd=REPO, env=env
     )
     assert proc.returncode == 0, proc.stderr
-    ratio = float(proc.stdout.split("ratio")[-1])
-    assert ratio >= 0.8, proc.stdout
+    printed = dict(line.split(" ", 1) for line in proc.stdout.splitlines())
+    assert float(printed["ratio"]) >= 0.8, proc.stdout
+    # Why it would be slower, seen whatever the machine's load: libgomp's workers sleeping at every op
+    # (about one sleep per parallel op, a dozen or more per token) where `generate`'s spin
+    assert float(printed["engine_sleeps"]) <= float(printed["generate_sleeps"]) + 2, proc.stdout
 
 
 @pytest.mark.slow
