@@ -37,6 +37,7 @@ from examplegpt import GPT, GPTConfig
 from examplegpt.batching import BatchEngine, SamplingParams, TokenEvent
 from examplegpt.cpu_inference import fast_cpu_inference, packing_report
 from examplegpt.generate import generate
+from examplegpt.reproducibility import pin_cpu_arithmetic
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -132,6 +133,7 @@ def main() -> None:
     parser.add_argument("--compare-packing", action="store_true", help="packed vs plain vs probed, at batch 1 and 8")
     args = parser.parse_args()
 
+    pin_cpu_arithmetic()  # as every command does, before the first product
     torch.manual_seed(0)
     config = GPTConfig(d_model=args.d_model, num_heads=args.heads, num_layers=args.layers, d_ff=4 * args.d_model)
     model = GPT(config).eval().requires_grad_(False)

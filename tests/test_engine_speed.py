@@ -21,7 +21,9 @@ SCRIPT = textwrap.dedent(
     from examplegpt.batching import BatchEngine, SamplingParams
     from examplegpt.cpu_inference import fast_cpu_inference
     from examplegpt.generate import generate
+    from examplegpt.reproducibility import pin_cpu_arithmetic
 
+    pin_cpu_arithmetic()  # as the commands do
     torch.manual_seed(0)
     model = GPT(GPTConfig(num_layers=6, d_model=384, num_heads=6, d_ff=1536)).eval().requires_grad_(False)
     prompt = torch.randint(0, 50257, (1, 16)).tolist()
