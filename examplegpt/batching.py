@@ -31,10 +31,10 @@ The model's weights are used as they are: on CPU, wrap the engine's run in
 `cpu_inference.fast_cpu_inference(model)` for packed weights, as `generate` does.
 
 Which thread. On CPU, run the engine on the thread that has run the model so far (`run_beside`; the
-`serve` command: the main thread, which loaded, packed and warmed it up), not on a new one (`start`). PyTorch's OpenMP runtime
-(GNU libgomp) gives each thread that runs a parallel op a pool of its own, and once the pools hold
-more threads than there are CPUs, every pool sleeps between ops instead of spinning: a second thread
-running the model halves the speed of both on a small machine (BENCHMARKS.md, issue 24).
+`serve` command: the main thread, which loaded, packed and warmed it up), not on a new one (`start`).
+PyTorch's OpenMP runtime (GNU libgomp) gives each thread that runs a parallel op a pool of its own,
+and once the pools hold more threads than there are CPUs, every pool sleeps between ops instead of
+spinning: a second thread running the model halves the speed of both on a small machine (issue 24).
 """
 
 from __future__ import annotations

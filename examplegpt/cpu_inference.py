@@ -10,8 +10,8 @@ here it is used in eager mode and applied from outside the model: the commands (
 and library functions never switch it on by themselves.
 
 Packing does not pay on every CPU at every batch size: on an AVX-512/AMX Xeon the packed product of
-one row is about 10% slower than PyTorch's own while 8 rows run 1.7x faster, and on an AVX2 EPYC the
-order differs again (BENCHMARKS.md, issue 24). So within the block each group of Linears that share
+one row is about 10% slower than PyTorch's own while 8 rows run 1.7x faster (issue 24), where other
+CPUs gain several times at one row (BENCHMARKS.md). So within the block each group of Linears that share
 a weight shape runs packed or plain per number of rows, as measured the first time the group meets
 that number (`PackedGroup.speedup`): both products over the group's weights, alternately, best of
 three, packed kept only where it is clearly faster. The measurements are kept for the process, on
@@ -148,7 +148,8 @@ class PackedGroup:
                 _packed_forward(f.packed, f.linear.bias, x)
 
         with torch.no_grad():
-            plain(), packed()  # the first calls pick (and build) the kernels
+            plain()  # the first calls pick (and build) the kernels
+            packed()
             plain_s, packed_s = (min(_seconds(run) for _ in range(PROBE_REPEATS)) for run in (plain, packed))
         return plain_s / packed_s
 
