@@ -27,7 +27,7 @@ SCRIPT = textwrap.dedent(
     torch.manual_seed(0)
     model = GPT(GPTConfig(num_layers=6, d_model=384, num_heads=6, d_ff=1536)).eval().requires_grad_(False)
     prompt = torch.randint(0, 50257, (1, 16)).tolist()
-    n = 32
+    n = 16
 
     def sleeps():  # voluntary context switches per live thread of the process: how often each slept on a futex
         counts = {}
@@ -64,7 +64,7 @@ SCRIPT = textwrap.dedent(
         BatchEngine(model, max_batch=4).warm_up()
         generate_rate()
         rates = {"generate": [], "engine": []}
-        for _ in range(3):  # alternating; the best of each: the machine's other load only ever slows a run
+        for _ in range(6):  # alternating; the best of each: the machine's other load only ever slows a run
             for name, rate in (("generate", generate_rate), ("engine", engine_rate)):
                 rates[name].append(rate())
     print("rates", rates)
