@@ -14,7 +14,7 @@ one row is about 10% slower than PyTorch's own while 8 rows run 1.7x faster (iss
 CPUs gain several times at one row (BENCHMARKS.md). So within the block each group of Linears that share
 a weight shape runs packed or plain per number of rows, as measured the first time the group meets
 that number (`PackedGroup.speedup`): both products over the group's weights, alternately, best of
-three, packed kept only where it is clearly faster. The measurements are kept for the process, on
+five, packed kept only where it is clearly faster. The measurements are kept for the process, on
 the thread that runs the model (the probe is part of its first forward pass at a new size), and
 `packing_summary` / `packing_report` say what was chosen.
 
@@ -42,7 +42,7 @@ ROWS_HINT = 64
 # every weight of the group (so they stream from memory, as in the model) unless that passes PROBE_MACS.
 PROBE_ROWS = 128
 PROBE_MACS = 5 * 10**8
-PROBE_REPEATS = 3
+PROBE_REPEATS = 5
 PACKED_MARGIN = 1.05  # packed must be at least 5% faster to be used: a tie, within noise, stays plain PyTorch
 
 # (out, in, dtype, bias, weights in the group, rows measured) -> plain time / packed time, for the process
@@ -147,11 +147,14 @@ class PackedGroup:
             for f in forwards:
                 _packed_forward(f.packed, f.linear.bias, x)
 
+        seconds: dict[Callable[[], None], list[float]] = {plain: [], packed: []}
         with torch.no_grad():
             plain()  # the first calls pick (and build) the kernels
             packed()
-            plain_s, packed_s = (min(_seconds(run) for _ in range(PROBE_REPEATS)) for run in (plain, packed))
-        return plain_s / packed_s
+            for _ in range(PROBE_REPEATS):  # alternately: a burst of the machine's other load hits both
+                for run in seconds:
+                    seconds[run].append(_seconds(run))
+        return min(seconds[plain]) / min(seconds[packed])
 
 
 def _seconds(run: Callable[[], None]) -> float:
