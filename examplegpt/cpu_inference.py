@@ -11,12 +11,12 @@ and library functions never switch it on by themselves.
 
 Packing does not pay on every CPU at every batch size: on an AVX-512/AMX Xeon the packed product of
 one row is about 10% slower than PyTorch's own while 8 rows run 1.7x faster (issue 24), where other
-CPUs gain several times at one row (BENCHMARKS.md). So within the block each group of Linears that share
-a weight shape runs packed or plain per number of rows, as measured the first time the group meets
-that number (`PackedGroup.speedup`): both products over the group's weights, alternately, best of
-five, packed kept only where it is clearly faster. The measurements are kept for the process, on
-the thread that runs the model (the probe is part of its first forward pass at a new size), and
-`packing_summary` / `packing_report` say what was chosen.
+CPUs gain several times at one row (BENCHMARKS.md). So within the block each group of Linears that
+share a weight shape runs packed or plain per number of rows, as measured the first time the group
+meets that number (`PackedGroup.speedup`): both products over the group's weights, five alternating
+pairs, packed kept only where the median pair shows it clearly faster. The measurements are kept for
+the process, on the thread that runs the model (the probe is part of its first forward pass at a new
+size), and `packing_summary` / `packing_report` say what was chosen.
 
 The packed copies cost as much memory as the weights, so they live only as long as the block that
 made them. The packed product has no gradient: the block refuses a model that autograd would train.
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import statistics
 import time
 from collections.abc import Callable, Iterator
 
@@ -154,7 +155,8 @@ class PackedGroup:
             for _ in range(PROBE_REPEATS):  # alternately: a burst of the machine's other load hits both
                 for run in seconds:
                     seconds[run].append(_seconds(run))
-        return min(seconds[plain]) / min(seconds[packed])
+        # the median pair, not the best times: one pair stalled by the machine's other work does not decide
+        return statistics.median(p / q for p, q in zip(seconds[plain], seconds[packed]))
 
 
 def _seconds(run: Callable[[], None]) -> float:
