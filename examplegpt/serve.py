@@ -27,7 +27,6 @@ from pathlib import Path
 from types import FrameType
 from typing import Annotated, Literal
 
-import torch
 import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi import Path as PathParam
@@ -41,7 +40,7 @@ from starlette.exceptions import HTTPException
 from .batching import BatchEngine, QueueFull, TokenEvent
 from .config import ServeConfig, field_docs
 from .cpu_inference import fast_cpu_inference
-from .device import pick_device
+from .device import inference_precision, pick_device, prepare_for_inference
 from .errors import UserError
 from .http_errors import RETRY_AFTER_SECONDS, APIError, Guard, error_responses, validation_error
 from .sampling import TOKEN_SETTINGS, SamplingParams
@@ -487,7 +486,7 @@ def create_app(engine: BatchEngine, config: ServeConfig, model_id: str, model_co
 
     def model_card() -> dict:
         return {"id": model_id, "object": "model", "created": state.created, "owned_by": "examplegpt",
-                "max_model_len": state.context}  # fmt: skip
+                "max_model_len": state.context, "precision": config.precision}  # fmt: skip
 
     @app.get("/v1/models", dependencies=authorized, response_model=ModelList, responses=error_responses(*key_errors))
     async def list_models() -> dict:
@@ -612,9 +611,8 @@ def serve_command(cfg: ServeConfig) -> int:
     if cfg.api_key is None and os.environ.get("EXAMPLEGPT_API_KEY"):  # kept off the command line, where `ps` shows it
         cfg = dataclasses.replace(cfg, api_key=os.environ["EXAMPLEGPT_API_KEY"])
     device = pick_device(cfg.device)
-    model = load_model(cfg.checkpoint)
-    dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    cfg = dataclasses.replace(cfg, precision=inference_precision(cfg.precision, device))  # what /v1/models reports
+    model = prepare_for_inference(load_model(cfg.checkpoint), cfg.precision, device)
     model_id = cfg.model_name or Path(cfg.checkpoint.rstrip("/")).name
     sock = listen(cfg.host, cfg.port)
     engine = BatchEngine(model, max_batch=cfg.max_batch, max_queue=cfg.max_queue)
@@ -630,7 +628,7 @@ def serve_command(cfg: ServeConfig) -> int:
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     c = model.config
-    print(f"serving {model_id} ({c.num_layers} layers x {c.d_model}, context {c.max_seq_len}, {device}) "
+    print(f"serving {model_id} ({c.num_layers} layers x {c.d_model}, context {c.max_seq_len}, {device}, {cfg.precision}) "
           f"on http://{shown}:{port}  (playground: /, API: /v1, Ctrl+C to stop)", flush=True)  # fmt: skip
     # the engine runs the model as it is: on CPU, packed weights for the whole run
     with fast_cpu_inference(model) if cfg.fast_cpu and device.type == "cpu" else contextlib.nullcontext():
