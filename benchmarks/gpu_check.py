@@ -55,7 +55,18 @@ class Plan:
         self.smoke = smoke
         self.device = "cpu" if smoke else "cuda"
         if smoke:
-            self.model = ["--d-model", "64", "--num-heads", "2", "--num-layers", "2", "--d-ff", "128", "--max-seq-len", "64"]
+            self.model = [
+                "--d-model",
+                "64",
+                "--num-heads",
+                "2",
+                "--num-layers",
+                "2",
+                "--d-ff",
+                "128",
+                "--max-seq-len",
+                "64",
+            ]
             self.batch, self.default_steps, self.fixed_micro, self.short_batch = 8, 3, 4, 4
             self.fp16_steps, self.compile_steps, self.new_tokens, self.serve_tokens = 2, 2, 8, 4
             self.shape = dict(n_embd=64, n_head=2, n_layer=2, n_positions=64)
@@ -141,7 +152,9 @@ def train_args(plan: Plan, out_dir: Path, data_cache: Path, steps: int, batch: i
 
 def train_step(plan: Plan, work: Path, name: str, steps: int, batch: int, timeout: float, *extra: str) -> dict:
     out_dir = work / name
-    code, output = run_cli(train_args(plan, out_dir, work / "data", steps, batch, *extra), timeout, work / f"{name}.log")
+    code, output = run_cli(
+        train_args(plan, out_dir, work / "data", steps, batch, *extra), timeout, work / f"{name}.log"
+    )
     result = {"exit_code": code}
     if (out_dir / "metrics.jsonl").exists():
         result.update(train_metrics(out_dir))
@@ -162,7 +175,10 @@ def step_train_default(plan: Plan, work: Path, budget: float) -> dict:
 def step_memory(plan: Plan, work: Path, budget: float) -> dict:
     """Peak memory of the default run at a fixed micro-batch, with and without gradient checkpointing."""
     result = {"micro_batch": plan.fixed_micro}
-    for label, flag in (("with_checkpointing", "--use-checkpointing"), ("without_checkpointing", "--no-use-checkpointing")):
+    for label, flag in (
+        ("with_checkpointing", "--use-checkpointing"),
+        ("without_checkpointing", "--no-use-checkpointing"),
+    ):
         step = train_step(plan, work, f"memory_{label}", 3, plan.fixed_micro * 2, budget / 2,
                           "--micro-batch-size", str(plan.fixed_micro), flag)  # fmt: skip
         result[f"peak_gib_{label}"] = step["peak_memory_gib"]
@@ -187,7 +203,11 @@ def step_compile(plan: Plan, work: Path, budget: float) -> dict:
     """tokens/s with and without torch.compile, same run otherwise (the first logged window, with the
     compilation, left out)."""
     result = {}
-    for label, flag in (("eager", "--no-compile"), ("compiled", "--compile")):
+    modes = (("eager", "--no-compile"), ("compiled", "--compile"))
+    if plan.smoke:  # compiling on CPU takes minutes: the smoke run checks the step's eager half
+        modes = modes[:1]
+        result["note"] = "smoke: compiled half not run (CPU compilation takes minutes)"
+    for label, flag in modes:
         step = train_step(plan, work, f"compile_{label}", plan.compile_steps, plan.short_batch,
                           budget * (0.35 if label == "eager" else 0.65), flag, "--micro-batch-size", str(plan.short_batch))  # fmt: skip
         result[f"tokens_per_sec_{label}"] = step.get("tokens_per_sec")
@@ -264,7 +284,18 @@ def step_serve(plan: Plan, work: Path, budget: float) -> dict:
     model_file = work / "serve_model.pt"
     save_model_file(GPT(GPTConfig(**shape)), model_file)
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    command = [sys.executable, "-m", "examplegpt", "serve", "-c", str(model_file), "--port", "0", "--device", plan.device]
+    command = [
+        sys.executable,
+        "-m",
+        "examplegpt",
+        "serve",
+        "-c",
+        str(model_file),
+        "--port",
+        "0",
+        "--device",
+        plan.device,
+    ]
     server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         url = None
@@ -348,10 +379,12 @@ DEADLINE_SECONDS = 450  # the whole run, so that it ends within 8 minutes whatev
 
 def machine_header(plan: Plan) -> dict:
     import torch
-
     from machine import describe_machine
 
-    header = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "mode": "smoke (CPU)" if plan.smoke else "GPU"}
+    header = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "mode": "smoke (CPU)" if plan.smoke else "GPU",
+    }
     header["machine"] = describe_machine(plan.device if torch.cuda.is_available() or plan.smoke else "cpu")
     if torch.cuda.is_available() and not plan.smoke:
         from examplegpt.device import peak_flops
@@ -385,7 +418,8 @@ def main() -> int:
         for name, step, seconds in STEPS:
             if args.steps and name not in args.steps:
                 continue
-            budget = min(seconds, DEADLINE_SECONDS - (time.monotonic() - started))
+            # a smoke run checks that the steps work, not how fast: a busy CI machine gets time
+            budget = seconds * 10 if plan.smoke else min(seconds, DEADLINE_SECONDS - (time.monotonic() - started))
             begin = time.monotonic()
             try:
                 if budget < 15:
