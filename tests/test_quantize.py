@@ -15,7 +15,7 @@ from examplegpt.device import inference_precision, prepare_for_inference
 from examplegpt.errors import UserError
 from examplegpt.evaluate import sliding_window_nll
 from examplegpt.quantize import DEQUANTIZE_FROM_ROWS, Int8Linear, int8_kernel_works, quantize_int8, weight_bytes
-from examplegpt.tokenizer import encode
+from examplegpt.tokenizer import EOT_ID, encode
 
 from .conftest import make_text, tiny_config
 
@@ -129,3 +129,23 @@ def test_generate_command_takes_int8(tmp_path, cli):
     assert '"tokens": 5' in proc.stdout
     proc = cli("generate", "-c", str(tmp_path / "m.pt"), "-p", "Hello", "--precision", "int4")
     assert proc.returncode != 0 and "precision" in proc.stderr
+
+
+def test_the_server_engine_runs_an_int8_model_as_generate_does():
+    from examplegpt.batching import BatchEngine, SamplingParams
+
+    from .test_batching import Collector
+
+    torch.manual_seed(0)
+    model = prepare_for_inference(GPT(tiny_config()), "int8", CPU)
+    prompt = torch.randint(0, 50257, (8,), generator=torch.Generator().manual_seed(1)).tolist()
+    expected = generate(model, torch.tensor([prompt]), 12, temperature=0, eos_id=EOT_ID)[0, 8:].tolist()
+    engine = BatchEngine(model, max_batch=2)
+    engine.start()
+    try:
+        collector = Collector()
+        engine.submit(prompt, SamplingParams(max_tokens=12, temperature=0), collector)
+        assert collector.wait().tokens == expected
+    finally:
+        engine.shutdown(drain=False)
+        engine.join(30)
