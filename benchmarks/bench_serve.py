@@ -57,10 +57,12 @@ def child_env(threads: int | None) -> dict[str, str]:
     return env
 
 
-def start_server(model_file: Path, max_batch: int, threads: int | None) -> tuple[subprocess.Popen, str]:
+def start_server(
+    model_file: Path, max_batch: int, threads: int | None, precision: str = "auto"
+) -> tuple[subprocess.Popen, str]:
     env = child_env(threads)
     command = [sys.executable, "-m", "examplegpt", "serve", "-c", str(model_file), "--port", "0"]
-    command += ["--max-batch", str(max_batch), "--device", "cpu"]
+    command += ["--max-batch", str(max_batch), "--device", "cpu", "--precision", precision]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
     line = proc.stdout.readline()
     print(f"server: {line.strip()}")  # says where the probe found packed weights faster
@@ -88,11 +90,13 @@ async def load(url: str, clients: int, prompt_tokens: int, new_tokens: int, seed
         return await asyncio.gather(*(one_client(client, url, p, new_tokens) for p in prompts))
 
 
-def generate_rate(model_file: Path, prompt_tokens: int, new_tokens: int, threads: int | None) -> float:
+def generate_rate(
+    model_file: Path, prompt_tokens: int, new_tokens: int, threads: int | None, precision: str = "auto"
+) -> float:
     """Tokens/s of the `generate` command on this model (its second prompt: the first packs the weights)."""
     prompt = " hello" * prompt_tokens  # `hello` and ` hello` are one token each
     command = [sys.executable, "-m", "examplegpt", "generate", "-c", str(model_file), "--device", "cpu",
-               "-n", str(new_tokens), "-t", "0", "--ignore-eos", "--json", "--interactive"]  # fmt: skip
+               "-n", str(new_tokens), "-t", "0", "--ignore-eos", "--json", "--interactive", "--precision", precision]  # fmt: skip
     out = subprocess.run(
         command, input=f"{prompt}\n{prompt}\n", capture_output=True, text=True, check=True,
         env=child_env(threads),
@@ -110,11 +114,14 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=2, help="runs per number of clients")
     parser.add_argument("--threads", type=int, help="torch threads of the server and of `generate` (OMP_NUM_THREADS)")
+    parser.add_argument(
+        "--precision", default="auto", help="--precision of the server and of `generate` (int8, bf16, ...)"
+    )
     args = parser.parse_args()
 
     print(describe_machine())
     print(f"{args.prompt_tokens}-token prompts, {args.new_tokens} new tokens per client, greedy, streaming, "
-          f"server's torch threads {args.threads or 'default'}")  # fmt: skip
+          f"server's torch threads {args.threads or 'default'}, precision {args.precision}")  # fmt: skip
     for shape in args.shapes:
         torch.manual_seed(0)
         model = GPT(GPTConfig(**SHAPES[shape]))
@@ -122,8 +129,8 @@ def main() -> None:
             model_file = Path(folder) / f"{shape}.pt"
             save_model_file(model, model_file)
             del model
-            baseline = generate_rate(model_file, args.prompt_tokens, args.new_tokens, args.threads)
-            proc, url = start_server(model_file, max(args.clients), args.threads)
+            baseline = generate_rate(model_file, args.prompt_tokens, args.new_tokens, args.threads, args.precision)
+            proc, url = start_server(model_file, max(args.clients), args.threads, args.precision)
             try:
                 asyncio.run(load(url, 1, args.prompt_tokens, 4, seed=99))  # warm-up
                 rows = {}

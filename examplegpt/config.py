@@ -24,6 +24,7 @@ TOKENIZER_VOCAB_SIZE = 50257  # ids the GPT-2 tokenizer produces (50,000 merges 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "muon")
+INFERENCE_PRECISIONS = (*PRECISIONS, "int8")  # int8: weight-only, for generate, evaluate and serve
 PRECISION_SYNONYMS = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # torch's dtype names
 RENAMED = {"max_tokens": "max_new_tokens", "dtype": "precision"}  # earlier config-file keys, still read
 
@@ -37,10 +38,10 @@ def check_device(device: str) -> None:
     check_choice("device", device, DEVICES)
 
 
-def precision_name(precision: str) -> str:
-    """The precision in our vocabulary (fp32, bf16, fp16, auto); torch's names are accepted too."""
+def precision_name(precision: str, choices: tuple[str, ...] = PRECISIONS) -> str:
+    """The precision in our vocabulary (fp32, bf16, fp16, auto; int8 where `choices` has it); torch's names too."""
     precision = PRECISION_SYNONYMS.get(precision, precision)
-    check_choice("precision", precision, PRECISIONS)
+    check_choice("precision", precision, choices)
     return precision
 
 
@@ -303,7 +304,7 @@ class GenerateConfig:
     device: str = "auto"
     """auto, cpu, cuda or mps."""
     precision: str = field(default="auto", metadata={"aliases": ("--dtype",)})
-    """The weights' format: auto (bf16 on CUDA with bf16 support, else fp32), fp32, bf16 or fp16."""
+    """The weights' format: auto, fp32, bf16, fp16 or int8 (weight-only, float32 activations). auto is bf16 on a CUDA GPU that has it, else fp32 (exact; on CPU int8 is faster but not bit-exact)."""
     compile: bool = False
     """Compile the decode step with torch.compile (CUDA)."""
     fast_cpu: bool = True
@@ -320,7 +321,7 @@ class GenerateConfig:
         if self.num_samples < 1:
             raise UserError(f"num_samples must be at least 1, got {self.num_samples}")
         check_device(self.device)
-        self.precision = precision_name(self.precision)
+        self.precision = precision_name(self.precision, INFERENCE_PRECISIONS)
 
 
 @dataclass
@@ -339,6 +340,8 @@ class EvaluateConfig:
     """auto, cpu, cuda or mps."""
     json: bool = False
     """Print one JSON object instead of the table."""
+    precision: str = "auto"
+    """The weights' format: auto, fp32, bf16, fp16 or int8 (weight-only, float32 activations). auto is bf16 on a CUDA GPU that has it, else fp32 (exact; on CPU int8 is faster but not bit-exact)."""
     fast_cpu: bool = True
     """On CPU, multiply by weights packed in oneDNN's layout for the run (cpu_inference.py); off: plain PyTorch."""
     verbose: bool = False
@@ -348,6 +351,7 @@ class EvaluateConfig:
         if self.batch_size < 1:
             raise UserError(f"batch_size must be at least 1, got {self.batch_size}")
         check_device(self.device)
+        self.precision = precision_name(self.precision, INFERENCE_PRECISIONS)
 
 
 @dataclass
@@ -374,6 +378,8 @@ class ServeConfig:
     """On SIGTERM, in-flight requests may finish for this long; then they are cut short."""
     device: str = "auto"
     """auto, cpu, cuda or mps."""
+    precision: str = "auto"
+    """The weights' format: auto, fp32, bf16, fp16 or int8 (weight-only, float32 activations). auto is bf16 on a CUDA GPU that has it, else fp32 (exact; on CPU int8 is faster but not bit-exact)."""
     fast_cpu: bool = True
     """On CPU, multiply by weights packed in oneDNN's layout for the run (cpu_inference.py); off: plain PyTorch."""
 
@@ -388,6 +394,7 @@ class ServeConfig:
         if self.api_key == "":
             raise UserError("api_key must not be empty")
         check_device(self.device)
+        self.precision = precision_name(self.precision, INFERENCE_PRECISIONS)
 
 
 def build(cls: type, values: dict) -> object:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 
 from .errors import UserError
 
@@ -61,11 +63,44 @@ def pick_dtype(
     return torch.bfloat16 if cpu_prefers_bf16(d_model, flags) else torch.float32
 
 
-def inference_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """The dtype to run a model in for inference: auto is bf16 on a CUDA GPU that has it, else fp32."""
+def inference_precision(precision: str, device: torch.device) -> str:
+    """What --precision (config.INFERENCE_PRECISIONS) means on `device`.
+
+    auto is bf16 on a CUDA GPU that has it, else fp32: on CPU the exact float32 product stays the
+    default, since int8 and bf16 change the output a little (perplexity within 1%, but greedy text can
+    part from float32's after some tokens: BENCHMARKS.md), so they are asked for, not picked.
+    """
     if precision != "auto":
-        return DTYPES[precision]
-    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+        return precision
+    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def inference_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The dtype of the activations (and of the weights, but for int8's) for inference at `precision`."""
+    chosen = inference_precision(precision, device)
+    return torch.float32 if chosen == "int8" else DTYPES[chosen]
+
+
+def prepare_for_inference(model: nn.Module, precision: str, device: torch.device) -> nn.Module:
+    """`model` moved to `device` in the format `precision` names, in eval mode, without gradients (in place).
+
+    The one place where `generate`, `evaluate` and `serve` turn --precision into the model they run:
+    fp32, bf16 and fp16 convert the weights; int8 keeps float32 activations and stores every Linear,
+    the LM head included, as int8 (quantize.py).
+    """
+    chosen = inference_precision(precision, device)
+    model.to(device=device, dtype=inference_dtype(chosen, device)).eval().requires_grad_(False)
+    if chosen == "int8":
+        from .quantize import quantize_int8
+
+        quantize_int8(model)
+    if chosen == "bf16" and device.type == "cpu" and not any(flag in cpu_flags() for flag in NATIVE_BF16_FLAGS):
+        print(
+            "note: this CPU has no native bfloat16 (avx512_bf16 or amx_bf16): bf16 runs no faster than fp32 "
+            "here; --precision int8 is the one that reads fewer bytes and runs faster",
+            file=sys.stderr,
+        )
+    return model
 
 
 def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:

@@ -33,7 +33,7 @@ from tqdm import tqdm
 from .config import DataConfig, EvaluateConfig
 from .cpu_inference import fast_cpu_inference, packing_report
 from .data import check_cache, open_split, prepare, tokenize_local_text
-from .device import autocast, inference_dtype, pick_device
+from .device import pick_device, prepare_for_inference
 from .errors import UserError
 from .model import GPT
 from .tokenizer import EOT_ID, TOKENIZER_ID
@@ -70,7 +70,6 @@ def sliding_window_nll(
     model.eval()
     window = model.config.max_seq_len
     plan = window_plan(len(tokens), window, stride)
-    dtype = inference_dtype("auto", device)
     total, count = 0.0, 0
     for first in tqdm(range(0, len(plan), batch_size), disable=not progress, unit="batch", desc="evaluating"):
         batch = plan[first : first + batch_size]
@@ -85,9 +84,8 @@ def sliding_window_nll(
             y[y == separator] = -1
         x, y = x.to(device), y.to(device)
         scored = y != -1  # (b, W)
-        with autocast(device, dtype):
-            h = model.hidden_states(x)  # (b, W, C)
-            logits = model.logits(h[scored])  # (n, V): the LM head only where a token is scored
+        h = model.hidden_states(x)  # (b, W, C), in the format the model was prepared in
+        logits = model.logits(h[scored])  # (n, V): the LM head only where a token is scored
         total += F.cross_entropy(logits.float(), y[scored], reduction="sum").item()
         count += int(scored.sum())
     return total, count
@@ -140,7 +138,7 @@ def exp_or_inf(x: float) -> float:
 
 def evaluate_command(cfg: EvaluateConfig, data: DataConfig) -> int:
     device = pick_device(cfg.device)
-    model = load_for_eval(cfg.checkpoint).to(device).eval().requires_grad_(False)
+    model = prepare_for_inference(load_for_eval(cfg.checkpoint), cfg.precision, device)
     window = model.config.max_seq_len
     stride = window // 2 if cfg.stride is None else cfg.stride
     if not 1 <= stride <= window:
@@ -159,6 +157,7 @@ def evaluate_command(cfg: EvaluateConfig, data: DataConfig) -> int:
         "checkpoint": cfg.checkpoint,
         "data": data.data,
         "split": cfg.split,
+        "precision": cfg.precision,
         "window": window,
         "stride": stride,
         "tokens_scored": count,

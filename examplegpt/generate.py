@@ -20,7 +20,7 @@ import torch
 
 from .config import GenerateConfig
 from .cpu_inference import fast_cpu_inference, kv_cache_dtype, packing_report
-from .device import inference_dtype, pick_device
+from .device import pick_device, prepare_for_inference
 from .errors import UserError
 from .kv_cache import KVCache
 from .model import GPT
@@ -120,8 +120,7 @@ def read_prompt(prompt: str) -> str:
 
 def generate_command(cfg: GenerateConfig) -> int:
     device = pick_device(cfg.device)
-    model = load_model(cfg.checkpoint, map_location="cpu")
-    model.to(device=device, dtype=inference_dtype(cfg.precision, device)).eval().requires_grad_(False)
+    model = prepare_for_inference(load_model(cfg.checkpoint, map_location="cpu"), cfg.precision, device)
     if cfg.compile and device.type == "cuda":
         model.hidden_states = torch.compile(model.hidden_states, dynamic=True)
     prompts = iter(sys.stdin.readline, "") if cfg.interactive else [read_prompt(cfg.prompt)]

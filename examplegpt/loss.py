@@ -45,7 +45,9 @@ def loss_and_gradients(
             if not with_grads:  # evaluation: the loss is all that is wanted
                 continue
             probs = log_probs.exp_()  # softmax, in place
-            probs.scatter_(1, safe, probs.gather(1, safe) - 1)  # softmax - onehot (scatter_, not scatter_add_: deterministic on CUDA too)
+            probs.scatter_(
+                1, safe, probs.gather(1, safe) - 1
+            )  # softmax - onehot (scatter_, not scatter_add_: deterministic on CUDA too)
             if not valid.all():
                 probs.mul_(valid[:, None])  # ignored rows contribute nothing
             g = probs.to(compute_dtype)

@@ -29,7 +29,6 @@ from pathlib import Path
 from types import FrameType
 from typing import Annotated, Literal
 
-import torch
 import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi import Path as PathParam
@@ -43,7 +42,7 @@ from starlette.exceptions import HTTPException
 from .batching import BatchEngine, QueueFull, TokenEvent
 from .config import ServeConfig, field_docs
 from .cpu_inference import fast_cpu_inference, packing_summary
-from .device import pick_device
+from .device import inference_precision, pick_device, prepare_for_inference
 from .errors import UserError
 from .http_errors import RETRY_AFTER_SECONDS, APIError, Guard, error_responses, validation_error
 from .sampling import TOKEN_SETTINGS, SamplingParams
@@ -494,7 +493,7 @@ def create_app(
 
     def model_card() -> dict:
         return {"id": model_id, "object": "model", "created": state.created, "owned_by": "examplegpt",
-                "max_model_len": state.context}  # fmt: skip
+                "max_model_len": state.context, "precision": config.precision}  # fmt: skip
 
     @app.get("/v1/models", dependencies=authorized, response_model=ModelList, responses=error_responses(*key_errors))
     async def list_models() -> dict:
@@ -622,9 +621,8 @@ def serve_command(cfg: ServeConfig) -> int:
     if cfg.api_key is None and os.environ.get("EXAMPLEGPT_API_KEY"):  # kept off the command line, where `ps` shows it
         cfg = dataclasses.replace(cfg, api_key=os.environ["EXAMPLEGPT_API_KEY"])
     device = pick_device(cfg.device)
-    model = load_model(cfg.checkpoint)
-    dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    cfg = dataclasses.replace(cfg, precision=inference_precision(cfg.precision, device))  # what /v1/models reports
+    model = prepare_for_inference(load_model(cfg.checkpoint), cfg.precision, device)
     model_id = cfg.model_name or Path(cfg.checkpoint.rstrip("/")).name
     sock = listen(cfg.host, cfg.port)
     engine = BatchEngine(model, max_batch=cfg.max_batch, max_queue=cfg.max_queue)
@@ -646,7 +644,7 @@ def serve_command(cfg: ServeConfig) -> int:
     with fast_cpu_inference(model) if cfg.fast_cpu and device.type == "cpu" else contextlib.nullcontext():
         engine.warm_up()
         packing = f", {packing_summary()}" if cfg.fast_cpu and device.type == "cpu" else ""
-        print(f"serving {model_id} ({c.num_layers} layers x {c.d_model}, context {c.max_seq_len}, {device}{packing}) "
+        print(f"serving {model_id} ({c.num_layers} layers x {c.d_model}, context {c.max_seq_len}, {device}, {cfg.precision}{packing}) "
               f"on http://{shown}:{port}  (playground: /, API: /v1, Ctrl+C to stop)", flush=True)  # fmt: skip
         with server.capture_signals():
             engine.run_beside(serve_http)

@@ -131,9 +131,9 @@ def test_use_amp_and_precision_say_one_thing():
 def test_every_command_checks_the_device_and_precision_words_alike(cli, command):
     device = cli(command, "--device", "tpu")
     assert_one_line_error(device, "device must be auto, cpu, cuda or mps, got 'tpu'")
-    if command != "evaluate":  # evaluation follows the device: bf16 on a CUDA GPU that has it, else fp32
-        precision = cli(command, "--precision", "fp8")
-        assert_one_line_error(precision, "precision must be auto, fp32, bf16 or fp16, got 'fp8'")
+    precision = cli(command, "--precision", "fp8")
+    choices = "auto, fp32, bf16 or fp16" if command == "train" else "auto, fp32, bf16, fp16 or int8"  # int8: inference
+    assert_one_line_error(precision, f"precision must be {choices}, got 'fp8'")
 
 
 @pytest.mark.parametrize(
