@@ -187,7 +187,7 @@ def test_cli_long_prompt_is_cut_from_the_left_with_a_warning(cli, model_file):
         (["-n", "many"], None, ["-n"]),
         (["-p", ""], None, ["prompt is empty"]),
         (["-p", "-"], b"\xff\xfe bad", ["not valid UTF-8"]),
-        (["--dtype", "int8"], None, ["precision", "int8"]),
+        (["--dtype", "int4"], None, ["precision", "int4"]),
         (["--bogus"], None, ["unrecognized"]),
     ],
 )
