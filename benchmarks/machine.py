@@ -17,7 +17,9 @@ def cpu_model_and_flags() -> tuple[str, list[str]]:
         text = open("/proc/cpuinfo").read()
     except OSError:
         return platform.processor() or "unknown", []
-    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "unknown")
+    model = next(
+        (line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "unknown"
+    )
     flags_line = next((line for line in text.splitlines() if line.startswith("flags")), "")
     flags = set(flags_line.split(":", 1)[1].split()) if flags_line else set()
     return model, [f for f in ISA_FLAGS if f in flags]
