@@ -142,11 +142,11 @@ def sync(device: torch.device) -> None:
 
 
 def mean_and_error(values: list[float]) -> tuple[float, float]:
-    """Mean and standard error of the mean (0 for a single value; inf if any run diverged)."""
+    """Mean and standard error of the mean (NaN for a single value; inf if any run diverged)."""
     if any(not math.isfinite(v) for v in values):
         return math.inf, math.inf
     if len(values) < 2:
-        return values[0], 0.0
+        return values[0], math.nan
     return statistics.fmean(values), statistics.stdev(values) / math.sqrt(len(values))
 
 
@@ -194,7 +194,7 @@ def summarize(runs: list[dict]) -> dict:
 def verdict(a: dict, b: dict) -> str:
     """'muon', 'adamw' or 'tie': lower by more than twice the combined standard error."""
     gap, error = b["mean"] - a["mean"], math.hypot(a["se"], b["se"])
-    if not math.isfinite(gap):
+    if not math.isfinite(gap) or not math.isfinite(error):  # a diverged run, or a single seed
         return "n/a"
     return "muon" if gap > 2 * error else "adamw" if -gap > 2 * error else "within 2 SE"
 
