@@ -69,6 +69,7 @@ def progress_bar(batches: range, enabled: bool) -> tqdm:
         disable=not enabled,
         delay=PROGRESS_AFTER_SECONDS,
         mininterval=0.1 if terminal else 30.0,
+        maxinterval=10.0 if terminal else 30.0,  # tqdm's monitor would redraw every 10 s into the log as well
         dynamic_ncols=terminal,
     )
 
