@@ -279,7 +279,7 @@ def run_serve(args: argparse.Namespace) -> int:
     return serve_command(configs["serve"])
 
 
-CONFIG_FILE_HELP = "TOML or YAML file of settings (flags win over it)"
+CONFIG_FILE_HELP = "TOML or YAML file of settings (flags win over it)."
 
 
 def build_parser() -> Parser:
@@ -294,13 +294,15 @@ def build_parser() -> Parser:
 
     train = command("train", "train a model (prepares the data first if needed)", run_train)
     train.add_argument("--config", metavar="FILE", help=CONFIG_FILE_HELP)
-    train.add_argument("--preset", help=f"model size: {', '.join(PRESETS)} (default: 124M)")
+    train.add_argument("--preset", metavar="NAME", help=f"Model size: {', '.join(PRESETS)} (default: 124M).")
     for cls in (GPTConfig, DataConfig, TrainConfig):
         add_config_flags(train, cls)
 
     prepare = command("prepare", "download and tokenize a corpus into the token cache", run_prepare)
     prepare.add_argument("--config", metavar="FILE", help=CONFIG_FILE_HELP)
-    prepare.add_argument("--preset", help="model preset (its max_seq_len sets the smallest usable split)")
+    prepare.add_argument(
+        "--preset", metavar="NAME", help="Model preset: its max_seq_len sets the smallest usable split."
+    )
     add_config_flags(prepare, DataConfig)
     add_config_flags(
         prepare, GPTConfig, only=("max_seq_len",), description="The model's context: every split must hold more tokens."

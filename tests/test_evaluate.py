@@ -147,7 +147,7 @@ def test_evaluate_bad_input(cli, tmp_path, model_file, small_model):
 def test_export_writes_a_folder_transformers_loads(tmp_path, model_file, small_model):
     transformers = pytest.importorskip("transformers")
     out = tmp_path / "hf"
-    proc = run_cli("export", "-c", str(model_file), "--out", str(out))
+    proc = run_cli("export", "-c", str(model_file), "--out-dir", str(out))
     assert proc.returncode == 0, proc.stderr
     hf = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
     idx = torch.randint(0, 50257, (2, 16))
@@ -156,8 +156,8 @@ def test_export_writes_a_folder_transformers_loads(tmp_path, model_file, small_m
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)
     for text in ["Hello, world!  naïve 東京 🚀\n\n x", "it's 2026: 1,234 <|endoftext|> next"]:
         assert tokenizer.encode(text) == encode(text)
-    assert_one_line_error(run_cli("export", "-c", str(model_file), "--out", str(out)), "--force")
-    assert run_cli("export", "-c", str(model_file), "--out", str(out), "--force").returncode == 0
+    assert_one_line_error(run_cli("export", "-c", str(model_file), "--out-dir", str(out)), "--force")
+    assert run_cli("export", "-c", str(model_file), "--out-dir", str(out), "--force").returncode == 0
 
 
 def test_evaluation_scores_the_text_only_and_matches_transformers(tmp_path, hf_dir):
