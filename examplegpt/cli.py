@@ -99,7 +99,8 @@ def add_config_flags(
     `only`: just these fields; `training=False`: not the fields marked training_only (evaluate has no
     train split to name); `description`: what the group means to this command (default: the class's docstring)."""
     docs = field_docs(cls)
-    group = parser.add_argument_group(cls.__name__, description or inspect.getdoc(cls).splitlines()[0])
+    first_sentence = " ".join(inspect.getdoc(cls).split()).split(". ")[0].rstrip(".") + "."
+    group = parser.add_argument_group(cls.__name__, description or first_sentence)
     for f in dataclasses.fields(cls):
         if (only is not None and f.name not in only) or (not training and f.metadata.get("training_only")):
             continue

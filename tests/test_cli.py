@@ -7,12 +7,12 @@ import re
 import pytest
 import torch
 
-from examplegpt.batching import SamplingParams
 from examplegpt.cli import build_parser
 from examplegpt.config import DataConfig, GenerateConfig, GPTConfig
 from examplegpt.data.corpus import resolve_source
 from examplegpt.data.token_cache import cache_folder
 from examplegpt.generate import generate
+from examplegpt.sampling import SamplingParams, filter_logits
 from examplegpt.weights import save_model_file
 
 from .conftest import MICRO_MODEL, assert_one_line_error, make_text, peaked_model
@@ -108,8 +108,6 @@ def test_top_k_0_and_top_p_1_are_off_and_top_p_0_keeps_the_most_likely_token_as_
     transformers_processors = pytest.importorskip("transformers.generation.logits_process")
     logits = torch.tensor([[0.5, 2.0, -1.0, 1.0]])
     reference = transformers_processors.TopPLogitsWarper(0.0)(None, logits.clone())
-    from examplegpt.generate import filter_logits
-
     assert torch.equal(torch.isfinite(filter_logits(logits, 1.0, top_p=0.0)), torch.isfinite(reference))
     assert torch.equal(filter_logits(logits, 1.0, top_p=1.0, top_k=0), logits)
 
