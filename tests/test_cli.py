@@ -127,9 +127,11 @@ def test_top_k_0_and_top_p_1_are_off_and_top_p_0_keeps_the_most_likely_token_as_
 
 def test_the_http_api_takes_top_k_0_and_top_p_0():
     pytest.importorskip("fastapi")
-    from examplegpt.serve import CompletionRequest
+    from examplegpt.config import ServeConfig
+    from examplegpt.serve import request_model
 
-    body = CompletionRequest.model_validate({"prompt": "x", "top_k": 0, "top_p": 0})
+    completion_request = request_model(ServeConfig(), vocab_size=50257, capacity=16)
+    body = completion_request.model_validate({"prompt": "x", "top_k": 0, "top_p": 0})
     assert (body.top_k, body.top_p) == (0, 0.0)
 
 
