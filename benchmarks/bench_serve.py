@@ -103,7 +103,7 @@ def generate_rate(
     ).stdout  # fmt: skip
     records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert records[-1]["tokens"] == new_tokens, records[-1]
-    return records[-1]["tokens_per_second"]
+    return records[-1]["batch_tokens_per_second"]
 
 
 def main() -> None:

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
+import inspect
+import re
 import sys
 import tomllib
 from pathlib import Path
@@ -17,8 +20,10 @@ from .config import (
     RENAMED,
     DataConfig,
     EvaluateConfig,
+    ExportConfig,
     GenerateConfig,
     GPTConfig,
+    PlotConfig,
     ServeConfig,
     TrainConfig,
     build,
@@ -29,15 +34,39 @@ from .reproducibility import pin_cpu_arithmetic
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line on stderr (exit 2) instead of the usage block,
-    and a misspelt flag is an error rather than a guess (no abbreviations)."""
+    """argparse, but a usage error is one line on stderr (exit 2) instead of the usage block, a misspelt
+    flag is an error rather than a guess (no abbreviations), and the error names the flag it was close to."""
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
+        self.commands: dict[str, Parser] = {}  # filled by build_parser on the top-level parser
+
+    def parse_args(self, args=None, namespace=None) -> argparse.Namespace:
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:  # reported by the command's parser, which knows the flags it was close to
+            parser = self.commands.get(getattr(parsed, "command", None), self)
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}{did_you_mean(unknown, visible_flags(parser))}")
+        return parsed
 
     def error(self, message: str) -> None:
+        choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if choice:  # a misspelt command
+            message += did_you_mean([choice.group(1)], re.findall(r"'([^']*)'", choice.group(2)))
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def visible_flags(parser: argparse.ArgumentParser) -> list[str]:
+    return [name for a in parser._actions if a.help != argparse.SUPPRESS for name in a.option_strings]
+
+
+def did_you_mean(unknown: list[str], known: list[str]) -> str:
+    """' (did you mean --max-steps?)' for the first unknown word that is close to a known one, else ''."""
+    for word in unknown:
+        close = difflib.get_close_matches(word.split("=", 1)[0], known, n=1, cutoff=0.6)
+        if close:
+            return f" (did you mean {close[0]}?)"
+    return ""
 
 
 def parse_optional(kind: type):
@@ -58,27 +87,60 @@ def parse_optional(kind: type):
 SCALARS = {"int": int, "float": float, "str": str}
 
 
-def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One flag per dataclass field, named after it (`--num-layers`), with its docstring as help."""
+def add_config_flags(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    only: tuple[str, ...] | None = None,
+    training: bool = True,
+    description: str | None = None,
+) -> None:
+    """One flag per dataclass field, named after it (`--num-layers`), with its docstring as help.
+
+    `only`: just these fields; `training=False`: not the fields marked training_only (evaluate has no
+    train split to name); `description`: what the group means to this command (default: the class's docstring)."""
     docs = field_docs(cls)
-    group = parser.add_argument_group(cls.__name__)
+    first_sentence = " ".join(inspect.getdoc(cls).split()).split(". ")[0].rstrip(".") + "."
+    group = parser.add_argument_group(cls.__name__, description or first_sentence)
     for f in dataclasses.fields(cls):
+        if (only is not None and f.name not in only) or (not training and f.metadata.get("training_only")):
+            continue
         names = ["--" + f.name.replace("_", "-"), *f.metadata.get("aliases", ())]
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = f"{docs.get(f.name, '')} (default: {default})"
-        common = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)
+        options = dict(dest=f.name, default=argparse.SUPPRESS, help=flag_help(f, docs.get(f.name, "")))
+        if "positional" in f.metadata:  # `plot RUN_DIR...`
+            group.add_argument(f.name, nargs="+", metavar=f.metadata["positional"], help=options["help"])
+            continue
         if f.type == "bool":
-            group.add_argument(*names, action=argparse.BooleanOptionalAction, **common)
+            options.update(action=argparse.BooleanOptionalAction)
         elif f.type == "list[str]":
-            group.add_argument(*names, action="append", metavar="TEXT", **common)
+            options.update(action="append", metavar="TEXT")
         elif f.type.endswith("| None"):
             kind = SCALARS[f.type.split("|")[0].strip()]
             if "bare_flag" in f.metadata:  # the flag alone means this value (`--resume` is `--resume auto`)
-                common.update(nargs="?", const=f.metadata["bare_flag"])
-            group.add_argument(*names, type=parse_optional(kind), metavar=kind.__name__.upper(), **common)
+                options.update(nargs="?", const=f.metadata["bare_flag"])
+            options.update(type=parse_optional(kind), metavar=f.metadata.get("metavar", kind.__name__.upper()))
         else:
             kind = SCALARS[f.type]
-            group.add_argument(*names, type=kind, metavar=kind.__name__.upper(), **common)
+            options.update(type=kind, metavar=f.metadata.get("metavar", kind.__name__.upper()))
+        group.add_argument(*names, **options)
+        if "hidden_aliases" in f.metadata:  # earlier names of the flag: still work, not shown
+            group.add_argument(*f.metadata["hidden_aliases"], **{**options, "help": argparse.SUPPRESS})
+
+
+def flag_help(f: dataclasses.Field, doc: str) -> str:
+    """The field's docstring, then its default, unless the docstring says it already or there is none to
+    show (None: the docstring says what none means; a required field)."""
+    doc = doc.replace("%", "%%")  # argparse formats help with %
+    if f.default is not dataclasses.MISSING:
+        default = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        default = f.default_factory()
+    else:
+        return f"{doc} (required)"
+    if "(default" in doc or default is None or default == [] or default == "":
+        return doc
+    if isinstance(default, bool):
+        default = "on" if default else "off"
+    return f"{doc} (default: {default})"
 
 
 def read_config_file(path: str) -> dict:
@@ -114,7 +176,7 @@ def read_config_file(path: str) -> dict:
 
 def resolve(args: argparse.Namespace, classes: dict[str, type], base: dict | None = None) -> dict[str, object]:
     """Each config of a command from defaults < preset (or `base`, a saved run's config) < config file < flags."""
-    given = {k: v for k, v in vars(args).items() if k not in ("run", "config", "preset")}
+    given = {k: v for k, v in vars(args).items() if k not in ("run", "command", "config", "preset")}
     from_file = read_config_file(args.config) if getattr(args, "config", None) else {}
     from_file = {RENAMED.get(k, k): v for k, v in from_file.items()}  # earlier names of settings still read
     if "preset" in from_file and getattr(args, "preset", None) is None:
@@ -160,12 +222,15 @@ def run_train(args: argparse.Namespace) -> int:
 def run_plot(args: argparse.Namespace) -> int:
     from .metrics import plot_runs
 
-    runs = [Path(r) for r in args.runs]
+    cfg = resolve(args, {"plot": PlotConfig})["plot"]
+    runs = [Path(r) for r in cfg.runs]
     for run in runs:
+        if not run.exists():
+            raise UserError(f"no such folder: {run}")
         if not (run / "metrics.jsonl").is_file() and not (run.is_file() and run.suffix == ".jsonl"):
             raise UserError(f"{run} has no metrics.jsonl")
-    plot_runs(runs, Path(args.out))
-    print(f"wrote {args.out}")
+    plot_runs(runs, Path(cfg.out))
+    print(f"wrote {cfg.out}")
     return 0
 
 
@@ -180,12 +245,13 @@ def run_export(args: argparse.Namespace) -> int:
     from .tokenizer import write_hf_tokenizer_files
     from .weights import load_model, save_hf_folder
 
-    out = Path(args.out)
-    if out.exists() and not args.force:
+    cfg = resolve(args, {"export": ExportConfig})["export"]
+    out = Path(cfg.out_dir)
+    if out.exists() and not cfg.force:
         raise UserError(f"{out} already exists: pass --force to overwrite it")
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} is a file, not a folder")
-    model = load_model(args.checkpoint)
+    model = load_model(cfg.checkpoint)
     save_hf_folder(model, out)
     write_hf_tokenizer_files(out)
     print(f"wrote {out}: config.json, model.safetensors, vocab.json, merges.txt, tokenizer_config.json")
@@ -214,50 +280,55 @@ def run_serve(args: argparse.Namespace) -> int:
     return serve_command(configs["serve"])
 
 
+CONFIG_FILE_HELP = "TOML or YAML file of settings (flags win over it)."
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="examplegpt", description="ExampleGPT: train GPT-2 from scratch, and sample from it.")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
 
-    train = commands.add_parser("train", help="train a model (prepares the data first if needed)")
-    train.add_argument("--config", help="TOML or YAML file of settings (flags win over it)")
-    train.add_argument("--preset", help=f"model size: {', '.join(PRESETS)} (default: 124M)")
+    def command(name: str, help_text: str, run) -> Parser:
+        sub = commands.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".")
+        sub.set_defaults(run=run, command=name)
+        parser.commands[name] = sub
+        return sub
+
+    train = command("train", "train a model (prepares the data first if needed)", run_train)
+    train.add_argument("--config", metavar="FILE", help=CONFIG_FILE_HELP)
+    train.add_argument("--preset", metavar="NAME", help=f"Model size: {', '.join(PRESETS)} (default: 124M).")
     for cls in (GPTConfig, DataConfig, TrainConfig):
         add_config_flags(train, cls)
-    train.set_defaults(run=run_train)
 
-    prepare = commands.add_parser("prepare", help="download and tokenize a corpus into the token cache")
-    prepare.add_argument("--config", help="TOML or YAML file of settings (flags win over it)")
-    prepare.add_argument("--preset", help="model preset (its max_seq_len sets the smallest usable split)")
+    prepare = command("prepare", "download and tokenize a corpus into the token cache", run_prepare)
+    prepare.add_argument("--config", metavar="FILE", help=CONFIG_FILE_HELP)
+    prepare.add_argument(
+        "--preset", metavar="NAME", help="Model preset: its max_seq_len sets the smallest usable split."
+    )
     add_config_flags(prepare, DataConfig)
-    prepare.add_argument("--max-seq-len", dest="max_seq_len", type=int, default=argparse.SUPPRESS)
-    prepare.set_defaults(run=run_prepare)
+    add_config_flags(
+        prepare, GPTConfig, only=("max_seq_len",), description="The model's context: every split must hold more tokens."
+    )
 
-    generate = commands.add_parser("generate", help="generate text from a trained model")
-    generate.add_argument("--config", help="TOML or YAML file of settings (flags win over it)")
+    generate = command("generate", "generate text from a trained model", run_generate)
+    generate.add_argument("--config", metavar="FILE", help=CONFIG_FILE_HELP)
     add_config_flags(generate, GenerateConfig)
-    generate.set_defaults(run=run_generate)
 
-    serve = commands.add_parser("serve", help="serve a model over HTTP: OpenAI-compatible API and a playground")
-    serve.add_argument("--config", help="TOML or YAML file of settings (flags win over it)")
+    serve = command("serve", "serve a model over HTTP: OpenAI-compatible API and a playground", run_serve)
+    serve.add_argument("--config", metavar="FILE", help=CONFIG_FILE_HELP)
     add_config_flags(serve, ServeConfig)
-    serve.set_defaults(run=run_serve)
 
-    evaluate = commands.add_parser("evaluate", help="perplexity over a whole split, with a sliding window")
-    evaluate.add_argument("--config", help="TOML or YAML file of settings (flags win over it)")
+    evaluate = command("evaluate", "perplexity over a whole split, with a sliding window", run_evaluate)
+    evaluate.add_argument("--config", metavar="FILE", help=CONFIG_FILE_HELP)
     add_config_flags(evaluate, EvaluateConfig)
-    add_config_flags(evaluate, DataConfig)
-    evaluate.set_defaults(run=run_evaluate)
+    add_config_flags(
+        evaluate, DataConfig, training=False, description="The text to score and where its tokens are cached."
+    )
 
-    export = commands.add_parser("export", help="write a Hugging Face GPT-2 folder (safetensors)")
-    export.add_argument("-c", "--checkpoint", default="gpt_model.pt", help="model to export (default: gpt_model.pt)")
-    export.add_argument("--out", required=True, help="folder to write")
-    export.add_argument("--force", action="store_true", help="overwrite the folder if it exists")
-    export.set_defaults(run=run_export)
+    export = command("export", "write a Hugging Face GPT-2 folder (safetensors)", run_export)
+    add_config_flags(export, ExportConfig)
 
-    plot = commands.add_parser("plot", help="plot the loss curves of one or more runs")
-    plot.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (each with a metrics.jsonl)")
-    plot.add_argument("--out", default="loss.png", help="image to write (default: loss.png)")
-    plot.set_defaults(run=run_plot)
+    plot = command("plot", "plot the loss curves of one or more runs", run_plot)
+    add_config_flags(plot, PlotConfig)
     return parser
 
 

@@ -11,9 +11,12 @@ import ast
 import dataclasses
 import functools
 import inspect
+import json
 import math
+import os
 import textwrap
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .errors import UserError
 from .sampling import GENERATE_DEFAULTS, TOKEN_SETTINGS, SamplingParams, out_of_range
@@ -117,23 +120,23 @@ PRESETS: dict[str, dict[str, int]] = {
 class DataConfig:
     """Where the training text comes from and where its tokens are cached."""
 
-    data: str = "wikitext-103"
+    data: str = field(default="wikitext-103", metadata={"metavar": "SOURCE"})
     """Corpus: wikitext-103, wikitext-2, a Hugging Face dataset id, or local text files (a file, folder or glob)."""
     data_config: str | None = None
     """Configuration name of a Hugging Face dataset (wikitext-103 and wikitext-2 set their own)."""
     text_column: str = "text"
     """Column that holds the text in a Hugging Face dataset."""
-    train_split: str = "train"
+    train_split: str = field(default="train", metadata={"training_only": True})
     """Name of the training split of a Hugging Face dataset."""
     val_split: str = "validation"
     """Name of the validation split; when the source has none, val_fraction is held out instead."""
     test_split: str = "test"
     """Name of the test split, tokenized when the source has one."""
-    val_fraction: float = 0.005
+    val_fraction: float = field(default=0.005, metadata={"training_only": True})
     """Share of the tokens held out for validation when the source has no validation split."""
-    cache_dir: str = "data"
+    cache_dir: str = field(default="data", metadata={"metavar": "DIR"})
     """Folder of the token cache (one sub-folder per source and options)."""
-    workers: int | None = None
+    workers: int | None = field(default=None, metadata={"training_only": True})
     """Tokenizer threads (default: all cores)."""
 
     def __post_init__(self) -> None:
@@ -199,12 +202,12 @@ class TrainConfig:
     """Save a checkpoint every this many batches (optimizer steps)."""
     keep_last: int | None = None
     """Keep only the newest N checkpoints (default: keep all)."""
-    out_dir: str = "."
+    out_dir: str = field(default=".", metadata={"metavar": "DIR"})
     """Where checkpoints/, gpt_model.pt, metrics.jsonl and loss.png go."""
-    resume: str | None = field(default=None, metadata={"bare_flag": "auto"})
-    """'auto' (also a bare --resume) for the newest checkpoint in out_dir/checkpoints, or a checkpoint path."""
-    init_from: str | None = None
-    """Start from these weights (our checkpoint or a Hugging Face GPT-2 folder) with a fresh optimizer."""
+    resume: str | None = field(default=None, metadata={"bare_flag": "auto", "metavar": "PATH"})
+    """'auto' (also a bare --resume) for the newest checkpoint in out_dir/checkpoints, or a checkpoint path (default: a fresh run)."""
+    init_from: str | None = field(default=None, metadata={"metavar": "PATH"})
+    """Start from these weights (our checkpoint or a Hugging Face GPT-2 folder) with a fresh optimizer (default: random weights)."""
     use_wandb: bool = field(default=False, metadata={"aliases": ("--wandb",)})
     """Log to Weights & Biases (offline mode when there are no credentials or no network)."""
     wandb_project: str = "gpt-training"
@@ -285,9 +288,9 @@ class GenerateConfig:
     """How to sample text from a trained model. The sampling settings (temperature, top_p, top_k, min_p,
     repetition_penalty, seed) are sampling.SamplingParams', added after max_new_tokens."""
 
-    prompt: str = field(default="", metadata={"aliases": ("-p",)})
+    prompt: str = field(default="", metadata={"aliases": ("-p",), "metavar": "TEXT"})
     """Text to continue; '-' (or a piped stdin with no --prompt) reads it from stdin."""
-    checkpoint: str = field(default="gpt_model.pt", metadata={"aliases": ("-c",)})
+    checkpoint: str = field(default="gpt_model.pt", metadata={"aliases": ("-c",), "metavar": "PATH"})
     """Our model file or checkpoint, or a Hugging Face GPT-2 folder."""
     max_new_tokens: int = field(default=50, metadata={"aliases": ("--max-tokens", "-n")})
     """Number of new tokens to generate."""
@@ -328,7 +331,7 @@ class GenerateConfig:
 class EvaluateConfig:
     """How to evaluate a model on a corpus split."""
 
-    checkpoint: str = field(default="gpt_model.pt", metadata={"aliases": ("-c",)})
+    checkpoint: str = field(default="gpt_model.pt", metadata={"aliases": ("-c",), "metavar": "PATH"})
     """Our model file or checkpoint, or a Hugging Face GPT-2 folder."""
     split: str = "test"
     """Split to score: test, validation (val) or train; a local text file is scored whole."""
@@ -358,7 +361,7 @@ class EvaluateConfig:
 class ServeConfig:
     """How to serve a model over HTTP (OpenAI-compatible completions, and a playground page)."""
 
-    checkpoint: str = field(default="gpt_model.pt", metadata={"aliases": ("-c",)})
+    checkpoint: str = field(default="gpt_model.pt", metadata={"aliases": ("-c",), "metavar": "PATH"})
     """Our model file or checkpoint, or a Hugging Face GPT-2 folder."""
     host: str = "127.0.0.1"
     """Address to listen on; 0.0.0.0 opens the server to other machines (set an api_key then)."""
@@ -397,6 +400,28 @@ class ServeConfig:
         self.precision = precision_name(self.precision, INFERENCE_PRECISIONS)
 
 
+@dataclass
+class ExportConfig:
+    """Which model to write as a Hugging Face GPT-2 folder, and where."""
+
+    out_dir: str = field(metadata={"hidden_aliases": ("--out",), "metavar": "DIR"})
+    """Folder to write: config.json, model.safetensors and the tokenizer's files."""
+    checkpoint: str = field(default="gpt_model.pt", metadata={"aliases": ("-c",), "metavar": "PATH"})
+    """Our model file or checkpoint, or a Hugging Face GPT-2 folder."""
+    force: bool = False
+    """Overwrite the folder if it exists."""
+
+
+@dataclass
+class PlotConfig:
+    """Which runs to plot, and where."""
+
+    runs: list[str] = field(metadata={"positional": "RUN_DIR"})
+    """Run folders (each with a metrics.jsonl), or metrics.jsonl files: one curve each."""
+    out: str = field(default="loss.png", metadata={"metavar": "FILE"})
+    """Image (PNG) to write: train and validation loss against step, the learning rate faint."""
+
+
 def build(cls: type, values: dict) -> object:
     """Construct a config dataclass from a dict, rejecting unknown keys and wrong types in one line."""
     names = {f.name for f in dataclasses.fields(cls)}
@@ -404,6 +429,10 @@ def build(cls: type, values: dict) -> object:
     unknown = sorted(set(values) - names)
     if unknown:
         raise UserError(f"unknown {cls.__name__} setting: {unknown[0]}")
+    required = [f.name for f in dataclasses.fields(cls) if f.default is f.default_factory is dataclasses.MISSING]
+    missing = [name for name in required if name not in values]
+    if missing:
+        raise UserError(f"--{missing[0].replace('_', '-')} is required")
     hints = {f.name: f.type for f in dataclasses.fields(cls)}
     for key, value in values.items():
         check_type(key, value, hints[key])
@@ -423,3 +452,28 @@ def check_type(name: str, value: object, hint: str) -> None:
     }
     if not any(ok[kind](value) for kind in allowed):
         raise UserError(f"{name} must be {' or '.join(allowed)}, got {value!r}")
+
+
+def describe(configs: dict[str, dict]) -> str:
+    """Resolved settings ({"model": {...}, "train": {...}}) as a few readable lines: name=value, wrapped."""
+    lines = []
+    for section, values in configs.items():
+        pairs = " ".join(f"{name}={json.dumps(value)}" for name, value in values.items())
+        lines += textwrap.wrap(
+            pairs,
+            width=110,
+            initial_indent=f"  {section:<6} ",
+            subsequent_indent=" " * 9,
+            break_long_words=False,
+            break_on_hyphens=False,
+        )
+    return "\n".join(lines)
+
+
+def save_config(configs: dict[str, dict], folder: Path) -> Path:
+    """The resolved settings as folder/config.json (written whole or not at all); returns its path."""
+    path = folder / "config.json"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(configs, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path

@@ -35,6 +35,7 @@ from .cpu_inference import fast_cpu_inference, packing_report
 from .data import check_cache, open_split, prepare, tokenize_local_text
 from .device import pick_device, prepare_for_inference
 from .errors import UserError
+from .loss import CHUNK_ROWS, loss_and_gradients
 from .model import GPT
 from .tokenizer import EOT_ID, TOKENIZER_ID
 from .weights import load_model, model_from_state, read_torch_file
@@ -51,6 +52,26 @@ def window_plan(n_tokens: int, window: int, stride: int) -> list[tuple[int, int,
         scored_up_to = end + 1
         start += stride
     return plan
+
+
+PROGRESS_AFTER_SECONDS = 3.0  # a shorter evaluation shows no progress bar at all
+
+
+def progress_bar(batches: range, enabled: bool) -> tqdm:
+    """The batches, counted on stderr once the evaluation has run PROGRESS_AFTER_SECONDS: redrawn
+    in place on a terminal, every 30 s into a log file or pipe (where each redraw stays)."""
+    terminal = sys.stderr.isatty()
+    return tqdm(
+        batches,
+        desc="evaluating",
+        unit="batch",
+        file=sys.stderr,
+        disable=not enabled,
+        delay=PROGRESS_AFTER_SECONDS,
+        mininterval=0.1 if terminal else 30.0,
+        maxinterval=10.0 if terminal else 30.0,  # tqdm's monitor would redraw every 10 s into the log as well
+        dynamic_ncols=terminal,
+    )
 
 
 @torch.no_grad()
@@ -70,8 +91,14 @@ def sliding_window_nll(
     model.eval()
     window = model.config.max_seq_len
     plan = window_plan(len(tokens), window, stride)
+    # One logits buffer for every batch: on CPU a fresh (rows, vocabulary) tensor per batch costs more in
+    # page faults (system time) than the model's own work on a small model. (A quantized head: the plain way.)
+    rows = min(CHUNK_ROWS, batch_size * window)
+    head = model.lm_head
+    plain_head = type(head) is torch.nn.Linear and head.weight.is_floating_point()
+    logits_buffer = torch.empty(rows, head.weight.shape[0], dtype=torch.float32, device=device) if plain_head else None
     total, count = 0.0, 0
-    for first in tqdm(range(0, len(plan), batch_size), disable=not progress, unit="batch", desc="evaluating"):
+    for first in progress_bar(range(0, len(plan), batch_size), enabled=progress):
         batch = plan[first : first + batch_size]
         x = torch.zeros(len(batch), window, dtype=torch.long)  # (b, W), padded after the end
         y = torch.full((len(batch), window), -1, dtype=torch.long)  # -1: not scored here
@@ -85,8 +112,14 @@ def sliding_window_nll(
         x, y = x.to(device), y.to(device)
         scored = y != -1  # (b, W)
         h = model.hidden_states(x)  # (b, W, C), in the format the model was prepared in
-        logits = model.logits(h[scored])  # (n, V): the LM head only where a token is scored
-        total += F.cross_entropy(logits.float(), y[scored], reduction="sum").item()
+        if logits_buffer is not None:  # the LM head and its log-softmax only where a token is scored, chunk by chunk
+            nll, _, _ = loss_and_gradients(
+                h[scored], model.lm_head.weight, y[scored], model.config.vocab_size, rows, False, logits_buffer
+            )
+            total += nll.item()
+        else:
+            logits = model.logits(h[scored])  # (n, V): the LM head only where a token is scored
+            total += F.cross_entropy(logits.float(), y[scored], reduction="sum").item()
         count += int(scored.sum())
     return total, count
 
@@ -107,19 +140,23 @@ def load_for_eval(path: str) -> GPT:
     return model
 
 
-def split_tokens(data: DataConfig, split: str, min_tokens: int, scratch: Path) -> tuple[np.ndarray, dict]:
-    """Tokens of the split to score, with its word and byte counts when known."""
+WHOLE_TEXT = "whole text"  # what is scored of local text files: all of it, not a split
+
+
+def split_tokens(data: DataConfig, split: str, min_tokens: int, scratch: Path) -> tuple[np.ndarray, dict, str]:
+    """Tokens of the split to score, with its word and byte counts when known, and what was scored
+    (the split's name, or WHOLE_TEXT)."""
     stats = tokenize_local_text(data, scratch / "eval.bin")
     if stats is not None:  # a local file or folder is scored whole, not a held-out part of it
         if stats["tokens"] - stats["documents"] < 1:
             raise UserError(f"{data.data} holds no text to score")
-        return open_split(scratch, "eval"), stats
+        return open_split(scratch, "eval"), stats, WHOLE_TEXT
     folder = prepare(data, min_tokens=min_tokens, verbose=True)
     name = {"validation": "val", "valid": "val"}.get(split, split)
     splits = check_cache(folder)["splits"]
     if name not in splits:
         raise UserError(f"{data.data} has no split {split!r} (it has {', '.join(splits)})")
-    return open_split(folder, name), splits[name]
+    return open_split(folder, name), splits[name], split
 
 
 def text_to_score(tokens: np.ndarray) -> np.ndarray:
@@ -144,11 +181,11 @@ def evaluate_command(cfg: EvaluateConfig, data: DataConfig) -> int:
     if not 1 <= stride <= window:
         raise UserError(f"stride must be between 1 and the window ({window}), got {stride}")
     with tempfile.TemporaryDirectory() as scratch:
-        tokens, stats = split_tokens(data, cfg.split, window + 1, Path(scratch))
+        tokens, stats, scored = split_tokens(data, cfg.split, window + 1, Path(scratch))
         start = time.perf_counter()
         with fast_cpu_inference(model) if cfg.fast_cpu else contextlib.nullcontext():
             total, count = sliding_window_nll(
-                model, text_to_score(tokens), stride, cfg.batch_size, device, EOT_ID, progress=sys.stderr.isatty()
+                model, text_to_score(tokens), stride, cfg.batch_size, device, EOT_ID, progress=True
             )
         seconds = time.perf_counter() - start
     if cfg.verbose:
@@ -156,7 +193,7 @@ def evaluate_command(cfg: EvaluateConfig, data: DataConfig) -> int:
     result = {
         "checkpoint": cfg.checkpoint,
         "data": data.data,
-        "split": cfg.split,
+        "split": scored,
         "precision": cfg.precision,
         "window": window,
         "stride": stride,

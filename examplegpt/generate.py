@@ -164,10 +164,10 @@ def run_prompt(model: GPT, prompt: str, cfg: GenerateConfig, device: torch.devic
         text.finish()
     if stream_live:
         print(texts[0].take(), flush=True)
+    batch_rate = sum(len(text.tokens) for text in texts) / seconds  # the samples are decoded together
     for i, text in enumerate(texts):
         if cfg.json:
-            count = len(text.tokens)
-            record = dict(prompt=prompt, text=text.text, tokens=count, tokens_per_second=count / seconds)
+            record = dict(prompt=prompt, text=text.text, tokens=len(text.tokens), batch_tokens_per_second=batch_rate)
             print(json.dumps(record, ensure_ascii=False), flush=True)
         elif not stream_live:
             print(("" if i == 0 else "\n----------\n") + prompt + text.text, flush=True)

@@ -16,10 +16,19 @@ IGNORE_INDEX = -100  # a target that is not scored: PyTorch's and Hugging Face's
 
 
 def loss_and_gradients(
-    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int, chunk_rows: int, with_grads: bool
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    vocab_size: int,
+    chunk_rows: int,
+    with_grads: bool,
+    buffer: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Summed cross-entropy of h (N, C) @ weight.T (V_padded, C) against targets (N,; IGNORE_INDEX not scored), and,
-    with_grads, its gradients with respect to h and weight (for the summed loss)."""
+    with_grads, its gradients with respect to h and weight (for the summed loss).
+
+    `buffer`: float32 (>= min(chunk_rows, N), V_padded) scratch for the logits, for a caller that calls many
+    times (evaluation) and so keeps one; by default each call makes its own."""
     compute_dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
     with torch.autocast(h.device.type, enabled=False):
         w = weight.to(compute_dtype)
@@ -28,7 +37,8 @@ def loss_and_gradients(
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         # One logits buffer for every chunk, worked on in place: on CPU a fresh 200 MB tensor per chunk
         # costs more in page faults than the softmax itself.
-        buffer = torch.empty(min(chunk_rows, h.shape[0]), weight.shape[0], dtype=torch.float32, device=h.device)
+        if buffer is None:
+            buffer = torch.empty(min(chunk_rows, h.shape[0]), weight.shape[0], dtype=torch.float32, device=h.device)
         for start in range(0, h.shape[0], chunk_rows):
             hs = h[start : start + chunk_rows].to(compute_dtype)  # (c, C)
             ts = targets[start : start + chunk_rows]  # (c,)

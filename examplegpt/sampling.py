@@ -35,12 +35,12 @@ class SamplingParams:
     """Number of new tokens to generate."""
     temperature: float = field(default=1.0, metadata=within(ge=0))
     """Sampling temperature; 0 is greedy decoding."""
-    top_p: float = field(default=1.0, metadata=within(gt=0, le=1))
-    """Nucleus sampling: keep the smallest set of tokens whose probability sums to top_p (1 keeps all)."""
-    top_k: int | None = field(default=None, metadata=within(ge=1))
-    """Keep only the k most likely tokens."""
+    top_p: float = field(default=1.0, metadata=within(ge=0, le=1))
+    """Nucleus sampling: keep the smallest set of tokens whose probability sums to top_p (1: off; 0 keeps only the most likely, as in transformers)."""
+    top_k: int | None = field(default=None, metadata=within(ge=0))
+    """Keep only the k most likely tokens (0 or none: off, the default)."""
     min_p: float | None = field(default=None, metadata=within(ge=0, le=1))
-    """Drop tokens less likely than min_p times the most likely one."""
+    """Drop tokens less likely than min_p times the most likely one (0 or none: off, the default)."""
     repetition_penalty: float = field(default=1.0, metadata=within(gt=0))
     """Divide the positive logits (multiply the negative ones) of tokens already present by this (1 = off)."""
     seed: int | None = field(default=None, metadata=within(ge=0, lt=2**63))
@@ -104,8 +104,8 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep the k largest logits per row (and any tied with the k-th); the rest become -inf."""
-    if k >= logits.shape[-1]:
+    """Keep the k largest logits per row (and any tied with the k-th); the rest become -inf. k = 0 keeps all."""
+    if k <= 0 or k >= logits.shape[-1]:
         return logits
     kth = torch.topk(logits, k, dim=-1).values[..., -1:]  # (B, 1)
     return logits.masked_fill(logits < kth, float("-inf"))
@@ -181,7 +181,7 @@ def filter_logits(
     """logits (B, V) scaled by temperature (> 0) and filtered, in transformers' order (temperature,
     top-k, top-p, min-p): float32, the dropped tokens at -inf."""
     logits = apply_temperature(logits, temperature)
-    if top_k is not None:
+    if top_k:  # None or 0: off, as in transformers
         logits = top_k_filter(logits, top_k)
     logits = top_p_filter(logits, top_p)
     if min_p is not None:

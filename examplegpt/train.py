@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import math
 import os
 import signal
@@ -32,7 +31,7 @@ from .checkpoint import (
     prune_checkpoints,
     resolve_resume,
 )
-from .config import DataConfig, GPTConfig, TrainConfig
+from .config import DataConfig, GPTConfig, TrainConfig, describe, save_config
 from .data import HOLDOUT_SEED, TokenWindows, open_split, prepare
 from .device import autocast, peak_flops, pick_device, pick_dtype
 from .distributed import (
@@ -476,12 +475,17 @@ def restore(r: Run, resume_state: dict | None) -> Counters:
 def announce(r: Run, steps_done: int) -> None:
     """The resolved configuration and one line of what the run is about to do."""
     cfg, seq_len = r.cfg, r.model_cfg.max_seq_len
-    r.world.print(json.dumps(r.full_config))
+    if r.world.is_main:
+        r.world.print(f"configuration (saved in {save_config(r.full_config, r.out_dir)}):")
+    r.world.print(describe(r.full_config))
+    accumulation = cfg.batch_size // r.world.size // r.micro
+    with_padding = sum(p.numel() for p in r.model.parameters())
     r.world.print(
-        f"model {r.model.num_parameters():,} parameters | device {r.device} x{r.world.size}"
+        f"model {r.model.num_parameters():,} parameters ({with_padding:,} with the vocabulary's padding rows)"
+        f" | device {r.device} x{r.world.size}"
         f" | {str(r.dtype).removeprefix('torch.')} | batch {cfg.batch_size} x {seq_len} ="
         f" {cfg.batch_size * seq_len:,} tokens per step (micro-batch {r.micro},"
-        f" {cfg.batch_size // r.world.size // r.micro} accumulation steps) | {r.total_steps} steps"
+        f" {accumulation} accumulation step{'' if accumulation == 1 else 's'}) | {r.total_steps} steps"
         f" | validation {len(r.val_windows)} windows | checkpointing {'on' if cfg.use_checkpointing else 'off'}"
         f" | compile {'on' if cfg.compile else 'off'}"
     )

@@ -281,8 +281,8 @@ def test_a_failing_listener_ends_only_its_own_request(model, engine_of):
     [
         lambda: SamplingParams(max_tokens=0),
         lambda: SamplingParams(max_tokens=5, temperature=-1),
-        lambda: SamplingParams(max_tokens=5, top_p=0),
-        lambda: SamplingParams(max_tokens=5, top_k=0),
+        lambda: SamplingParams(max_tokens=5, top_p=-0.1),
+        lambda: SamplingParams(max_tokens=5, top_k=-1),
         lambda: SamplingParams(max_tokens=5, repetition_penalty=0),
     ],
 )

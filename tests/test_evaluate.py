@@ -56,6 +56,19 @@ def test_stride_equal_to_the_window_is_the_plain_chunked_loss(small_model):
     assert count == 80 and total / count == pytest.approx(loss.item(), rel=1e-5)
 
 
+def test_evaluation_allocates_one_logits_buffer_not_one_per_batch(small_model):
+    """A fresh (rows, vocabulary) float32 tensor per batch page-faults its way through memory (the system
+    time of evaluating with a small model); the bytes allocated must not grow with the number of batches."""
+    from torch.profiler import ProfilerActivity, profile
+
+    one_buffer = 8 * 16 * small_model.config.padded_vocab_size * 4  # batch 8 x window 16 rows, float32
+    tokens = np.random.default_rng(2).integers(0, 50257, 16 * 8 * 6 + 1).astype(np.uint16)  # six batches
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        sliding_window_nll(small_model, tokens, 16, batch_size=8, device=torch.device("cpu"))
+    allocated = sum(e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 0)
+    assert allocated < 1.5 * one_buffer
+
+
 @pytest.fixture
 def model_file(tmp_path, small_model):
     path = tmp_path / "gpt_model.pt"
@@ -76,6 +89,19 @@ def test_evaluate_command_on_a_text_file(tmp_path, model_file):
     )
     table = run_cli("evaluate", "-c", str(model_file), "--data", str(tmp_path / "eval.txt"))
     assert "word_perplexity" in table.stdout and "bits_per_byte" in table.stdout
+
+
+def test_evaluate_on_a_file_says_it_scored_the_whole_text_and_shows_progress(cli, tmp_path, model_file, monkeypatch):
+    import examplegpt.evaluate
+
+    monkeypatch.setattr(examplegpt.evaluate, "PROGRESS_AFTER_SECONDS", 0)  # every evaluation is "long"
+    (tmp_path / "eval.txt").write_text(make_text(600, 9))
+    table = cli("evaluate", "-c", str(model_file), "--data", str(tmp_path / "eval.txt"))
+    assert table.returncode == 0, table.stderr
+    assert re.search(r"split\s+whole text\n", table.stdout)
+    assert "evaluating" in table.stderr  # tqdm's bar on stderr, although stderr is not a terminal here
+    proc = cli("evaluate", "-c", str(model_file), "--data", str(tmp_path / "eval.txt"), "--json")
+    assert json.loads(proc.stdout.splitlines()[-1])["split"] == "whole text"
 
 
 def test_evaluate_counts_the_files_bytes_and_warns_of_undecodable_ones(cli, tmp_path, model_file):
@@ -121,7 +147,7 @@ def test_evaluate_bad_input(cli, tmp_path, model_file, small_model):
 def test_export_writes_a_folder_transformers_loads(tmp_path, model_file, small_model):
     transformers = pytest.importorskip("transformers")
     out = tmp_path / "hf"
-    proc = run_cli("export", "-c", str(model_file), "--out", str(out))
+    proc = run_cli("export", "-c", str(model_file), "--out-dir", str(out))
     assert proc.returncode == 0, proc.stderr
     hf = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
     idx = torch.randint(0, 50257, (2, 16))
@@ -130,8 +156,8 @@ def test_export_writes_a_folder_transformers_loads(tmp_path, model_file, small_m
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)
     for text in ["Hello, world!  naïve 東京 🚀\n\n x", "it's 2026: 1,234 <|endoftext|> next"]:
         assert tokenizer.encode(text) == encode(text)
-    assert_one_line_error(run_cli("export", "-c", str(model_file), "--out", str(out)), "--force")
-    assert run_cli("export", "-c", str(model_file), "--out", str(out), "--force").returncode == 0
+    assert_one_line_error(run_cli("export", "-c", str(model_file), "--out-dir", str(out)), "--force")
+    assert run_cli("export", "-c", str(model_file), "--out-dir", str(out), "--force").returncode == 0
 
 
 def test_evaluation_scores_the_text_only_and_matches_transformers(tmp_path, hf_dir):

@@ -39,8 +39,8 @@ def test_every_setting_of_the_http_body_carries_samplingparams_range_and_help():
 
 @pytest.mark.parametrize(
     "settings, words",
-    [({"temperature": -1}, "temperature must be >= 0"), ({"top_p": 0}, "top_p must be in (0, 1]"),
-     ({"top_k": 0}, "top_k must be >= 1"), ({"repetition_penalty": float("nan")}, "repetition_penalty must be > 0"),
+    [({"temperature": -1}, "temperature must be >= 0"), ({"top_p": -0.1}, "top_p must be in [0, 1]"),
+     ({"top_k": -1}, "top_k must be >= 0"), ({"repetition_penalty": float("nan")}, "repetition_penalty must be > 0"),
      ({"seed": -1}, "seed must be in [0, ")],
 )  # fmt: skip
 def test_one_range_check_for_the_engine_and_the_command(settings, words):

@@ -7,6 +7,7 @@ Every wait is bounded in count and time.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -321,7 +322,7 @@ BAD_REQUESTS = [
     ({"prompt": "x", "stop": ""}, "stop", "invalid_value"),
     ({"prompt": "x", "logprobs": 6}, "logprobs", "invalid_value"),
     ({"prompt": "x", "seed": -1}, "seed", "invalid_value"),
-    ({"prompt": "x", "top_k": 0}, "top_k", "invalid_value"),
+    ({"prompt": "x", "top_k": -1}, "top_k", "invalid_value"),
     ({"prompt": "x", "min_p": 2}, "min_p", "invalid_value"),
     ({"prompt": "x", "repetition_penalty": 0}, "repetition_penalty", "invalid_value"),
     ({"prompt": "x", "echo": True}, "echo", "unsupported"),
@@ -451,14 +452,14 @@ def find_browser() -> tuple[str, str] | None:
     return (browser, driver) if browser and driver else None
 
 
-def test_playground_streams_in_a_real_browser(server, model):
+@contextlib.contextmanager
+def playground(server):
+    """A headless chromium on the server's playground page (skips where there is none)."""
     webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
     found = find_browser()
     if found is None:
         pytest.skip("no chromium and chromedriver on this machine (apt-get install chromium chromium-driver)")
     from selenium.common.exceptions import WebDriverException
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
     options = webdriver.ChromeOptions()
     options.binary_location = found[0]
@@ -471,6 +472,16 @@ def test_playground_streams_in_a_real_browser(server, model):
     try:
         browser.set_page_load_timeout(60)
         browser.get(server.url + "/")
+        yield browser
+    finally:
+        browser.quit()
+
+
+def test_playground_streams_in_a_real_browser(server, model):
+    with playground(server) as browser:
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.support.ui import WebDriverWait
+
         prompt = "The river ran"
         box = browser.find_element(By.ID, "prompt")
         box.clear()
@@ -497,8 +508,24 @@ def test_playground_streams_in_a_real_browser(server, model):
         screenshot = os.environ.get("EXAMPLEGPT_PLAYGROUND_SCREENSHOT")
         if screenshot:
             browser.save_screenshot(screenshot)
-    finally:
-        browser.quit()
+
+
+@pytest.mark.slow
+def test_playground_says_when_it_was_stopped(server):
+    with playground(server) as browser:
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        for field, value in (("max_tokens", "4000"), ("temperature", "1")):
+            element = browser.find_element(By.ID, field)
+            element.clear()
+            element.send_keys(value)
+        browser.find_element(By.ID, "generate").click()
+        stats = lambda: browser.find_element(By.ID, "stats").text
+        WebDriverWait(browser, 60, poll_frequency=0.02).until(lambda b: "tokens/s" in stats())
+        browser.find_element(By.ID, "stop").click()
+        WebDriverWait(browser, 10, poll_frequency=0.05).until(lambda b: "stopped" in stats())
+        assert "finished" not in stats() and browser.find_element(By.ID, "error").text == ""
 
 
 # --- the benchmark script, so it cannot rot unseen -------------------------------------------------------

@@ -163,8 +163,24 @@ def cache_folder(cfg: DataConfig, source: Source, min_tokens: int) -> Path:
         "min_tokens": min_tokens,
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(source.name.rstrip("/")).name or "corpus")[:40]
-    return Path(cfg.cache_dir) / f"{slug}-{digest}"
+    return Path(cfg.cache_dir) / f"{cache_slug(source.name)}-{digest}"
+
+
+GLOB_PART = re.compile(r"[*?]|\[[^\]]*\]")  # a wildcard or a character class
+
+
+def cache_slug(name: str) -> str:
+    """A readable start for a cache folder's name: the corpus, file or folder name; for a glob, the folder
+    it searches and what its pattern keeps ('books/*.txt' -> 'books_glob_txt', not '_.txt')."""
+    parts = [part for part in Path(name.rstrip("/")).parts if part not in ("/", ".", "..")]
+    first_glob = next((i for i, part in enumerate(parts) if GLOB_PART.search(part)), None)
+    if first_glob is None or Path(name).exists():  # 'notes [draft].txt' is a file's name
+        words = parts[-1] if parts else "corpus"
+    else:
+        folder = parts[first_glob - 1] if first_glob > 0 else Path.cwd().name or "corpus"
+        pattern = GLOB_PART.sub("", "_".join(parts[first_glob:]))
+        words = "_".join(w for w in (folder, "glob", re.sub(r"[^A-Za-z0-9.-]+", "_", pattern).strip("._-")) if w)
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", words).strip("_")[:40] or "corpus"
 
 
 def check_cache(folder: Path) -> dict:
