@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import torch
+
 from .errors import UserError
 from .weights import read_torch_file
 
@@ -36,6 +38,13 @@ def list_checkpoints(out_dir: str | Path) -> list[Path]:
     return [by_position[key] for key in sorted(by_position)]
 
 
+def checkpoint_position(steps_done: int, batches_per_epoch: int) -> tuple[int, int]:
+    """Steps done -> (epoch, batch), 1-based as the original README names checkpoints: the last batch
+    of epoch 1 is (1, batches_per_epoch), not (2, 0)."""
+    epoch, index = divmod(steps_done, batches_per_epoch)
+    return (epoch + 1, index) if index else (epoch, batches_per_epoch)
+
+
 def resolve_resume(resume: str, out_dir: str | Path) -> Path:
     """The checkpoint that `--resume` names: 'auto' is the newest in out_dir."""
     if resume != "auto":
@@ -59,3 +68,16 @@ def load_checkpoint(path: str | Path) -> dict:
 def prune_checkpoints(out_dir: str | Path, keep_last: int) -> None:
     for old in list_checkpoints(out_dir)[:-keep_last]:
         old.unlink(missing_ok=True)
+
+
+def rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)

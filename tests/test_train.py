@@ -295,19 +295,19 @@ def test_validation_loss_does_not_depend_on_the_micro_batch(corpus, tmp_path):
 
 def test_validation_loss_does_not_depend_on_the_number_of_processes(monkeypatch):
     """Each rank scores its share (padded to equal forward passes); the shares add up to the whole set."""
-    from examplegpt import train
+    from examplegpt import evaluate
     from examplegpt.distributed import World
 
     torch.manual_seed(0)
     model = GPT(tiny_config(max_seq_len=16))
     tokens = torch.randint(0, 50257, (16 * 40 + 1,)).numpy()
-    windows = train.validation_windows(tokens, 16, 11)
-    assert windows.shape == (11, 17) and (windows == train.validation_windows(tokens, 16, 11)).all()
+    windows = evaluate.validation_windows(tokens, 16, 11)
+    assert windows.shape == (11, 17) and (windows == evaluate.validation_windows(tokens, 16, 11)).all()
     cpu = torch.device("cpu")
-    whole = train.evaluate_loss(model, windows, 11, cpu, torch.float32)
-    monkeypatch.setattr(train, "mean_over_ranks", lambda value, world, device: value / world.size)
+    whole = evaluate.evaluate_loss(model, windows, 11, cpu, torch.float32)
+    monkeypatch.setattr(evaluate, "mean_over_ranks", lambda value, world, device: value / world.size)
     for size, micro in [(1, 3), (2, 2), (3, 4), (4, 1)]:  # without all_reduce: each rank's part of the mean
-        parts = [train.evaluate_loss(model, windows, micro, cpu, torch.float32, World(r, r, size)) for r in range(size)]
+        parts = [evaluate.evaluate_loss(model, windows, micro, cpu, torch.float32, World(r, r, size)) for r in range(size)]
         assert sum(parts) == pytest.approx(whole, abs=1e-5)
 
 
