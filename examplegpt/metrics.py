@@ -60,6 +60,7 @@ class TrainingLog:
         self.window_start = time.perf_counter()
 
     def train_line(self, done: int, lr: float, loss: torch.Tensor, norm: torch.Tensor) -> None:
+        """`loss`: the mean train loss over the steps since the last line; `norm`: this step's gradient norm."""
         elapsed_total = time.perf_counter() - self.started
         if self.device.type == "cuda":
             torch.cuda.synchronize()
@@ -108,7 +109,7 @@ class MetricsLog:
             self.truncate_after(resume_step)
         elif self.path.exists():
             self.path.unlink()  # a fresh run starts a fresh log
-        self.wandb = start_wandb(project, config) if use_wandb else None
+        self.wandb = start_wandb(project, config, out_dir) if use_wandb else None
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop records of steps the resumed run will redo, so the history has no duplicates."""
@@ -128,8 +129,9 @@ class MetricsLog:
             self.wandb.finish()
 
 
-def start_wandb(project: str, config: dict):
-    """A wandb run, offline when there are no credentials; None (with one line) when wandb is missing."""
+def start_wandb(project: str, config: dict, out_dir: Path):
+    """A wandb run, writing into out_dir/wandb with the run's other files (not the current folder), offline
+    when there are no credentials; None (with one line) when wandb is missing."""
     try:
         import wandb
     except ImportError:
@@ -139,7 +141,7 @@ def start_wandb(project: str, config: dict):
         os.environ["WANDB_MODE"] = "offline"
         print("wandb: no credentials found, logging offline (sync later with `wandb sync`)", file=sys.stderr)
     try:
-        return wandb.init(project=project, config=config)
+        return wandb.init(project=project, config=config, dir=str(out_dir))
     except Exception as e:  # never let tracking stop training
         print(f"wandb could not start ({type(e).__name__}): going on without it", file=sys.stderr)
         return None

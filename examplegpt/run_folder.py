@@ -9,8 +9,11 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import shutil
+import time
 from pathlib import Path
 
+from .checkpoint import later_checkpoints
 from .errors import UserError
 
 
@@ -70,3 +73,29 @@ def remove_if_empty(folders: list[Path]) -> None:
     for folder in folders:
         with contextlib.suppress(OSError):
             folder.rmdir()
+
+
+def set_aside_abandoned_branch(out_dir: Path, position: tuple[int, int]) -> str | None:
+    """Resuming from a checkpoint that is not the newest goes back in time: the checkpoints past it (and the
+    gpt_model.pt they led to) belong to a branch the user abandoned, and a later `--resume auto` must not pick
+    them up. Move them into checkpoints/abandoned-<time>/, with a copy of that branch's metrics.jsonl and
+    loss.png (the run cuts its own back to `position`); the one line that says so, or None if there were none."""
+    later = later_checkpoints(out_dir, position)
+    if not later:
+        return None
+    folder = out_dir / "checkpoints" / f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}"
+    for n in range(2, 1000):  # two go-backs within a second
+        if not folder.exists():
+            break
+        folder = folder.with_name(f"{folder.name.split('.')[0]}.{n}")
+    folder.mkdir()
+    for checkpoint in later:
+        checkpoint.rename(folder / checkpoint.name)
+    moved = [f"{len(later)} later checkpoint{'s' if len(later) > 1 else ''}"]
+    if (out_dir / "gpt_model.pt").exists():
+        (out_dir / "gpt_model.pt").rename(folder / "gpt_model.pt")
+        moved.append("gpt_model.pt")
+    for name in ("metrics.jsonl", "loss.png"):
+        if (out_dir / name).exists():
+            shutil.copy2(out_dir / name, folder / name)
+    return f"resuming from an earlier checkpoint: moved the abandoned branch's {' and '.join(moved)} to {folder}"

@@ -23,11 +23,11 @@ import torch
 
 from .checkpoint import (
     CHECKPOINT_FORMAT,
+    Start,
     checkpoint_path,
     checkpoint_position,
-    load_checkpoint,
+    load_start,
     prune_checkpoints,
-    resolve_resume,
     rng_state,
     set_rng_state,
 )
@@ -41,6 +41,7 @@ from .distributed import (
     barrier,
     init_world,
     load_states,
+    mean_over_ranks,
     model_state,
     optimizer_state,
     shutdown,
@@ -52,28 +53,27 @@ from .metrics import MetricsLog, TrainingLog
 from .model import GPT
 from .optim import flops_per_token, lr_at, make_optimizer, set_learning_rates, warmup_warning
 from .reproducibility import make_cuda_deterministic
-from .run_folder import claim_out_dir
+from .run_folder import claim_out_dir, set_aside_abandoned_branch
 from .tokenizer import TOKENIZER_ID
-from .weights import atomic_torch_save, load_model, save_model_file
+from .weights import atomic_torch_save, save_model_file
 
 MAX_NONFINITE_IN_A_ROW = 3
 
 
-def train(model_cfg: GPTConfig, data_cfg: DataConfig, cfg: TrainConfig, resume_state: dict | None = None) -> int:
+def train(model_cfg: GPTConfig, data_cfg: DataConfig, cfg: TrainConfig, start: Start | None = None) -> int:
     """Run training as configured; returns the process exit status.
 
-    `resume_state` is the checkpoint cfg.resume names, when the caller has read it already (see
-    `load_resume_state`); otherwise it is read here."""
+    `start` is the checkpoint cfg.resume names or the model cfg.init_from names, when the caller has read
+    it already (see `load_start`: the CLI does, to apply its flags over a resumed run's settings)."""
     device = pick_device(cfg.device)
     if cfg.deterministic and device.type == "cuda":
         make_cuda_deterministic()
     world = init_world(device.type)
     try:
         with claim_out_dir(Path(cfg.out_dir)) if world.is_main else contextlib.nullcontext():
-            if resume_state is None:
-                resume_state = load_resume_state(cfg)
-            trainer = build_trainer(model_cfg, data_cfg, cfg, resume_state, world, device)
-            status = fit(trainer, resumed=resume_state is not None)
+            start = start or load_start(cfg.resume, cfg.init_from, cfg.out_dir)
+            trainer = build_trainer(model_cfg, data_cfg, cfg, start, world, device)
+            status = fit(trainer, resumed=start.resume_state is not None)
         barrier(world)  # ranks leave together: none tears the process group down while rank 0 still writes
     finally:
         shutdown(world)
@@ -83,6 +83,12 @@ def train(model_cfg: GPTConfig, data_cfg: DataConfig, cfg: TrainConfig, resume_s
 def fit(trainer: Trainer, resumed: bool) -> int:
     """The loop: step, log, evaluate, save, until the last step or a stop signal (which saves a checkpoint)."""
     cfg, total = trainer.cfg, trainer.total_steps
+    if trainer.steps_done == total and (trainer.out_dir / "gpt_model.pt").exists():
+        trainer.world.print(
+            f"the run was already complete ({total} steps): {trainer.out_dir / 'gpt_model.pt'} left as it is"
+            " (raise --max-steps or --num-epochs to train on)"
+        )
+        return 0
     with contextlib.ExitStack() as on_exit:  # the one way out: progress bar, metrics log, signals, on every path
         stop = StopFlag()
         on_exit.callback(stop.restore)
@@ -95,7 +101,7 @@ def fit(trainer: Trainer, resumed: bool) -> int:
             trainer.steps_done = done = step + 1
             log.step_done(finite=loss is not None)
             if loss is not None and (done % cfg.log_interval == 0 or done == total):
-                log.train_line(done, lr, loss, norm)
+                log.train_line(done, lr, trainer.mean_loss_since_log(), norm)
             if done % cfg.eval_interval == 0 or done == total:
                 log.val_line(done, validation_loss(trainer))
             if done % cfg.checkpoint_interval == 0 or done == total or stop.signal:
@@ -141,6 +147,8 @@ def train_step(trainer: Trainer, step: int, lr: float) -> tuple[torch.Tensor | N
             )
         return None, None
     trainer.nonfinite_in_a_row = 0
+    trainer.loss_since_log += loss
+    trainer.steps_since_log += 1
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
@@ -188,6 +196,7 @@ def sync_gradients(model: torch.nn.Module, world: World, fsdp: bool, last: bool)
 
 
 def training_log(trainer: Trainer, resumed: bool) -> TrainingLog:
+    """The run's progress bar and log; on rank 0 its metrics.jsonl too (cut back to the step resumed from)."""
     cfg = trainer.cfg
     metrics = None
     if trainer.world.is_main:
@@ -228,6 +237,11 @@ def save_checkpoint(trainer: Trainer) -> None:
         "batch_in_epoch": index,
         "rng": rng_state(trainer.device),
         "nonfinite_skips": trainer.nonfinite_skips,
+        # the logged train loss is a mean over the log interval: the part of it before this step
+        "loss_since_log": (
+            mean_over_ranks(trainer.loss_since_log.item(), world, trainer.device),
+            trainer.steps_since_log,
+        ),
         "tokenizer": TOKENIZER_ID,
         "world_size": world.size,
     }
@@ -269,43 +283,41 @@ class Trainer:
     total_steps: int
     flops_per_token: int  # training FLOPs per token, for the MFU figure
     peak_flops: float | None  # the device's peak FLOP/s, where known
+    loss_since_log: torch.Tensor  # () on the device: the sum of the losses of the finite steps since the last log line
+    steps_since_log: int = 0
     steps_done: int = 0
     nonfinite_skips: int = 0  # saved in checkpoints
     nonfinite_in_a_row: int = 0
+
+    def mean_loss_since_log(self) -> torch.Tensor:
+        """The train loss a log line reports: the mean over the steps since the last one (as Hugging Face's
+        Trainer logs it), less noisy than one step's loss."""
+        mean = self.loss_since_log / self.steps_since_log
+        self.loss_since_log, self.steps_since_log = torch.zeros((), device=self.device), 0
+        return mean
 
     @property
     def out_dir(self) -> Path:
         return Path(self.cfg.out_dir)
 
 
-def load_resume_state(cfg: TrainConfig) -> dict | None:
-    """The checkpoint that cfg.resume names ('auto': the newest in out_dir), or None for a fresh run.
-    The one place a run's checkpoint is read; the CLI calls it too, to start from the saved settings."""
-    if not cfg.resume:
-        return None
-    return load_checkpoint(resolve_resume(cfg.resume, cfg.out_dir))
-
-
 def build_trainer(
     model_cfg: GPTConfig,
     data_cfg: DataConfig,
     cfg: TrainConfig,
-    resume_state: dict | None,
+    start: Start,
     world: World,
     device: torch.device,
 ) -> Trainer:
     """The model, the data, the optimizer; then the checkpoint's state put back, when resuming."""
     device, dtype = set_up(cfg, world, device, model_cfg.d_model)
-    if resume_state is not None:
-        saved = resume_state["model_config"]
-        differ = [f"{k}={saved[k]} (this run: {v})" for k, v in asdict(model_cfg).items() if saved.get(k) != v]
-        if differ:
-            raise UserError(f"the checkpoint was trained with another model configuration: {', '.join(differ)}")
-        saved_optimizer = resume_state["config"]["train"].get("optimizer", "adamw")
+    start.check_model_shape(asdict(model_cfg))
+    if start.resume_state is not None:
+        saved_optimizer = start.resume_state["config"]["train"].get("optimizer", "adamw")
         if saved_optimizer != cfg.optimizer:
             raise UserError(f"the checkpoint was trained with --optimizer {saved_optimizer}: resume with that one")
     torch.manual_seed(cfg.seed)
-    model, model_cfg = initial_model(model_cfg, cfg, resume_state, world)
+    model = initial_model(model_cfg, start, world)
     loader, val_windows = training_data(data_cfg, cfg, model_cfg.max_seq_len, world)
     seq_len = model_cfg.max_seq_len
     model.to(device)
@@ -340,25 +352,21 @@ def build_trainer(
         total_steps=total_steps,
         flops_per_token=flops_per_token(model.num_parameters(False), model_cfg.num_layers, model_cfg.d_model, seq_len),
         peak_flops=peak_flops(device),
+        loss_since_log=torch.zeros((), device=device),
     )
-    if resume_state is not None:
-        restore(trainer, resume_state)
+    if start.resume_state is not None:
+        restore(trainer, start)
     announce(trainer)
     return trainer
 
 
-def initial_model(
-    model_cfg: GPTConfig, cfg: TrainConfig, resume_state: dict | None, world: World
-) -> tuple[GPT, GPTConfig]:
-    """A fresh model (random, or the --init-from weights) and its configuration; a checkpoint's state comes later."""
-    if cfg.init_from and resume_state is None:
-        pretrained = load_model(cfg.init_from)
-        model_cfg = GPTConfig(**{**asdict(pretrained.config), "dropout": model_cfg.dropout})
-        model = GPT(model_cfg)
-        model.load_state_dict(pretrained.state_dict())
-        world.print(f"initialised from {cfg.init_from} (optimizer fresh)")
-        return model, model_cfg
-    return GPT(model_cfg), model_cfg
+def initial_model(model_cfg: GPTConfig, start: Start, world: World) -> GPT:
+    """A fresh model: random, or the --init-from weights (a checkpoint's state comes later, in `restore`)."""
+    model = GPT(model_cfg)
+    if start.pretrained is not None:
+        model.load_state_dict(start.pretrained.state_dict())
+        world.print(f"initialised from {start.init_from} (optimizer fresh)")
+    return model
 
 
 def training_data(
@@ -385,15 +393,29 @@ def set_up(cfg: TrainConfig, world: World, device: torch.device, d_model: int) -
     return device, pick_dtype(cfg.precision, device, cfg.use_amp, d_model)
 
 
-def restore(trainer: Trainer, resume_state: dict) -> None:
-    """Put the checkpoint's weights, optimizer, scaler, RNG and counters back."""
+def restore(trainer: Trainer, start: Start) -> None:
+    """Put the checkpoint's weights, optimizer, scaler, RNG and counters back; set aside the checkpoints of a
+    branch this resume abandons, and say if the learning-rate schedule changed."""
+    resume_state, world = start.resume_state, trainer.world
+    steps_done = resume_state["step"]
+    if steps_done > trainer.total_steps:
+        raise UserError(
+            f"the checkpoint is at step {steps_done}, past the {trainer.total_steps} steps of this run:"
+            " raise --max-steps or --num-epochs, or resume an earlier checkpoint"
+        )
+    position = checkpoint_position(steps_done, trainer.loader.batches_per_epoch)
+    if world.is_main and (moved := set_aside_abandoned_branch(trainer.out_dir, position)):
+        print(moved)
+    if world.is_main and (changed := start.schedule_changes(trainer.cfg)):
+        print(f"warning: {changed}", file=sys.stderr)
     load_states(trainer.model, trainer.optimizer, resume_state, trainer.world, trainer.cfg.fsdp)
     trainer.scaler.load_state_dict(resume_state["scaler"])
     set_rng_state(resume_state["rng"], trainer.device)
-    trainer.steps_done = resume_state["step"]
+    trainer.steps_done = steps_done
     trainer.nonfinite_skips = resume_state.get("nonfinite_skips", 0)
-    epoch, batch = checkpoint_position(trainer.steps_done, trainer.loader.batches_per_epoch)
-    trainer.world.print(f"resumed from step {trainer.steps_done} (epoch {epoch}, batch {batch})")
+    loss_sum, trainer.steps_since_log = resume_state.get("loss_since_log", (0.0, 0))
+    trainer.loss_since_log = torch.tensor(loss_sum, device=trainer.device)
+    world.print(f"resumed from step {steps_done} (epoch {position[0]}, batch {position[1]})")
 
 
 def announce(trainer: Trainer) -> None:
