@@ -13,6 +13,7 @@ import inspect
 import re
 import sys
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 
 from .config import (
@@ -27,6 +28,7 @@ from .config import (
     ServeConfig,
     TrainConfig,
     build,
+    check_type,
     field_docs,
 )
 from .errors import UserError
@@ -174,8 +176,12 @@ def read_config_file(path: str) -> dict:
     return flat
 
 
-def resolve(args: argparse.Namespace, classes: dict[str, type], base: dict | None = None) -> dict[str, object]:
-    """Each config of a command from defaults < preset (or `base`, a saved run's config) < config file < flags."""
+def resolve(
+    args: argparse.Namespace, classes: dict[str, type], base: dict | None = None, check: Callable | None = None
+) -> dict[str, object]:
+    """Each config of a command from defaults < preset (or `base`, a saved run's config) < config file < flags.
+    `check(name, values)` sees each config's values before they are validated (train: the shape a resumed
+    checkpoint or an --init-from model fixes)."""
     given = {k: v for k, v in vars(args).items() if k not in ("run", "command", "config", "preset")}
     from_file = read_config_file(args.config) if getattr(args, "config", None) else {}
     from_file = {RENAMED.get(k, k): v for k, v in from_file.items()}  # earlier names of settings still read
@@ -196,27 +202,40 @@ def resolve(args: argparse.Namespace, classes: dict[str, type], base: dict | Non
             values.update(PRESETS[args.preset])
         values.update({k: v for k, v in from_file.items() if k in names})
         values.update({k: v for k, v in given.items() if k in names})
+        if check:
+            check(name, values)
         resolved[name] = build(cls, values)
     return resolved
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from .checkpoint import load_start
     from .distributed import exit_without_teardown, torchrun_world_size
-    from .train import load_resume_state, train
+    from .train import train
 
-    classes = {"model": GPTConfig, "data": DataConfig, "train": TrainConfig}
-    configs = resolve(args, classes)
-    resume_state = load_resume_state(configs["train"])
-    if resume_state is not None:
-        # A resumed run starts from the settings saved in its checkpoint; file and flags still win.
-        saved = resume_state["config"]
-        dropped = ("resume", "init_from", "eval_batches")  # eval_batches: older runs' name, now eval_windows
-        saved["train"] = {k: v for k, v in saved["train"].items() if k not in dropped}
-        configs = resolve(args, classes, base=saved)
-    status = train(configs["model"], configs["data"], configs["train"], resume_state)
+    # What the run starts from is read first: a resumed run's saved settings (or an --init-from model's
+    # shape) are the base that the config file and the flags apply to.
+    start = load_start(*(given_setting(args, TrainConfig, name) for name in ("resume", "init_from", "out_dir")))
+    configs = resolve(
+        args,
+        {"model": GPTConfig, "data": DataConfig, "train": TrainConfig},
+        base=start.base_config(),
+        check=start.check,
+    )
+    status = train(configs["model"], configs["data"], configs["train"], start)
     if torchrun_world_size() > 1:  # a torchrun worker whose run is over: see exit_without_teardown
         exit_without_teardown(status)
     return status
+
+
+def given_setting(args: argparse.Namespace, cls: type, name: str) -> object:
+    """One setting as the flags, else the config file, else its default give it, before the others are resolved."""
+    if name in vars(args):
+        return vars(args)[name]
+    field = next(f for f in dataclasses.fields(cls) if f.name == name)
+    value = read_config_file(args.config).get(name, field.default) if getattr(args, "config", None) else field.default
+    check_type(name, value, field.type)
+    return value
 
 
 def run_plot(args: argparse.Namespace) -> int:

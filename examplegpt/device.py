@@ -1,4 +1,4 @@
-"""Choosing the device and the number format a run computes in."""
+"""Choosing the device, the number format a run computes in, and the micro-batch that fits."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import torch
 import torch.nn as nn
 
 from .errors import UserError
+
+CPU_MICRO_BATCH = 8  # on CPU, larger micro-batches do not raise throughput, only memory
 
 
 def pick_device(name: str) -> torch.device:
@@ -132,3 +134,24 @@ def peak_flops(device: torch.device) -> float | None:
         if model in name:
             return flops
     return None
+
+
+def find_micro_batch(
+    model: torch.nn.Module, per_rank: int, seq_len: int, device: torch.device, dtype: torch.dtype
+) -> int:
+    """The largest micro-batch dividing `per_rank` whose forward + backward fits in GPU memory."""
+    candidates = [b for b in range(per_rank, 0, -1) if per_rank % b == 0]
+    if device.type != "cuda":
+        return next(b for b in candidates if b <= CPU_MICRO_BATCH)
+    for b in candidates:
+        try:
+            x = torch.zeros(b, seq_len, dtype=torch.long, device=device)
+            with autocast(device, dtype):
+                _, loss = model(x, x)
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+            return b
+        except torch.cuda.OutOfMemoryError:
+            model.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+    raise UserError(f"even a micro-batch of 1 sequence of {seq_len} tokens does not fit in GPU memory")

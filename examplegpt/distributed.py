@@ -1,4 +1,5 @@
-"""Scale and speed applied from outside the model: torchrun process groups, DDP, FSDP2, activation checkpointing.
+"""Scale and speed applied from outside the model: torchrun process groups, DDP, FSDP2, activation checkpointing,
+and the full (unsharded) state dicts that checkpoints save under FSDP.
 
 `model.py` stays a plain single-device module; these functions wrap it.
 """
@@ -16,6 +17,7 @@ import torch.distributed as dist
 import torch.utils.checkpoint
 
 from .model import GPT
+from .optim import torch_optimizers
 
 
 @dataclass
@@ -32,6 +34,9 @@ class World:
         """Print on rank 0 only."""
         if self.is_main:
             print(*args, **kwargs)
+
+
+SINGLE_PROCESS = World()
 
 
 def torchrun_world_size() -> int:
@@ -88,6 +93,43 @@ def wrap_data_parallel(model: GPT, world: World, device: torch.device, fsdp: boo
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def model_state(model: GPT, world: World, fsdp: bool) -> dict:
+    """The model's full state dict (under FSDP gathered from every rank: a collective, every rank calls it)."""
+    if fsdp and world.size > 1:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return model.state_dict()
+
+
+def optimizer_state(model: GPT, optimizer: torch.optim.Optimizer, world: World, fsdp: bool) -> dict:
+    """The optimizer's full state dict (a collective under FSDP, as `model_state`)."""
+    if fsdp and world.size > 1:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(
+            model, torch_optimizers(optimizer), options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+    return optimizer.state_dict()
+
+
+def load_states(model: GPT, optimizer: torch.optim.Optimizer, state: dict, world: World, fsdp: bool) -> None:
+    """Put a checkpoint's full model and optimizer state back (under FSDP each rank keeps its shard)."""
+    if fsdp and world.size > 1:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        set_state_dict(
+            model,
+            torch_optimizers(optimizer),
+            model_state_dict=state["model"],
+            optim_state_dict=state["optimizer"],
+            options=StateDictOptions(full_state_dict=True),
+        )
+    else:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
 
 
 def exit_without_teardown(status: int) -> NoReturn:

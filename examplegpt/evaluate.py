@@ -10,6 +10,9 @@ What is scored is the text and only the text: every token of it exactly once, th
 the next document, never a target (it is not in the text, and where a document ends is not
 something the text says).
 
+Training's validation loss is scored here too (`validation_windows`, `evaluate_loss`): a fixed, seeded
+set of whole windows, the same for every run, so that the val losses of any two runs compare.
+
 Reported: the mean loss per token and its perplexity; for corpora with known text, the word-level
 perplexity exp(total NLL / words), where words are the whitespace-separated words of the text (the
 convention of GPT-2's zero-shot WikiText-103 figure, 37.50 for the 117M model), and bits per byte.
@@ -32,10 +35,11 @@ from tqdm import tqdm
 
 from .config import DataConfig, EvaluateConfig
 from .cpu_inference import fast_cpu_inference, packing_report
-from .data import check_cache, open_split, prepare, tokenize_local_text
-from .device import pick_device, prepare_for_inference
+from .data import HOLDOUT_SEED, check_cache, open_split, prepare, tokenize_local_text
+from .device import autocast, pick_device, prepare_for_inference
+from .distributed import SINGLE_PROCESS, World, mean_over_ranks
 from .errors import UserError
-from .loss import CHUNK_ROWS, loss_and_gradients
+from .loss import CHUNK_ROWS, IGNORE_INDEX, loss_and_gradients
 from .model import GPT
 from .tokenizer import EOT_ID, TOKENIZER_ID
 from .weights import load_model, model_from_state, read_torch_file
@@ -122,6 +126,49 @@ def sliding_window_nll(
             total += F.cross_entropy(logits.float(), y[scored], reduction="sum").item()
         count += int(scored.sum())
     return total, count
+
+
+def validation_windows(tokens: np.ndarray, seq_len: int, count: int) -> np.ndarray:
+    """The validation set: `count` non-overlapping windows of seq_len + 1 tokens (all of them if the split
+    has fewer), chosen by a fixed seed: (N, seq_len + 1). It depends on nothing else (not the micro-batch,
+    the number of processes or the device), so val losses of any two runs are comparable."""
+    available = (len(tokens) - 1) // seq_len
+    if available < 1:
+        raise UserError(f"the validation split has {len(tokens):,} tokens: fewer than one window of {seq_len + 1}")
+    chosen = np.random.default_rng(HOLDOUT_SEED).permutation(available)[:count]
+    return np.stack([tokens[w * seq_len : w * seq_len + seq_len + 1] for w in chosen]).astype(np.int64)
+
+
+@torch.no_grad()
+def evaluate_loss(
+    model: torch.nn.Module,
+    windows: np.ndarray,
+    micro: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    world: World = SINGLE_PROCESS,
+) -> float:
+    """Mean loss per token over `windows` (N, T + 1). Each rank scores every world.size-th window.
+
+    Every forward pass has `micro` rows and every rank runs as many (FSDP's passes are collective): shares
+    are padded with windows whose targets are all ignored."""
+    share = windows[world.rank :: world.size]  # (n, T + 1)
+    largest_share = -(-len(windows) // world.size)
+    rows = -(-largest_share // micro) * micro
+    padded = np.concatenate([share, np.repeat(windows[:1], rows - len(share), axis=0)])  # (rows, T + 1)
+    x = torch.from_numpy(padded[:, :-1])
+    y = torch.from_numpy(padded[:, 1:]).clone()
+    y[len(share) :] = IGNORE_INDEX
+    model.eval()
+    total = 0.0  # sum of per-window mean losses: every real window has T targets
+    for start in range(0, rows, micro):
+        with autocast(device, dtype):
+            _, loss = model(x[start : start + micro].to(device), y[start : start + micro].to(device))
+        real = min(len(share), start + micro) - start  # windows of this rank's share in this pass
+        if real > 0:
+            total += loss.item() * real
+    model.train()
+    return mean_over_ranks(total, world, device) * world.size / len(windows)
 
 
 def load_for_eval(path: str) -> GPT:

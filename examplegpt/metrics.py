@@ -1,11 +1,103 @@
-"""What a run records: metrics.jsonl, the loss.png plot, and (optionally) Weights & Biases."""
+"""What a run records: the console lines and progress bar, metrics.jsonl, the loss.png plot, and (optionally)
+Weights & Biases."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
+import time
 from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .distributed import World, mean_over_ranks
+
+
+class TrainingLog:
+    """What training reports: the progress bar; every log interval a console line and a metrics record (loss,
+    LR, gradient norm, tokens/s, and MFU where the device's peak is known); every evaluation a line, a record
+    and the loss plot redrawn. Only rank 0 writes; `metrics` is None on the others."""
+
+    def __init__(
+        self,
+        metrics: MetricsLog | None,
+        world: World,
+        device: torch.device,
+        *,
+        steps: tuple[int, int],
+        tokens_per_step: int,
+        batches_per_epoch: int,
+        flops_per_token: int,
+        peak_flops: float | None,
+    ) -> None:
+        self.metrics, self.world, self.device = metrics, world, device
+        (steps_done, self.total_steps), self.tokens_per_step = steps, tokens_per_step
+        self.batches_per_epoch, self.flops_per_token, self.peak_flops = batches_per_epoch, flops_per_token, peak_flops
+        self.bar = tqdm(
+            total=self.total_steps, initial=steps_done, unit="step", disable=not (world.is_main and sys.stderr.isatty())
+        )
+        self.started = self.window_start = time.perf_counter()
+        self.window_tokens = 0  # throughput is measured over the steps since the last log line
+
+    def __enter__(self) -> TrainingLog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+        self.bar.close()
+
+    def step_done(self, finite: bool) -> None:
+        self.bar.update(1)
+        if finite:
+            self.window_tokens += self.tokens_per_step
+
+    def restart_clock(self) -> None:
+        """Leave what just happened (an evaluation, a checkpoint) out of the throughput."""
+        self.window_start = time.perf_counter()
+
+    def train_line(self, done: int, lr: float, loss: torch.Tensor, norm: torch.Tensor) -> None:
+        """`loss`: the mean train loss over the steps since the last line; `norm`: this step's gradient norm."""
+        elapsed_total = time.perf_counter() - self.started
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - self.window_start
+        train_loss = mean_over_ranks(loss.item(), self.world, self.device)
+        tokens_per_sec = self.window_tokens / elapsed
+        record = dict(
+            step=done,
+            epoch=(done - 1) // self.batches_per_epoch + 1,
+            train_loss=train_loss,
+            lr=lr,
+            grad_norm=norm.item(),
+            tokens_per_sec=tokens_per_sec,
+            elapsed=elapsed_total,
+        )
+        mfu = ""
+        if self.peak_flops:
+            record["mfu"] = tokens_per_sec * self.flops_per_token / (self.peak_flops * self.world.size)
+            mfu = f" | mfu {record['mfu']:.1%}"
+        step_ms = elapsed / (self.window_tokens / self.tokens_per_step) * 1000
+        line = (
+            f"step {done}/{self.total_steps} | loss {train_loss:.4f} | lr {lr:.2e} | norm {norm.item():.2f}"
+            f" | dt {step_ms:.0f}ms | tok/s {tokens_per_sec:,.0f}{mfu}"
+        )
+        self.bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tokens_per_sec:,.0f}")
+        if self.world.is_main:
+            (self.bar.write if not self.bar.disable else print)(line)
+            self.metrics.log(record)
+        self.window_start, self.window_tokens = time.perf_counter(), 0
+
+    def val_line(self, done: int, val_loss: float) -> None:
+        val_ppl = math.exp(min(val_loss, 50))
+        self.world.print(f"step {done}: val loss {val_loss:.4f} | val ppl {val_ppl:.2f}")
+        if self.world.is_main:
+            epoch = (done - 1) // self.batches_per_epoch + 1
+            self.metrics.log(dict(step=done, epoch=epoch, val_loss=val_loss, val_ppl=val_ppl))
+            plot_runs([self.metrics.path.parent], self.metrics.path.parent / "loss.png")
 
 
 class MetricsLog:
@@ -17,7 +109,7 @@ class MetricsLog:
             self.truncate_after(resume_step)
         elif self.path.exists():
             self.path.unlink()  # a fresh run starts a fresh log
-        self.wandb = start_wandb(project, config) if use_wandb else None
+        self.wandb = start_wandb(project, config, out_dir) if use_wandb else None
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop records of steps the resumed run will redo, so the history has no duplicates."""
@@ -37,8 +129,9 @@ class MetricsLog:
             self.wandb.finish()
 
 
-def start_wandb(project: str, config: dict):
-    """A wandb run, offline when there are no credentials; None (with one line) when wandb is missing."""
+def start_wandb(project: str, config: dict, out_dir: Path):
+    """A wandb run, writing into out_dir/wandb with the run's other files (not the current folder), offline
+    when there are no credentials; None (with one line) when wandb is missing."""
     try:
         import wandb
     except ImportError:
@@ -48,7 +141,7 @@ def start_wandb(project: str, config: dict):
         os.environ["WANDB_MODE"] = "offline"
         print("wandb: no credentials found, logging offline (sync later with `wandb sync`)", file=sys.stderr)
     try:
-        return wandb.init(project=project, config=config)
+        return wandb.init(project=project, config=config, dir=str(out_dir))
     except Exception as e:  # never let tracking stop training
         print(f"wandb could not start ({type(e).__name__}): going on without it", file=sys.stderr)
         return None

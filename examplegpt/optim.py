@@ -36,6 +36,21 @@ def lr_at(step: int, peak_lr: float, warmup_steps: int, total_steps: int, min_lr
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (peak_lr - min_lr)
 
 
+def warmup_warning(peak_lr: float, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> str | None:
+    """What a run whose warmup is as long as the run or longer should be told at start (None: nothing)."""
+    if warmup_steps < total_steps:
+        return None
+    if warmup_steps > total_steps:
+        last_lr = lr_at(total_steps - 1, peak_lr, warmup_steps, total_steps, min_lr_ratio)
+        outcome = f"never reaches {peak_lr:g} (it ends at {last_lr:.2e})"
+    else:
+        outcome = f"reaches {peak_lr:g} only at the last step and never decays"
+    return (
+        f"the run has {total_steps} steps and warmup_steps is {warmup_steps}: the learning rate {outcome};"
+        " lower --warmup-steps"
+    )
+
+
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Decay the 2-D weights (matmuls, embeddings); never biases or LayerNorm parameters."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]

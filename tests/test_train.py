@@ -18,7 +18,16 @@ from examplegpt.optim import lr_at, parameter_groups
 from examplegpt.train import accumulate_gradients
 from examplegpt.weights import read_torch_file
 
-from .conftest import REPO, assert_one_line_error, final_weights, losses, run_cli, tiny_config, train_args
+from .conftest import (
+    MICRO_MODEL,
+    REPO,
+    assert_one_line_error,
+    final_weights,
+    losses,
+    run_cli,
+    tiny_config,
+    train_args,
+)
 
 
 def test_lr_schedule_warms_up_then_decays_to_the_floor():
@@ -161,7 +170,8 @@ def test_wandb_offline_run_logs_without_credentials(corpus, tmp_path):
     out = tmp_path / "run"
     proc = run_cli(*train_args(corpus, out, "--max-steps", "2", "--wandb"), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert list((tmp_path / "wandb").glob("offline-run-*"))
+    assert list((out / "wandb").glob("offline-run-*"))  # with the run's other files
+    assert not (tmp_path / "wandb").exists()  # not in the current folder
 
 
 @pytest.mark.parametrize(
@@ -186,9 +196,15 @@ def test_out_dir_that_cannot_be_written_is_one_line(cli, corpus, tmp_path):
     assert_one_line_error(proc, "cannot write to the output folder")
 
 
+def without_shape_flags(args: list[str]) -> list[str]:
+    """train_args less MICRO_MODEL's shape flags: the --init-from model sets the shape."""
+    shape = {i for i, a in enumerate(args) if a in MICRO_MODEL[::2]}
+    return [a for i, a in enumerate(args) if i not in shape and i - 1 not in shape]
+
+
 def test_fine_tune_from_a_hugging_face_folder(corpus, tmp_path, hf_dir):
     out = tmp_path / "run"
-    proc = run_cli(*train_args(corpus, out, "--max-steps", "2", "--init-from", str(hf_dir)))
+    proc = run_cli(*without_shape_flags(train_args(corpus, out, "--max-steps", "2", "--init-from", str(hf_dir))))
     assert proc.returncode == 0, proc.stderr
     assert "initialised from" in proc.stdout
     assert read_torch_file(out / "gpt_model.pt")["model_config"]["d_model"] == 64  # the HF model's shape
@@ -295,19 +311,21 @@ def test_validation_loss_does_not_depend_on_the_micro_batch(corpus, tmp_path):
 
 def test_validation_loss_does_not_depend_on_the_number_of_processes(monkeypatch):
     """Each rank scores its share (padded to equal forward passes); the shares add up to the whole set."""
-    from examplegpt import train
+    from examplegpt import evaluate
     from examplegpt.distributed import World
 
     torch.manual_seed(0)
     model = GPT(tiny_config(max_seq_len=16))
     tokens = torch.randint(0, 50257, (16 * 40 + 1,)).numpy()
-    windows = train.validation_windows(tokens, 16, 11)
-    assert windows.shape == (11, 17) and (windows == train.validation_windows(tokens, 16, 11)).all()
+    windows = evaluate.validation_windows(tokens, 16, 11)
+    assert windows.shape == (11, 17) and (windows == evaluate.validation_windows(tokens, 16, 11)).all()
     cpu = torch.device("cpu")
-    whole = train.evaluate_loss(model, windows, 11, cpu, torch.float32)
-    monkeypatch.setattr(train, "mean_over_ranks", lambda value, world, device: value / world.size)
+    whole = evaluate.evaluate_loss(model, windows, 11, cpu, torch.float32)
+    monkeypatch.setattr(evaluate, "mean_over_ranks", lambda value, world, device: value / world.size)
     for size, micro in [(1, 3), (2, 2), (3, 4), (4, 1)]:  # without all_reduce: each rank's part of the mean
-        parts = [train.evaluate_loss(model, windows, micro, cpu, torch.float32, World(r, r, size)) for r in range(size)]
+        parts = [
+            evaluate.evaluate_loss(model, windows, micro, cpu, torch.float32, World(r, r, size)) for r in range(size)
+        ]
         assert sum(parts) == pytest.approx(whole, abs=1e-5)
 
 
@@ -414,3 +432,59 @@ def test_a_refused_start_leaves_nothing_and_a_run_leaves_no_lock(corpus, tmp_pat
     out = tmp_path / "ok"
     assert main(train_args(corpus, out, "--max-steps", "1")) == 0
     assert not list(out.rglob(".lock"))
+
+
+# --- issue 25: runs that never mix timelines; what users read in the logs ------------------------------
+
+
+def test_shape_flags_that_conflict_with_the_init_from_model_are_one_line(cli, corpus, tmp_path, hf_dir):
+    init = ["--init-from", str(hf_dir)]  # 64 wide, 4 heads
+    proc = cli(*train_args(corpus, tmp_path / "run", *init))  # MICRO_MODEL asks for 32 wide, 2 heads
+    assert_one_line_error(proc, str(hf_dir), "d_model=64 (this run: 32)", "num_heads=4 (this run: 2)")
+    proc = cli(*without_shape_flags(train_args(corpus, tmp_path / "run", *init)), "--d-model", "66")
+    assert_one_line_error(proc, "d_model=64 (this run: 66)")  # not "must be divisible by num_heads (12)"
+    assert not (tmp_path / "run").exists()
+
+
+def test_shape_flags_that_conflict_with_the_resumed_checkpoint_name_both_values(cli, corpus, tmp_path):
+    out = tmp_path / "run"
+    assert cli(*train_args(corpus, out, "--max-steps", "2")).returncode == 0  # 32 wide, 2 heads
+    proc = cli(*train_args(corpus, out, "--max-steps", "4", "--resume", "--num-heads", "3"))
+    assert_one_line_error(proc, "another model configuration", "num_heads=2 (this run: 3)")
+
+
+def test_init_from_with_resume_is_refused_in_one_line(cli, corpus, tmp_path):
+    out = tmp_path / "run"
+    assert cli(*train_args(corpus, out, "--max-steps", "2")).returncode == 0
+    proc = cli(*train_args(corpus, out, "--max-steps", "4", "--resume", "--init-from", str(out / "gpt_model.pt")))
+    assert_one_line_error(proc, "--init-from", "--resume", "one of the two")
+
+
+@pytest.mark.slow
+def test_resuming_says_what_changed_of_the_schedule_and_a_finished_run_is_left_alone(cli, corpus, tmp_path):
+    out = tmp_path / "run"
+    run = train_args(corpus, out, "--checkpoint-interval", "2", "--warmup-steps", "1")
+    assert cli(*run, "--max-steps", "4").returncode == 0
+    model, metrics = (out / "gpt_model.pt").read_bytes(), (out / "metrics.jsonl").read_text()
+    finished = cli(*run, "--max-steps", "4", "--resume")
+    assert finished.returncode == 0, finished.stderr
+    assert "already complete" in finished.stdout and "done:" not in finished.stdout
+    assert (out / "gpt_model.pt").read_bytes() == model and (out / "metrics.jsonl").read_text() == metrics
+    longer = cli(*run, "--max-steps", "6", "--learning-rate", "1e-3", "--resume")
+    assert longer.returncode == 0, longer.stderr
+    (changed,) = [line for line in longer.stderr.splitlines() if "schedule" in line]
+    assert "max_steps 4 -> 6" in changed and "learning_rate 0.003 -> 0.001" in changed
+    assert "warmup" not in changed  # only what changed is named
+    assert (out / "gpt_model.pt").read_bytes() != model
+
+
+@pytest.mark.slow
+def test_the_logged_train_loss_is_the_mean_over_the_log_interval(cli, corpus, tmp_path):
+    every = tmp_path / "every"
+    assert cli(*train_args(corpus, every, "--max-steps", "5", "--log-interval", "1")).returncode == 0
+    per_step = {s: loss for s, loss, _ in losses(every) if loss is not None}
+    mean = tmp_path / "mean"
+    assert cli(*train_args(corpus, mean, "--max-steps", "5", "--log-interval", "2")).returncode == 0
+    logged = {s: loss for s, loss, _ in losses(mean) if loss is not None}
+    assert logged == pytest.approx({2: (per_step[1] + per_step[2]) / 2, 4: (per_step[3] + per_step[4]) / 2,
+                                    5: per_step[5]}, rel=1e-6)  # fmt: skip

@@ -1,0 +1,81 @@
+"""Checkpoints: names and positions, finding the newest and the later ones, pruning, and where a run starts."""
+
+import pytest
+import torch
+
+from examplegpt.checkpoint import (
+    Start,
+    checkpoint_path,
+    checkpoint_position,
+    later_checkpoints,
+    list_checkpoints,
+    load_checkpoint,
+    load_start,
+    prune_checkpoints,
+    resolve_resume,
+)
+from examplegpt.config import GPTConfig, TrainConfig
+from examplegpt.errors import UserError
+from examplegpt.model import GPT
+
+from .conftest import tiny_config
+
+
+def touch_checkpoints(out_dir, positions):
+    for epoch, batch in positions:
+        path = checkpoint_path(out_dir, epoch, batch)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"")
+
+
+@pytest.mark.parametrize("steps, position", [(1, (1, 1)), (10, (1, 10)), (11, (2, 1)), (20, (2, 10))])
+def test_the_last_batch_of_an_epoch_is_named_in_that_epoch(steps, position):
+    assert checkpoint_position(steps, batches_per_epoch=10) == position
+
+
+def test_checkpoints_are_ordered_by_epoch_then_batch_not_by_name(tmp_path):
+    touch_checkpoints(tmp_path, [(1, 10), (2, 2), (1, 9), (10, 1)])
+    (tmp_path / "checkpoints" / "abandoned-1").mkdir()  # a folder set aside is never a checkpoint
+    names = [p.name for p in list_checkpoints(tmp_path)]
+    assert names == [f"checkpoint_epoch{e}_batch{b}.pt" for e, b in [(1, 9), (1, 10), (2, 2), (10, 1)]]
+    assert resolve_resume("auto", tmp_path).name == "checkpoint_epoch10_batch1.pt"
+    assert [p.name for p in later_checkpoints(tmp_path, (1, 10))] == names[2:]
+    prune_checkpoints(tmp_path, keep_last=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == names[2:]
+
+
+def test_resume_auto_without_checkpoints_and_a_model_file_are_refused(tmp_path):
+    with pytest.raises(UserError, match="no checkpoint"):
+        resolve_resume("auto", tmp_path)
+    torch.save({"model": {}, "model_config": {}}, tmp_path / "gpt_model.pt")
+    with pytest.raises(UserError, match="model file, not a training checkpoint"):
+        load_checkpoint(tmp_path / "gpt_model.pt")
+
+
+def test_init_from_and_resume_together_are_refused(tmp_path):
+    with pytest.raises(UserError, match="pass one of the two"):
+        load_start("auto", str(tmp_path / "gpt_model.pt"), tmp_path)
+    assert load_start(None, None, tmp_path).base_config() is None
+
+
+def test_an_init_from_model_fixes_every_shape_setting_but_dropout():
+    start = Start(pretrained=GPT(tiny_config()), init_from="hf")
+    assert start.base_config()["model"]["num_heads"] == 4 and "dropout" not in start.base_config()["model"]
+    start.check_model_shape({**start.base_config()["model"], "dropout": 0.1})
+    with pytest.raises(UserError) as refused:
+        start.check_model_shape({**start.base_config()["model"], "d_model": 32, "num_heads": 2})
+    assert "d_model=64 (this run: 32), num_heads=4 (this run: 2)" in str(refused.value)
+
+
+def resume_state(**train):
+    return {"model_config": {**vars(GPTConfig())}, "config": {"train": {**vars(TrainConfig()), **train}}}
+
+
+def test_a_resumed_run_names_what_it_changes_of_the_schedule():
+    start = Start(resume_state=resume_state(max_steps=40, resume=None, init_from="x"))
+    assert "resume" not in start.base_config()["train"] and "init_from" not in start.base_config()["train"]
+    assert start.schedule_changes(TrainConfig(max_steps=40)) is None
+    changed = start.schedule_changes(TrainConfig(max_steps=60, learning_rate=2e-4))
+    assert "max_steps 40 -> 60" in changed and "learning_rate 0.0001 -> 0.0002" in changed
+    with pytest.raises(UserError, match="another model configuration: num_heads=12"):
+        start.check_model_shape({**vars(GPTConfig()), "num_heads": 6})
