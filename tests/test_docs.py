@@ -11,10 +11,12 @@ takes minutes: skipped unless EXAMPLEGPT_DOCTEST_SLOW=1, so no quick block may d
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tomllib
@@ -80,7 +82,9 @@ def repository_copy(destination: Path) -> Path:
         ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO, capture_output=True
     )
     if listed.returncode != 0:  # not a git checkout (an unpacked archive): copy what is there
-        shutil.copytree(REPO, destination, ignore=shutil.ignore_patterns(".git", ".venv", "runs", "data", "__pycache__"))
+        shutil.copytree(
+            REPO, destination, ignore=shutil.ignore_patterns(".git", ".venv", "runs", "data", "__pycache__")
+        )
         return destination
     for name in listed.stdout.decode().split("\0"):
         source = REPO / name
@@ -96,8 +100,21 @@ def run_block(block: Block, cwd: Path) -> subprocess.CompletedProcess:
         command = [sys.executable, "-c", block.code]
     else:
         command = ["bash", "-euo", "pipefail", "-c", block.code]
-    timeout = 3600 if block.slow else 600
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    # Generous: a shared 2-core machine can run a one-minute block ten times slower. A session of its own,
+    # so that a block that overruns is ended with everything it started (a server, a training run).
+    timeout = 7200 if block.slow else 1800
+    with subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as proc:  # fmt: skip
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            err += f"\n(ran past {timeout} s and was killed)"
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # whatever the block left running in the background
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
 
 
 def documents_with_runnable_blocks() -> list[Path]:
@@ -126,7 +143,9 @@ def test_runnable_blocks_exit_zero(path, tmp_path):
         if not block.runnable or (block.slow and not RUN_SLOW):
             continue
         proc = run_block(block, clone)
-        assert proc.returncode == 0, f"{block} exited {proc.returncode}\n{block.code}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        assert proc.returncode == 0, (
+            f"{block} exited {proc.returncode}\n{block.code}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
         ran += 1
     if ran == 0:
         pytest.skip("only slow blocks here (EXAMPLEGPT_DOCTEST_SLOW=1 runs them)")
@@ -141,7 +160,12 @@ def test_the_doctest_runner_reads_markers(tmp_path):
         "````markdown\n```bash\nnested\n```\n````\n"
     )
     blocks = code_blocks(page)
-    assert [(b.line, b.runnable, b.slow) for b in blocks] == [(3, True, False), (8, True, True), (14, False, False), (17, False, False)]
+    assert [(b.line, b.runnable, b.slow) for b in blocks] == [
+        (3, True, False),
+        (8, True, True),
+        (14, False, False),
+        (17, False, False),
+    ]
     assert run_block(blocks[0], tmp_path).stdout == "one\n"
     assert run_block(Block(page, 1, "bash", "false\necho after\n", True, False), tmp_path).returncode != 0
 
@@ -155,7 +179,10 @@ HEADING = re.compile(r"^(#{1,6})\s+(?P<title>.+?)\s*#*\s*$")
 
 def markdown_files() -> list[Path]:
     listed = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "*.md"], cwd=REPO, capture_output=True, text=True
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "*.md"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
     )
     names = listed.stdout.split() if listed.returncode == 0 else [str(p.relative_to(REPO)) for p in REPO.rglob("*.md")]
     return [REPO / name for name in names if (REPO / name).is_file() and not name.startswith((".venv/", "build/"))]
@@ -202,7 +229,8 @@ def broken_links(path: Path) -> list[str]:
     for number, line in prose_lines(path):
         for match in [*LINK.finditer(line), *HTML_LINK.finditer(line)]:
             target = match["target"]
-            if re.match(r"^[a-z][a-z0-9+.-]*:", target, re.IGNORECASE):  # http:, https:, mailto: are not checked offline
+            # http:, https:, mailto: are not checked offline
+            if re.match(r"^[a-z][a-z0-9+.-]*:", target, re.IGNORECASE):
                 continue
             file_part, _, anchor = target.partition("#")
             linked = (path.parent / file_part).resolve() if file_part else path
@@ -284,7 +312,11 @@ def program_and_flags(words: list[str]) -> tuple[str, list[str]] | None:
     """('generate', flags) for `python example.py generate ...` (torchrun, -m examplegpt, examplegpt too),
     ('benchmarks/x.py', flags) for `python benchmarks/x.py ...`; None for any other command."""
     for i, word in enumerate(words):
-        if word.endswith("example.py") or (word == "examplegpt" and i > 0 and words[i - 1] == "-m") or (i == 0 and word == "examplegpt"):
+        if (
+            word.endswith("example.py")
+            or (word == "examplegpt" and i > 0 and words[i - 1] == "-m")
+            or (i == 0 and word == "examplegpt")
+        ):
             rest = words[i + 1 :]
             if not rest or rest[0].startswith("-"):
                 return None  # `example.py --help`
@@ -331,7 +363,9 @@ def test_every_flag_in_the_readme_and_guides_exists():
 
 
 def test_the_flag_check_reads_shell_lines():
-    code = 'pip install -e . && python example.py train --data x --max-steps=2 \\\n    --out-dir r  # a comment --nope\n'
+    code = (
+        "pip install -e . && python example.py train --data x --max-steps=2 \\\n    --out-dir r  # a comment --nope\n"
+    )
     code += "torchrun --nproc_per_node=8 -m examplegpt generate -c m.pt -p 'ROMEO:'\n"
     commands = [program_and_flags(words) for words in command_lines(code)]
     assert commands == [None, ("train", ["--data", "--max-steps=2", "--out-dir"]), ("generate", ["-c", "-p"])]
@@ -347,7 +381,19 @@ def test_benchmark_commands_stay_runnable():
     assert used, "BENCHMARKS.md lists no `python benchmarks/...` command"
     env = dict(os.environ, PYTHONPATH=str(REPO), **OFFLINE)
     for script, flags in sorted(used.items()):
-        proc = subprocess.run([sys.executable, script, "--help"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [sys.executable, script, "--help"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+        )
         assert proc.returncode == 0, f"{script} --help: {proc.stderr[-2000:]}"
-        missing = [flag for flag in sorted(flags) if not re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", proc.stdout)]
+        missing = [
+            flag for flag in sorted(flags) if not re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", proc.stdout)
+        ]
         assert not missing, f"{script} has no {missing}"
+
+
+def test_the_readmes_test_command_is_what_ci_runs():
+    readme = (REPO / "README.md").read_text()
+    ci = (REPO / ".ci" / "run").read_text()
+    for part in ('pip install -e ".[dev]"', "python -m pytest"):
+        assert part in readme, part
+        assert part in ci.replace("pip install -q -e", "pip install -e"), part
