@@ -103,8 +103,8 @@ def run_block(block: Block, cwd: Path) -> subprocess.CompletedProcess:
     # Generous: a shared 2-core machine can run a one-minute block ten times slower. A session of its own,
     # so that a block that overruns is ended with everything it started (a server, a training run).
     timeout = 7200 if block.slow else 1800
-    with subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          start_new_session=True) as proc:  # fmt: skip
+    pipes = dict(stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with subprocess.Popen(command, cwd=cwd, env=env, start_new_session=True, **pipes) as proc:
         try:
             out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
