@@ -244,14 +244,10 @@ def step_generate(plan: Plan, work: Path, budget: float) -> dict:
     hf = hf.to(device, next(ours.parameters()).dtype)
     result = {"precision": precision}
 
+    import timing  # benchmarks/timing.py: synchronised on CUDA
+
     def timed(fn) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
+        return timing.timed(fn, device)
 
     n = plan.new_tokens
     with torch.inference_mode():
@@ -421,7 +417,9 @@ def main() -> int:
     parser.add_argument("--out", default="gpu_check_report", help="folder for report.json, report.md and the logs")
     parser.add_argument("--smoke", action="store_true", help="the same steps on a tiny model on CPU (CI)")
     parser.add_argument("--steps", nargs="+", choices=[name for name, _, _ in STEPS], help="run only these steps")
-    parser.add_argument("--deadline-s", type=float, default=DEADLINE_SECONDS, help="end the whole run by then (seconds)")
+    parser.add_argument(
+        "--deadline-s", type=float, default=DEADLINE_SECONDS, help="end the whole run by then (seconds)"
+    )
     args = parser.parse_args()
     plan = Plan(args.smoke)
     if not plan.smoke:

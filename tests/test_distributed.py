@@ -12,7 +12,10 @@ import torch
 
 from .conftest import REPO, final_weights, losses, run_cli, train_args
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
+pytestmark = [
+    pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built"),
+    pytest.mark.slow,  # torchrun subprocesses
+]
 
 STEPS = ["--batch-size", "8", "--micro-batch-size", "2", "--val-fraction", "0.1"]
 

@@ -17,6 +17,8 @@ from examplegpt.weights import read_torch_file
 
 from ..conftest import REPO, assert_one_line_error, final_weights, make_text, run_cli, train_args
 
+pytestmark = pytest.mark.slow  # the real commands as subprocesses, killed and restarted
+
 KILLS = 20
 
 
