@@ -165,6 +165,11 @@ def load_start(resume: str | None, init_from: str | None, out_dir: str | Path) -
         )
     if resume:
         return Start(resume_state=load_checkpoint(resolve_resume(resume, out_dir)))
+    if list_checkpoints(out_dir):  # a new run here would mix its files with those of the run before it
+        raise UserError(
+            f"{out_dir} already holds a run's checkpoints: continue it with --resume, or start the new run"
+            " in another --out-dir"
+        )
     if init_from:
         return Start(pretrained=load_model(init_from), init_from=init_from)
     return Start()

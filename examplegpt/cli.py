@@ -248,6 +248,8 @@ def run_plot(args: argparse.Namespace) -> int:
             raise UserError(f"no such folder: {run}")
         if not (run / "metrics.jsonl").is_file() and not (run.is_file() and run.suffix == ".jsonl"):
             raise UserError(f"{run} has no metrics.jsonl")
+    if not Path(cfg.out).resolve().parent.is_dir():
+        raise UserError(f"no such folder for --out: {Path(cfg.out).parent}")
     plot_runs(runs, Path(cfg.out))
     print(f"wrote {cfg.out}")
     return 0

@@ -471,8 +471,10 @@ def describe(configs: dict[str, dict]) -> str:
 
 
 def save_config(configs: dict[str, dict], folder: Path) -> Path:
-    """The resolved settings as folder/config.json (written whole or not at all); returns its path."""
-    path = folder / "config.json"
+    """The resolved settings as folder/run_config.json (written whole or not at all); returns its path.
+
+    Not config.json: a folder holding that is read as a Hugging Face model folder by `-c` and `--init-from`."""
+    path = folder / "run_config.json"
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(configs, indent=2) + "\n")
     os.replace(tmp, path)

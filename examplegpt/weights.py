@@ -100,6 +100,8 @@ def save_model_file(model: GPT, path: str | Path, extra: dict | None = None, wei
 def load_model(path: str, map_location: str | torch.device = "cpu") -> GPT:
     """A GPT from our model file or checkpoint, a Hugging Face GPT-2 folder, or a hub id (online only)."""
     p = Path(path)
+    if p.is_dir() and not (p / "config.json").exists() and (p / "gpt_model.pt").exists():
+        raise UserError(f"{path} is a training run's folder: pass its model file, {p / 'gpt_model.pt'}")
     if p.is_dir():
         return load_hf_folder(p)
     if p.exists():

@@ -171,7 +171,7 @@ def test_train_prints_a_readable_configuration_and_keeps_it_in_the_run_folder(cl
                "--eval-windows", "2", "--device", "cpu", "--no-amp")  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert max(len(line) for line in proc.stdout.splitlines()) <= 400  # not one ~1,000-character JSON line
-    saved = json.loads((out / "config.json").read_text())
+    saved = json.loads((out / "run_config.json").read_text())
     assert saved["model"]["d_model"] == 32 and saved["train"]["max_steps"] == 1
     assert "1 accumulation step)" in proc.stdout
     model = GPTConfig(d_model=32, num_heads=2, num_layers=2, d_ff=64, max_seq_len=32)

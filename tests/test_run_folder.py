@@ -7,7 +7,7 @@ from examplegpt.checkpoint import checkpoint_path, list_checkpoints
 from examplegpt.errors import UserError
 from examplegpt.run_folder import claim_out_dir, set_aside_abandoned_branch
 
-from .conftest import final_weights, losses, train_args
+from .conftest import assert_one_line_error, final_weights, losses, train_args
 
 
 def test_a_folder_is_claimed_by_one_run_and_the_lock_goes_with_it(tmp_path):
@@ -63,3 +63,29 @@ def test_going_back_to_an_earlier_checkpoint_then_resuming_continues_the_branch_
     final = final_weights(out)
     assert not all(torch.equal(final[k], abandoned[k]) for k in final)
     assert not all(torch.equal(final[k], chosen[k]) for k in final)  # it trained on from the chosen branch
+
+
+def test_a_new_run_in_a_folder_holding_a_runs_checkpoints_is_refused(corpus, tmp_path, cli):
+    """Without --resume, a second run would leave the first one's checkpoints for a later --resume to pick up."""
+    out = tmp_path / "run"
+    assert cli(*train_args(corpus, out, "--max-steps", "2", "--checkpoint-interval", "1")).returncode == 0
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    model = (out / "gpt_model.pt").read_bytes()
+    again = cli(*train_args(corpus, out, "--max-steps", "1"))
+    assert_one_line_error(again, "already holds", "--resume")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
+    assert (out / "gpt_model.pt").read_bytes() == model
+
+
+def test_a_run_folder_given_as_a_model_says_which_file_to_pass(corpus, tmp_path, cli):
+    out = tmp_path / "run"
+    assert cli(*train_args(corpus, out, "--max-steps", "1")).returncode == 0
+    proc = cli("generate", "-c", str(out), "-p", "x", "-n", "2")
+    assert_one_line_error(proc, "run's folder", "gpt_model.pt")
+
+
+def test_plot_into_a_missing_folder_is_one_line(corpus, tmp_path, cli):
+    out = tmp_path / "run"
+    assert cli(*train_args(corpus, out, "--max-steps", "1")).returncode == 0
+    proc = cli("plot", str(out), "--out", str(tmp_path / "nonexistent" / "x.png"))
+    assert_one_line_error(proc, "no such folder")
