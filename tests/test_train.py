@@ -149,7 +149,8 @@ def test_a_second_run_on_a_folder_in_use_is_refused_and_the_first_goes_on(corpus
     assert first.poll() is None  # untouched
     first.send_signal(signal.SIGTERM)
     assert first.communicate(timeout=120) and first.returncode == 0
-    assert run_cli(*train_args(corpus, out, "--max-steps", "2")).returncode == 0  # free once it ended
+    # free once it ended: what refuses a new run now is the ended run's checkpoint, not the lock
+    assert_one_line_error(run_cli(*train_args(corpus, out, "--max-steps", "2")), "already holds", "--resume")
 
 
 def test_non_finite_loss_is_skipped_then_stops_with_the_last_checkpoint_intact(corpus, tmp_path, monkeypatch):
