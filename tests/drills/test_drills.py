@@ -150,7 +150,7 @@ BAD_INPUT = {
               ["--warmup-steps", "-1"], ["--data", "/no/such.txt"], ["--init-from", "/no/such.pt"],
               ["--config", "/no/such.toml"], ["--resume", "/no/such.pt"], ["--val-fraction", "0.9"],
               ["--micro-batch-size", "3"], ["--keep-last", "0"], ["--workers", "0"], ["--preset", "9B"]],
-    "generate": [["-n", "0"], ["-n", "x"], ["-t", "-0.5"], ["--top-p", "0"], ["--top-p", "2"], ["--top-k", "0"],
+    "generate": [["-n", "0"], ["-n", "x"], ["-t", "-0.5"], ["--top-p", "-0.1"], ["--top-p", "2"], ["--top-k", "-1"],
                  ["--min-p", "2"], ["--repetition-penalty", "0"], ["--num-samples", "0"], ["--dtype", "int4"],
                  ["--device", "tpu"], ["-c", "/no/such.pt"], ["-c", "/"], ["-p", ""]],
     "evaluate": [["--stride", "0"], ["--stride", "100000"], ["--batch-size", "0"], ["-c", "/no/such.pt"],
@@ -169,7 +169,7 @@ def test_bad_input_on_every_command_is_one_line(trained, tmp_path, capsys, cli):
         "generate": ["-c", model, "-p", "hi"],
         "evaluate": ["-c", model, "--data", str(base / "corpus.txt")],
         "prepare": ["--cache-dir", str(tmp_path / "cache")],
-        "export": ["--out", str(tmp_path / "hf")],
+        "export": ["--out-dir", str(tmp_path / "hf")],
         "plot": [],
     }
     cases = 0
