@@ -42,7 +42,7 @@ from examplegpt.weights import save_model_file  # noqa: E402
 REQUEST_TIMEOUT = 120  # seconds one request may take, at most
 BAD_BODIES = [
     {"prompt": "x", "temperature": -1},
-    {"prompt": "x", "top_p": 0},
+    {"prompt": "x", "top_p": -0.5},
     {"prompt": "x", "max_tokens": 0},
     {"prompt": [1, 50257]},
     {"prompt": "x", "colour": "red"},
