@@ -6,8 +6,10 @@ import io
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -168,3 +170,12 @@ def losses(out_dir):
 
 def final_weights(out_dir):
     return read_torch_file(out_dir / "gpt_model.pt")["model"]
+
+
+def kill_once_written(proc: subprocess.Popen, path: Path, timeout: float = 240) -> None:
+    """SIGKILL `proc` as soon as `path` (a checkpoint it writes) exists: the kill -9 of the resume drills."""
+    deadline = time.time() + timeout
+    while not path.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()

@@ -3,10 +3,8 @@
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -16,7 +14,16 @@ from examplegpt.device import pick_dtype
 from examplegpt.optim import MuonWithAdamW, hidden_matrices, make_optimizer, muon_split, set_learning_rates
 from examplegpt.weights import read_torch_file
 
-from .conftest import REPO, assert_one_line_error, final_weights, losses, run_cli, tiny_config, train_args
+from .conftest import (
+    REPO,
+    assert_one_line_error,
+    final_weights,
+    kill_once_written,
+    losses,
+    run_cli,
+    tiny_config,
+    train_args,
+)
 
 MUON = ["--optimizer", "muon", "--muon-learning-rate", "0.02"]
 
@@ -130,11 +137,7 @@ def test_muon_kill_and_resume_in_fresh_processes_is_bit_identical_to_an_uninterr
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     first = killed / "checkpoints" / "checkpoint_epoch1_batch6.pt"
-    deadline = time.time() + 240
-    while not first.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_once_written(proc, first, timeout=240)
     assert first.exists() and not (killed / "gpt_model.pt").exists()
     saved = read_torch_file(first)["optimizer"]
     assert set(saved) == {"muon", "adamw"} and saved["muon"]["state"]  # Muon's momentum is in the checkpoint

@@ -8,10 +8,8 @@ checked with its inputs placed at offsets inside larger buffers."""
 
 import hashlib
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -19,7 +17,7 @@ import torch
 from examplegpt.loss import fused_linear_cross_entropy
 from examplegpt.reproducibility import cpu_arithmetic_is_pinned
 
-from .conftest import OFFLINE, REPO, final_weights, make_text
+from .conftest import OFFLINE, REPO, final_weights, kill_once_written, make_text
 
 
 def weights_hash(out_dir) -> str:
@@ -55,11 +53,7 @@ def test_fresh_processes_and_a_kill_and_resume_give_one_weight_hash(tmp_path):
     killed = tmp_path / "killed"
     proc = launch(args(killed), shift=501)
     first = killed / "checkpoints" / "checkpoint_epoch1_batch3.pt"
-    deadline = time.time() + 600
-    while not first.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_once_written(proc, first, timeout=600)
     assert first.exists() and not (killed / "gpt_model.pt").exists()
     resumed = launch(args(killed, "--resume", "auto"), shift=999)
     assert resumed.wait(timeout=600) == 0, resumed.stderr.read()

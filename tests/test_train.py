@@ -23,6 +23,7 @@ from .conftest import (
     REPO,
     assert_one_line_error,
     final_weights,
+    kill_once_written,
     losses,
     run_cli,
     tiny_config,
@@ -94,11 +95,7 @@ def test_kill_and_resume_is_bit_identical_to_an_uninterrupted_run(corpus, tmp_pa
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     first = killed / "checkpoints" / "checkpoint_epoch1_batch6.pt"
-    deadline = time.time() + 240
-    while not first.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_once_written(proc, first, timeout=240)
     assert first.exists() and not (killed / "gpt_model.pt").exists()
     resumed = run_cli(*train_args(corpus, killed, *steps, "--resume", "auto"))
     assert resumed.returncode == 0, resumed.stderr
