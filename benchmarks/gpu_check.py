@@ -112,9 +112,15 @@ def format_value(v) -> str:
     return str(v)
 
 
+def child_env() -> dict:
+    """This environment with the repository first on PYTHONPATH (what was there stays: packages installed
+    outside site-packages, as on a machine where they were carried in)."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+
+
 def run_cli(args: list[str], timeout: float, log: Path) -> tuple[int, str]:
     """`python -c PEAK_MEMORY_WRAPPER ARGS` (the CLI, then its peak GPU memory): exit code and output."""
-    env = dict(os.environ, PYTHONPATH=str(REPO), WANDB_MODE="disabled", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    env = dict(child_env(), WANDB_MODE="disabled", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     command = [sys.executable, "-c", PEAK_MEMORY_WRAPPER, *args]
     try:
         proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
@@ -288,7 +294,7 @@ def step_serve(plan: Plan, work: Path, budget: float) -> dict:
     torch.manual_seed(0)
     model_file = work / "serve_model.pt"
     save_model_file(GPT(GPTConfig(**shape)), model_file)
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = child_env()
     command = [
         sys.executable,
         "-m",
@@ -303,12 +309,13 @@ def step_serve(plan: Plan, work: Path, budget: float) -> dict:
     ]
     server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
-        url = None
+        url, said = None, []
         started = time.monotonic()
         while url is None and time.monotonic() - started < min(budget, 120):
             line = server.stdout.readline()
+            said.append(line.strip())
             if not line:
-                raise RuntimeError(f"serve exited with {server.wait()} before listening")
+                raise RuntimeError(f"serve exited with {server.wait()} before listening: {said[-3:]}")
             url = next((w for w in line.split() if w.startswith("http://")), None)
         if url is None:
             raise RuntimeError("serve did not print its address")
@@ -321,6 +328,7 @@ def step_serve(plan: Plan, work: Path, budget: float) -> dict:
             with urllib.request.urlopen(request, timeout=budget) as response:
                 results[index] = json.loads(response.read())["usage"]["completion_tokens"]
 
+        complete([0], 0)  # one untimed request first: the server's first request pays one-off start-up costs
         result = {}
         for clients in (1, 16):
             results = [0] * clients

@@ -29,9 +29,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16} 
 
 # x86 flags of bf16 matrix instructions; without them bf16 is converted to fp32 and back, slower than fp32.
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
-# bf16 halves the bytes a matmul reads; that pays only for wide matrices: GPT-2 124M (d_model 768) steps
-# 1.60x faster under bf16 autocast on a CPU with AMX, the tiny preset (d_model 192) 0.95x.
-CPU_BF16_MIN_D_MODEL = 512
+# bf16 halves the bytes a matmul reads; that pays only for wide enough matrices: on an AMX Xeon the
+# training step is slower under bf16 autocast at d_model 128 and 192, faster from 256 on (BENCHMARKS.md).
+CPU_BF16_MIN_D_MODEL = 256
 
 
 def cpu_flags() -> set[str]:

@@ -430,6 +430,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str
     max_model_len: int
+    precision: str  # the weights' precision as served: fp32, bf16, fp16 or int8
 
 
 class ModelList(BaseModel):

@@ -93,6 +93,7 @@ ZEN3 = {"avx2", "fma", "f16c"}  # this machine: no native bf16
 def test_cpu_amp_is_bf16_for_a_wide_model_on_a_cpu_with_native_bf16(flags):
     assert pick_dtype("auto", CPU, True, d_model=768, flags=flags) == torch.bfloat16
     assert pick_dtype("auto", CPU, True, d_model=192, flags=flags) == torch.float32  # tiny: bf16 is slower
+    assert pick_dtype("auto", CPU, True, d_model=256, flags=flags) == torch.bfloat16  # the measured crossover
     assert pick_dtype("fp32", CPU, True, d_model=768, flags=flags) == torch.float32  # fp32 still forces fp32
     assert pick_dtype("auto", CPU, False, d_model=768, flags=flags) == torch.float32  # --no-amp
 

@@ -169,6 +169,7 @@ def test_completion_greedy_equals_generate_and_streams_the_same_text(server, mod
 def test_models_and_health(server):
     models = server.client().models.list()
     assert [m.id for m in models.data] == ["tiny.pt"]
+    assert models.data[0].model_extra["precision"] == "fp32"  # auto on CPU: what the card says is served
     health = server.health()
     assert health["status"] == "ok" and health["max_batch"] == 8 and health["max_queue"] == 8
 
