@@ -32,10 +32,11 @@ from examplegpt.config import PRESETS, GPTConfig, TrainConfig  # noqa: E402
 from examplegpt.data import TokenWindows  # noqa: E402
 from examplegpt.data.corpus import BUNDLED  # noqa: E402
 from examplegpt.device import pick_device, pick_dtype  # noqa: E402
+from examplegpt.evaluate import evaluate_loss, validation_windows  # noqa: E402
 from examplegpt.model import GPT  # noqa: E402
 from examplegpt.optim import lr_at, make_optimizer, set_learning_rates  # noqa: E402
 from examplegpt.tokenizer import encode_ordinary_array  # noqa: E402
-from examplegpt.train import accumulate_gradients, evaluate_loss, validation_windows  # noqa: E402
+from examplegpt.train import accumulate_gradients  # noqa: E402
 
 SHAPES = {
     "tiny": PRESETS["tiny"],  # 4 x 192
