@@ -50,7 +50,7 @@ import torch
 from .cpu_inference import kv_cache_dtype
 from .kv_cache import KVCache
 from .model import GPT
-from .sampling import SamplingParams, choose_next, sample_next
+from .sampling import SamplingParams, choose_next, greedy
 from .text import crop_prompt, logprobs_of, window_after_slide
 from .tokenizer import EOT_ID
 
@@ -336,7 +336,7 @@ class BatchEngine:
     def next_tokens(self, requests: list[Request], logits: torch.Tensor) -> list[int]:
         """Sample each request's next token from its row of logits (k, V), send the events; returns the tokens."""
         if all(r.params.temperature == 0 and r.seen is None for r in requests):
-            tokens = sample_next(logits, temperature=0).tolist()  # one argmax for every row
+            tokens = greedy(logits).tolist()  # one argmax for every row
         else:
             tokens = [self.sample(r, logits[i : i + 1]) for i, r in enumerate(requests)]
         for i, (request, token) in enumerate(zip(requests, tokens)):

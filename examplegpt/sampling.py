@@ -171,47 +171,26 @@ def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return (logits - logits.max(dim=-1, keepdim=True).values) / temperature
 
 
-def filter_logits(
-    logits: torch.Tensor,
-    temperature: float = 0.8,
-    top_p: float = 0.9,
-    top_k: int | None = None,
-    min_p: float | None = None,
-) -> torch.Tensor:
-    """logits (B, V) scaled by temperature (> 0) and filtered, in transformers' order (temperature,
+def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """logits (B, V) scaled by params.temperature (> 0) and filtered, in transformers' order (temperature,
     top-k, top-p, min-p): float32, the dropped tokens at -inf."""
-    logits = apply_temperature(logits, temperature)
-    if top_k:  # None or 0: off, as in transformers
-        logits = top_k_filter(logits, top_k)
-    logits = top_p_filter(logits, top_p)
-    if min_p is not None:
-        logits = min_p_filter(logits, min_p)
+    logits = apply_temperature(logits, params.temperature)
+    if params.top_k:  # None or 0: off, as in transformers
+        logits = top_k_filter(logits, params.top_k)
+    logits = top_p_filter(logits, params.top_p)
+    if params.min_p is not None:
+        logits = min_p_filter(logits, params.min_p)
     return logits
 
 
-def next_token_probs(
-    logits: torch.Tensor,
-    temperature: float = 0.8,
-    top_p: float = 0.9,
-    top_k: int | None = None,
-    min_p: float | None = None,
-) -> torch.Tensor:
+def next_token_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """The distribution (B, V) that sampling draws from at temperature > 0."""
-    return torch.softmax(filter_logits(logits, temperature, top_p, top_k, min_p), dim=-1)
+    return torch.softmax(filter_logits(logits, params), dim=-1)
 
 
-def sample_next(
-    logits: torch.Tensor,
-    temperature: float = 0.8,
-    top_p: float = 0.9,
-    top_k: int | None = None,
-    min_p: float | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """One token per row of logits (B, V): greedy at temperature 0, else sampled after the filters."""
-    if temperature == 0:
-        return logits.float().argmax(dim=-1)  # on CPU a bfloat16 argmax is several times slower than a float32 copy's
-    return sample_from(next_token_probs(logits, temperature, top_p, top_k, min_p), generator)  # (B,)
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """The most likely token of each row of logits (B, V): (B,)."""
+    return logits.float().argmax(dim=-1)  # on CPU a bfloat16 argmax is several times slower than a float32 copy's
 
 
 def choose_next(
@@ -220,7 +199,10 @@ def choose_next(
     seen: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """One token per row of logits (B, V) under `params`; `seen` (B, V bool): tokens the repetition penalty applies to."""
+    """One token per row of logits (B, V) under `params`: greedy at temperature 0, else drawn after the
+    filters; `seen` (B, V bool): the tokens the repetition penalty applies to."""
     if seen is not None and params.repetition_penalty != 1.0:
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
-    return sample_next(logits, params.temperature, params.top_p, params.top_k, params.min_p, generator)  # (B,)
+    if params.temperature == 0:
+        return greedy(logits)
+    return sample_from(next_token_probs(logits, params), generator)  # (B,)

@@ -108,8 +108,10 @@ def test_top_k_0_and_top_p_1_are_off_and_top_p_0_keeps_the_most_likely_token_as_
     transformers_processors = pytest.importorskip("transformers.generation.logits_process")
     logits = torch.tensor([[0.5, 2.0, -1.0, 1.0]])
     reference = transformers_processors.TopPLogitsWarper(0.0)(None, logits.clone())
-    assert torch.equal(torch.isfinite(filter_logits(logits, 1.0, top_p=0.0)), torch.isfinite(reference))
-    assert torch.equal(filter_logits(logits, 1.0, top_p=1.0, top_k=0), logits)
+    assert torch.equal(
+        torch.isfinite(filter_logits(logits, SamplingParams(temperature=1.0, top_p=0.0))), torch.isfinite(reference)
+    )
+    assert torch.equal(filter_logits(logits, SamplingParams(temperature=1.0, top_p=1.0, top_k=0)), logits)
 
     base = ["generate", "-c", str(model_file), "-p", "Hello", "-n", "8", "-t", "1", "--seed", "5", "--json"]
     text = lambda *extra: json.loads(cli(*base, *extra).stdout.splitlines()[-1])["text"]  # noqa: E731

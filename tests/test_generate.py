@@ -8,11 +8,12 @@ import torch
 from examplegpt import GPT
 from examplegpt.generate import generate
 from examplegpt.sampling import (
+    SamplingParams,
     apply_repetition_penalty,
+    choose_next,
     min_p_filter,
     next_token_probs,
     sample_from,
-    sample_next,
     sort_descending,
     top_k_filter,
     top_p_filter,
@@ -103,9 +104,11 @@ def test_min_p_drops_tokens_below_a_fraction_of_the_best():
 
 def test_sampling_never_picks_a_filtered_token():
     logits = torch.tensor([[0.0, 3.0, 2.9, -1.0]]).repeat(2000, 1)
-    picks = sample_next(logits, temperature=1.0, top_p=1.0, top_k=2, generator=torch.Generator().manual_seed(0))
+    picks = choose_next(
+        logits, SamplingParams(temperature=1.0, top_p=1.0, top_k=2), generator=torch.Generator().manual_seed(0)
+    )
     assert set(picks.tolist()) == {1, 2}
-    assert (sample_next(logits[:1], temperature=0) == 1).all()
+    assert (choose_next(logits[:1], SamplingParams(temperature=0)) == 1).all()
 
 
 def test_repetition_penalty_discourages_repeats(spread_model):
@@ -303,8 +306,8 @@ def test_a_top_p_or_temperature_below_float32s_range_is_greedy(spread_model, tin
         logits = spread_model(torch.tensor([[1, 2, 3]]))[0][:, -1]  # (1, V)
     kept = torch.isfinite(top_p_filter(logits, tiny))[0]
     assert kept.nonzero().flatten().tolist() == [int(logits.argmax())]
-    assert sample_next(logits, temperature=tiny).tolist() == logits.argmax(dim=-1).tolist()
-    assert sample_next(logits, temperature=1.0, top_p=tiny).tolist() == logits.argmax(dim=-1).tolist()
+    assert choose_next(logits, SamplingParams(temperature=tiny, top_p=0.9)).tolist() == logits.argmax(dim=-1).tolist()
+    assert choose_next(logits, SamplingParams(temperature=1.0, top_p=tiny)).tolist() == logits.argmax(dim=-1).tolist()
 
 
 @pytest.mark.parametrize("penalty", [1e-300, 1e-40, 1e300])
@@ -315,11 +318,15 @@ def test_an_extreme_repetition_penalty_still_samples_a_finite_distribution(sprea
         logits = spread_model(torch.tensor([[1, 2, 3]]))[0][:, -1]  # (1, V)
     seen = torch.zeros_like(logits, dtype=torch.bool)
     seen[0, logits[0].topk(5).indices] = True  # the five best tokens were seen
-    probs = next_token_probs(apply_repetition_penalty(logits, seen, penalty), temperature=1.0, top_p=1.0)
+    probs = next_token_probs(
+        apply_repetition_penalty(logits, seen, penalty), SamplingParams(temperature=1.0, top_p=1.0)
+    )
     assert torch.isfinite(probs).all() and abs(float(probs.sum()) - 1) < 1e-4
     drawn = int(
-        sample_next(
-            apply_repetition_penalty(logits, seen, penalty), 1.0, 1.0, generator=torch.Generator().manual_seed(0)
+        choose_next(
+            apply_repetition_penalty(logits, seen, penalty),
+            SamplingParams(temperature=1.0, top_p=1.0),
+            generator=torch.Generator().manual_seed(0),
         )
     )
     assert bool(seen[0, drawn]) == (penalty < 1)  # a tiny penalty boosts the seen tokens, a huge one buries them

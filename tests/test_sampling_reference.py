@@ -14,7 +14,7 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from examplegpt.sampling import apply_repetition_penalty, filter_logits, next_token_probs, sample_next
+from examplegpt.sampling import SamplingParams, apply_repetition_penalty, choose_next, filter_logits, next_token_probs
 
 logits_process = pytest.importorskip("transformers.generation.logits_process")
 
@@ -84,7 +84,8 @@ def test_filters_keep_what_transformers_keeps_with_the_same_probabilities(
     seen = torch.zeros(B, V, dtype=torch.bool).scatter_(1, seen_ids, True)
 
     expected = torch.softmax(transformers_scores(logits, seen_ids, penalty, temperature, top_k, top_p, min_p), -1)
-    ours = next_token_probs(apply_repetition_penalty(logits, seen, penalty), temperature, top_p, top_k, min_p)
+    params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p)
+    ours = next_token_probs(apply_repetition_penalty(logits, seen, penalty), params)
 
     assert torch.equal(ours > 1e-30, expected > 1e-30)  # the same kept set
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-6)
@@ -117,7 +118,8 @@ def test_thousands_of_rows_of_a_real_sized_vocabulary_match_transformers():
             warpers.append(logits_process.MinPLogitsWarper(min_p))
         for warper in warpers:
             scores = warper(seen_ids, scores)
-        ours = filter_logits(apply_repetition_penalty(logits, seen, penalty), temperature, top_p, top_k, min_p)
+        params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p)
+        ours = filter_logits(apply_repetition_penalty(logits, seen, penalty), params)
         kept = torch.isfinite(ours) == torch.isfinite(scores)
         # continuous random values: a row may differ only where rounding puts a token on top-p's threshold
         assert kept.all(dim=-1).float().mean() > 0.999, (temperature, top_k, top_p, min_p, penalty)
@@ -133,20 +135,24 @@ def test_a_tiny_temperature_is_greedy_in_the_limit(temperature, top_p, dtype):
     generator = torch.Generator().manual_seed(1)
     logits = (torch.randn(64, 500, generator=generator) * 4).to(dtype)
     logits[:, 7] = -INF
-    probs = next_token_probs(logits, temperature, top_p)
+    params = SamplingParams(temperature=temperature, top_p=top_p)
+    probs = next_token_probs(logits, params)
     assert torch.isfinite(probs).all()
     best = logits.float().argmax(dim=-1)
     expected = torch.zeros_like(probs).scatter_(1, best[:, None], 1.0)
     tied = logits.float() == logits.float().max(dim=-1, keepdim=True).values
     expected = torch.where(tied.sum(-1, keepdim=True) > 1, tied / tied.sum(-1, keepdim=True), expected)
     torch.testing.assert_close(probs, expected)
-    picks = sample_next(logits, temperature, top_p, generator=generator)
+    picks = choose_next(logits, params, generator=generator)
     assert tied.gather(1, picks[:, None]).all()
 
 
 def test_top_p_keeps_a_whole_tie_at_its_threshold():
     """The documented rule, exactly: four tokens of 1/4 each and top_p 0.5 keep all four."""
-    logits = torch.zeros(1, 4)
-    assert torch.isfinite(filter_logits(logits, 1.0, top_p=0.5)).all()
+
+    def kept(logits: torch.Tensor, top_p: float) -> list[bool]:
+        return torch.isfinite(filter_logits(logits, SamplingParams(temperature=1.0, top_p=top_p)))[0].tolist()
+
+    assert kept(torch.zeros(1, 4), 0.5) == [True, True, True, True]
     logits = torch.tensor([[math.log(2.0), 0.0, 0.0, -INF]])  # probabilities 1/2, 1/4, 1/4, 0
-    assert torch.isfinite(filter_logits(logits, 1.0, top_p=0.6))[0].tolist() == [True, True, True, False]
+    assert kept(logits, 0.6) == [True, True, True, False]
