@@ -139,12 +139,13 @@ class BatchEngine:
         self.thread.start()
 
     def warm_up(self) -> None:
-        """Run the model once at each size the engine's steps take (decoding 1, 2, 4, ... max_batch rows; a prompt
+        """Run the model once at each size the engine's steps take (decoding 1, 2, 3, ... max_batch rows; a prompt
         chunk of 2, 4, ... prefill_chunk tokens), on the calling thread, the one that will `run` the engine: what
-        a first step at a size costs (`cpu_inference`'s probe of packed weights, oneDNN's kernels) is paid here,
-        not by the first requests."""
+        a first step at a size costs (`cpu_inference`'s probe of packed weights, oneDNN's kernels and the memory
+        they keep) is paid here, not by the first requests. Every row count: a full batch meets the others only
+        as it drains, and with packed weights each new one keeps 1-2 MB for good."""
         chunk = min(self.prefill_chunk, self.model.config.max_seq_len)
-        shapes = [(rows, 1) for rows in powers_of_two_up_to(self.max_batch)]
+        shapes = [(rows, 1) for rows in range(1, self.max_batch + 1)]
         shapes += [(1, tokens) for tokens in powers_of_two_up_to(chunk) if tokens > 1]
         with torch.inference_mode():
             for rows, tokens in shapes:
