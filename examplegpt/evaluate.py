@@ -78,6 +78,20 @@ def progress_bar(batches: range, enabled: bool) -> tqdm:
     )
 
 
+# Per-token losses are added as whole multiples of LOSS_QUANTUM (2**-32 nats, far below any digit a
+# perplexity shows): integer sums do not depend on their order, so the total is the same bits whatever
+# the batch size (float sums of batches round differently for each way of grouping the tokens).
+LOSS_QUANTUM = 2.0**-32
+
+
+def quantized_sum(losses: torch.Tensor) -> int | float:
+    """The sum of `losses` in units of LOSS_QUANTUM, as an integer; a float where one is not finite."""
+    losses = losses.double()
+    if not torch.isfinite(losses).all():  # a diverged model: its (non-finite) float sum, as it is
+        return losses.sum().item() / LOSS_QUANTUM
+    return int(torch.round(losses / LOSS_QUANTUM).to(torch.int64).sum())
+
+
 @torch.no_grad()
 def sliding_window_nll(
     model: GPT,
@@ -101,7 +115,7 @@ def sliding_window_nll(
     head = model.lm_head
     plain_head = type(head) is torch.nn.Linear and head.weight.is_floating_point()
     logits_buffer = torch.empty(rows, head.weight.shape[0], dtype=torch.float32, device=device) if plain_head else None
-    total, count = 0.0, 0
+    total, count = 0, 0  # total in units of LOSS_QUANTUM
     for first in progress_bar(range(0, len(plan), batch_size), enabled=progress):
         batch = plan[first : first + batch_size]
         x = torch.zeros(len(batch), window, dtype=torch.long)  # (b, W), padded after the end
@@ -117,15 +131,16 @@ def sliding_window_nll(
         scored = y != -1  # (b, W)
         h = model.hidden_states(x)  # (b, W, C), in the format the model was prepared in
         if logits_buffer is not None:  # the LM head and its log-softmax only where a token is scored, chunk by chunk
-            nll, _, _ = loss_and_gradients(
-                h[scored], model.lm_head.weight, y[scored], model.config.vocab_size, rows, False, logits_buffer
+            token_losses = torch.empty(int(scored.sum()), dtype=torch.float32, device=device)  # (n,)
+            loss_and_gradients(
+                h[scored], head.weight, y[scored], model.config.vocab_size, rows, False, logits_buffer, token_losses
             )
-            total += nll.item()
         else:
             logits = model.logits(h[scored])  # (n, V): the LM head only where a token is scored
-            total += F.cross_entropy(logits.float(), y[scored], reduction="sum").item()
-        count += int(scored.sum())
-    return total, count
+            token_losses = F.cross_entropy(logits.float(), y[scored], reduction="none")  # (n,)
+        total += quantized_sum(token_losses)
+        count += len(token_losses)
+    return total * LOSS_QUANTUM, count
 
 
 def validation_windows(tokens: np.ndarray, seq_len: int, count: int) -> np.ndarray:

@@ -23,12 +23,14 @@ def loss_and_gradients(
     chunk_rows: int,
     with_grads: bool,
     buffer: torch.Tensor | None = None,
+    row_losses: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Summed cross-entropy of h (N, C) @ weight.T (V_padded, C) against targets (N,; IGNORE_INDEX not scored), and,
     with_grads, its gradients with respect to h and weight (for the summed loss).
 
     `buffer`: float32 (>= min(chunk_rows, N), V_padded) scratch for the logits, for a caller that calls many
-    times (evaluation) and so keeps one; by default each call makes its own."""
+    times (evaluation) and so keeps one; by default each call makes its own. `row_losses`: float32 (N,), filled
+    with each row's loss (0 where not scored), for a caller that adds them up its own way."""
     compute_dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
     with torch.autocast(h.device.type, enabled=False):
         w = weight.to(compute_dtype)
@@ -51,7 +53,10 @@ def loss_and_gradients(
             log_probs = torch.log_softmax(logits, dim=-1, out=logits)  # (c, V_padded), in place
             valid = ts != IGNORE_INDEX
             safe = ts.clamp(min=0)[:, None]  # (c, 1)
-            total -= (log_probs.gather(1, safe).squeeze(1) * valid).sum()
+            row_loss = -(log_probs.gather(1, safe).squeeze(1) * valid)  # (c,)
+            total += row_loss.sum()
+            if row_losses is not None:
+                row_losses[start : start + chunk_rows] = row_loss
             if not with_grads:  # evaluation: the loss is all that is wanted
                 continue
             probs = log_probs.exp_()  # softmax, in place
