@@ -7,17 +7,21 @@ environment of another size (which moves the stack and what is allocated after i
 checked with its inputs placed at offsets inside larger buffers."""
 
 import hashlib
+import json
 import os
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
 from examplegpt.loss import fused_linear_cross_entropy
 from examplegpt.reproducibility import cpu_arithmetic_is_pinned
 
-from .conftest import OFFLINE, REPO, final_weights, kill_once_written, make_text
+from .conftest import MICRO_MODEL, OFFLINE, REPO, final_weights, kill_once_written, losses, make_text
 
 
 def weights_hash(out_dir) -> str:
@@ -25,10 +29,20 @@ def weights_hash(out_dir) -> str:
     return hashlib.sha256(b"".join(weights[k].numpy().tobytes() for k in sorted(weights))).hexdigest()
 
 
-def launch(args, shift: int) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(REPO), WANDB_MODE="offline", **OFFLINE, ADDRESS_SHIFT="x" * shift)
-    return subprocess.Popen([sys.executable, "-m", "examplegpt", *args], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+def environment(shift: int, **extra: str) -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=str(REPO), WANDB_MODE="offline", **OFFLINE, ADDRESS_SHIFT="x" * shift, **extra)
+
+
+def launch(args, shift: int, stdout=subprocess.DEVNULL, **extra_env: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "examplegpt", *args], env=environment(shift, **extra_env),
+                            stdout=stdout, stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
+    """The standard output of a process that must succeed."""
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err[-2000:]
+    return out
 
 
 @pytest.mark.slow
@@ -105,3 +119,95 @@ def test_every_command_pins_cpu_arithmetic_before_its_first_product():
 def test_the_test_process_is_pinned_too():
     """conftest pins this process first, so in-process tests compute what the commands compute."""
     assert cpu_arithmetic_is_pinned()
+
+
+# --- the other promises of equality, each across fresh processes ------------------------------------------
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # what torchrun gives each worker: the one-process run must match it
+GLOBAL_BATCH = ["--batch-size", "8", "--micro-batch-size", "4", "--max-steps", "6", "--seed", "1"]
+
+
+def micro_train_args(corpus: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", *MICRO_MODEL, "--data", str(corpus), "--cache-dir", str(out.parent / "cache"), "--out-dir",
+            str(out), "--learning-rate", "3e-3", "--warmup-steps", "2", "--log-interval", "1", "--eval-interval", "3",
+            "--eval-windows", "8", "--val-fraction", "0.1", "--no-checkpointing", "--device", "cpu", "--no-amp",
+            *GLOBAL_BATCH, *extra]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A micro model's run folder: 6 steps of 8 windows, 2 micro-batches of 4 in turn, in one process of one thread."""
+    folder = tmp_path_factory.mktemp("trained")
+    corpus = folder / "corpus.txt"
+    corpus.write_text(make_text(6000, 5))
+    finish(launch(micro_train_args(corpus, folder / "one"), shift=3, **ONE_THREAD))
+    return folder
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
+def test_two_data_parallel_processes_give_the_weights_of_one_bit_for_bit(trained):
+    """DDP on 2 processes (torchrun, gloo), each rank one of the micro-batches the single process runs in turn.
+
+    Bit-identical, not only close: each rank computes its micro-batch's gradient as the single process
+    does (same shapes, same thread count), and the all-reduce of 2 ranks adds 2 numbers (a + b = b + a
+    exactly) and halves them (exact), as accumulation does. With more ranks, or other threads per
+    process, the sums are grouped otherwise: close, not equal (docs/train.md)."""
+    two = trained / "two"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+               "-m", "examplegpt", *micro_train_args(trained / "corpus.txt", two)]  # fmt: skip
+    proc = subprocess.run(command, env=environment(11, **ONE_THREAD), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "x2" in proc.stdout
+    assert weights_hash(trained / "one") == weights_hash(two)
+    # The logged losses are the same numbers averaged otherwise (float32 on one process, float64 over ranks).
+    for (s1, l1, v1), (s2, l2, v2) in zip(losses(trained / "one"), losses(two), strict=True):
+        assert s1 == s2 and l1 == pytest.approx(l2, abs=1e-6) and v1 == pytest.approx(v2, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_evaluate_gives_the_same_loss_whatever_its_batch_size(trained):
+    """Separate processes with 1, 3 and 8 windows per forward pass (and the packed-weights probe of each)."""
+    text = trained / "eval.txt"
+    text.write_text(make_text(800, 9))
+    model = trained / "one" / "gpt_model.pt"
+    procs = [launch(["evaluate", "-c", str(model), "--data", str(text), "--json", "--batch-size", str(batch)],
+                    shift=5 * batch, stdout=subprocess.PIPE) for batch in (1, 3, 8)]  # fmt: skip
+    results = [json.loads(finish(proc)) for proc in procs]
+    assert len({r["tokens_scored"] for r in results}) == 1 and results[0]["tokens_scored"] > 500
+    assert len({r["loss"] for r in results}) == 1, [r["loss"] for r in results]
+
+
+def start_server(model: Path, shift: int) -> tuple[subprocess.Popen, str]:
+    proc = launch(["serve", "-c", str(model), "--port", "0"], shift=shift, stdout=subprocess.PIPE)
+    first_line = proc.stdout.readline()  # printed once it listens
+    if not first_line:
+        proc.kill()
+        pytest.fail(f"the server did not start: {proc.stderr.read()[-2000:]}")
+    return proc, next(word for word in first_line.split() if word.startswith("http://")).rstrip("/")
+
+
+@pytest.mark.slow
+def test_greedy_generate_and_the_server_give_the_same_tokens(trained):
+    """The command in one process, the server in another, each with the packed-weights probe of its own.
+
+    A model this briefly trained repeats its likeliest token under plain greedy decoding; the repetition
+    penalty (deterministic too) makes it walk 24 different tokens, whose top-2 gaps here are at least
+    1e-3: far above the 1e-6 by which packed and plain products of one row differ."""
+    model = trained / "one" / "gpt_model.pt"
+    prompt, length, penalty = "The history of the", 24, 2.0
+    generated = launch(["generate", "-c", str(model), "-p", prompt, "-n", str(length), "--temperature", "0",
+                        "--repetition-penalty", str(penalty), "--ignore-eos", "--json"], shift=7, stdout=subprocess.PIPE)  # fmt: skip
+    server, url = start_server(model, shift=13)
+    try:
+        body = {"prompt": prompt, "max_tokens": length, "temperature": 0, "repetition_penalty": penalty,
+                "ignore_eos": True, "logprobs": 1}  # fmt: skip
+        reply = httpx.post(url + "/v1/completions", json=body, timeout=120).json()
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.communicate(timeout=60)
+    expected = json.loads(finish(generated))
+    choice = reply["choices"][0]
+    assert reply["usage"]["completion_tokens"] == expected["tokens"] == length
+    assert "".join(choice["logprobs"]["tokens"]) == choice["text"] == expected["text"]
+    assert len(set(choice["logprobs"]["tokens"])) > length // 2  # not one token repeated
