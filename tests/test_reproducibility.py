@@ -167,12 +167,15 @@ def test_two_data_parallel_processes_give_the_weights_of_one_bit_for_bit(trained
 
 @pytest.mark.slow
 def test_evaluate_gives_the_same_loss_whatever_its_batch_size(trained):
-    """Separate processes with 1, 3 and 8 windows per forward pass (and the packed-weights probe of each)."""
+    """Separate processes with 1, 3 and 8 windows per forward pass.
+
+    Plain PyTorch products (--no-fast-cpu): with packed weights, each process's timing probe chooses
+    packed or plain per shape, and the two round differently (by about 1e-6 in the hidden states)."""
     text = trained / "eval.txt"
     text.write_text(make_text(800, 9))
     model = trained / "one" / "gpt_model.pt"
-    procs = [launch(["evaluate", "-c", str(model), "--data", str(text), "--json", "--batch-size", str(batch)],
-                    shift=5 * batch, stdout=subprocess.PIPE) for batch in (1, 3, 8)]  # fmt: skip
+    args = ["evaluate", "-c", str(model), "--data", str(text), "--json", "--no-fast-cpu"]
+    procs = [launch([*args, "--batch-size", str(b)], shift=5 * b, stdout=subprocess.PIPE) for b in (1, 3, 8)]
     results = [json.loads(finish(proc)) for proc in procs]
     assert len({r["tokens_scored"] for r in results}) == 1 and results[0]["tokens_scored"] > 500
     assert len({r["loss"] for r in results}) == 1, [r["loss"] for r in results]
