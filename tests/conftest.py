@@ -30,6 +30,16 @@ def pytest_configure(config) -> None:
     pin_cpu_arithmetic()  # as every command does: in-process tests compute what the commands compute
 
 
+# Fixtures that start `examplegpt serve` as a subprocess: a test that uses one is slow, wherever it is written.
+SERVER_FIXTURES = {"server", "small_server"}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 def tiny_config(**overrides) -> GPTConfig:
     values = dict(d_model=64, num_heads=4, num_layers=2, d_ff=256, max_seq_len=128)
     values.update(overrides)

@@ -104,12 +104,11 @@ def test_cpu_amp_is_fp32_on_a_cpu_without_native_bf16():
     assert pick_dtype("bf16", CPU, True, d_model=64, flags=ZEN3) == torch.bfloat16  # asked for: given
 
 
-@pytest.mark.slow
-def test_this_machine_trains_in_the_format_its_flags_call_for(corpus, tmp_path):
+def test_this_machine_trains_in_the_format_its_flags_call_for(cli, corpus, tmp_path):
     from examplegpt.device import cpu_prefers_bf16
 
     expected = "bfloat16" if cpu_prefers_bf16(32) else "float32"
-    proc = run_cli(*[a for a in train_args(corpus, tmp_path / "run", "--max-steps", "1") if a != "--no-amp"])
+    proc = cli(*[a for a in train_args(corpus, tmp_path / "run", "--max-steps", "1") if a != "--no-amp"])
     assert proc.returncode == 0, proc.stderr
     assert f"| {expected} |" in proc.stdout  # the start line says which format was chosen
 
@@ -150,20 +149,18 @@ def test_muon_kill_and_resume_in_fresh_processes_is_bit_identical_to_an_uninterr
     assert losses(straight) == losses(killed)
 
 
-@pytest.mark.slow
-def test_resume_with_the_other_optimizer_is_one_line(corpus, tmp_path):
+def test_resume_with_the_other_optimizer_is_one_line(cli, corpus, tmp_path):
     out = tmp_path / "run"
-    assert run_cli(*train_args(corpus, out, "--max-steps", "2")).returncode == 0
-    proc = run_cli(*train_args(corpus, out, "--max-steps", "4", "--resume", "auto", *MUON))
+    assert cli(*train_args(corpus, out, "--max-steps", "2")).returncode == 0
+    proc = cli(*train_args(corpus, out, "--max-steps", "4", "--resume", "auto", *MUON))
     assert_one_line_error(proc, "--optimizer adamw")
 
 
-@pytest.mark.slow
-def test_fine_tune_with_muon_from_an_adamw_model(corpus, tmp_path):
+def test_fine_tune_with_muon_from_an_adamw_model(cli, corpus, tmp_path):
     base = tmp_path / "base"
-    assert run_cli(*train_args(corpus, base, "--max-steps", "4")).returncode == 0
+    assert cli(*train_args(corpus, base, "--max-steps", "4")).returncode == 0
     tuned = tmp_path / "tuned"
-    proc = run_cli(*train_args(corpus, tuned, "--max-steps", "4", "--init-from", str(base / "gpt_model.pt"), *MUON))
+    proc = cli(*train_args(corpus, tuned, "--max-steps", "4", "--init-from", str(base / "gpt_model.pt"), *MUON))
     assert proc.returncode == 0, proc.stderr
     assert "optimizer fresh" in proc.stdout
     assert losses(tuned)[0][1] < losses(base)[0][1]  # it starts from the trained weights

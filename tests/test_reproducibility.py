@@ -92,6 +92,7 @@ def test_fused_loss_is_bit_identical_whatever_its_inputs_alignment(offset_h, off
         assert torch.equal(a, b)
 
 
+@pytest.mark.slow  # a fresh interpreter: pinning must come before the process's first product
 @pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="no MKL in this PyTorch build: nothing to pin")
 def test_every_command_pins_cpu_arithmetic_before_its_first_product():
     code = ("from examplegpt import cli; from examplegpt.reproducibility import cpu_arithmetic_is_pinned;"

@@ -416,6 +416,7 @@ def test_api_key_is_required_when_set(small_server):
 # --- the command: shutdown and bad flags -------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sigterm_ends_streams_in_flight_cleanly_and_exits_0(model_file):
     server = ServerProcess(model_file, "--drain-seconds", "0.2")
     try:
@@ -532,6 +533,7 @@ def test_playground_says_when_it_was_stopped(server):
 # --- the benchmark script, so it cannot rot unseen -------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_serve_benchmark_runs():
     command = [sys.executable, str(REPO / "benchmarks" / "bench_serve.py"), "--shapes", "2x64", "--clients", "1", "2",
                "--new-tokens", "6", "--rounds", "1"]  # fmt: skip
