@@ -28,10 +28,10 @@ NEG = float("-inf")
 
 
 def greedy_without_cache(model, idx, steps):
-    """Reference: recompute the whole sequence for every new token."""
+    """Reference: recompute the whole sequence for every new token (the LM head on its last position only)."""
     for _ in range(steps):
-        logits, _ = model(idx[:, -model.config.max_seq_len :])
-        idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        h = model.hidden_states(idx[:, -model.config.max_seq_len :])  # (B, T, C)
+        idx = torch.cat([idx, model.logits(h[:, -1]).argmax(-1, keepdim=True)], dim=1)
     return idx
 
 

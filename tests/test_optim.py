@@ -27,9 +27,6 @@ from .conftest import (
 
 MUON = ["--optimizer", "muon", "--muon-learning-rate", "0.02"]
 
-# Benchmarks run as smoke tests take minutes on 2 cores: opt in (a release check), so CI stays within its time.
-BENCH_SMOKE = pytest.mark.skipif(not os.environ.get("EXAMPLEGPT_BENCH_SMOKE"), reason="set EXAMPLEGPT_BENCH_SMOKE=1")
-
 
 def test_every_parameter_is_in_exactly_one_group_and_muon_gets_only_the_blocks_matrices():
     model = GPT(tiny_config(num_layers=3))
@@ -207,7 +204,6 @@ def test_muon_under_two_processes_matches_one_process(corpus, tmp_path, mode):
 
 
 @pytest.mark.slow
-@BENCH_SMOKE
 def test_the_optimizer_sweep_runs_on_cpu_without_the_gpu_image_s_missing_packages(tmp_path):
     """benchmarks/bench_optimizers.py --smoke, with datasets, fastapi, wandb and transformers made unimportable
     (the GPU image has none of them): it writes the table, the JSON and the curves."""

@@ -17,7 +17,7 @@ import torch
 from examplegpt.loss import fused_linear_cross_entropy
 from examplegpt.reproducibility import cpu_arithmetic_is_pinned
 
-from .conftest import OFFLINE, REPO, final_weights, kill_once_written, make_text
+from .conftest import OFFLINE, REPO, final_weights, kill_once_written, machine_threads, make_text
 
 
 def weights_hash(out_dir) -> str:
@@ -27,6 +27,7 @@ def weights_hash(out_dir) -> str:
 
 def launch(args, shift: int) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(REPO), WANDB_MODE="offline", **OFFLINE, ADDRESS_SHIFT="x" * shift)
+    env = machine_threads(env)  # every thread of the machine: one thread hides what threads can change
     return subprocess.Popen([sys.executable, "-m", "examplegpt", *args], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
 

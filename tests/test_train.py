@@ -22,6 +22,7 @@ from .conftest import (
     MICRO_MODEL,
     REPO,
     assert_one_line_error,
+    examples,
     final_weights,
     kill_once_written,
     losses,
@@ -262,7 +263,7 @@ def documented_lr(step, peak, warmup, total, ratio):
     return low + (peak - low) * (1 + math.cos(math.pi * (step - warmup) / (total - 1 - warmup))) / 2
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(
     total=st.integers(1, 400),
     warmup=st.integers(0, 450),
