@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import os
@@ -48,6 +49,24 @@ def examples(full_run: int) -> int:
 def machine_threads(env: dict[str, str]) -> dict[str, str]:
     """`env` without the suite's OMP_NUM_THREADS: a process that uses the threads PyTorch picks by default."""
     return {k: v for k, v in env.items() if k != "OMP_NUM_THREADS"}
+
+
+@pytest.fixture(autouse=True)
+def cpu_to_itself_if_alone(request, tmp_path_factory):
+    """Under pytest-xdist (`-n 2`), a test marked `alone` (it compares speeds) runs while no other worker runs one.
+
+    A readers-writer lock on a file the workers share: every test holds it shared, an `alone` test alone; the
+    turnstile lets an `alone` test waiting for it go before the tests that come after it."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        yield
+        return
+    shared = tmp_path_factory.getbasetemp().parent  # the run's folder, above each worker's own
+    alone = request.node.get_closest_marker("alone") is not None
+    with open(shared / "cpu.turnstile", "a") as turnstile, open(shared / "cpu.lock", "a") as cpu:
+        fcntl.flock(turnstile, fcntl.LOCK_EX)
+        fcntl.flock(cpu, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        fcntl.flock(turnstile, fcntl.LOCK_UN)
+        yield  # both locks go with the files
 
 
 # Fixtures that start `examplegpt serve` as a subprocess: a test that uses one is slow, wherever it is written.

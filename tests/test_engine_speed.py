@@ -76,6 +76,7 @@ SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.slow
+@pytest.mark.alone  # a ratio of speeds: no other test beside it
 def test_one_request_through_the_engine_runs_at_least_0_8x_generate():
     env = machine_threads(dict(os.environ, PYTHONPATH=str(REPO)))  # libgomp's thread pools are what is measured
     proc = subprocess.run(

@@ -30,6 +30,7 @@ from examplegpt.weights import load_model, save_model_file
 from .conftest import REPO, assert_one_line_error, peaked_model, run_cli
 
 openai = pytest.importorskip("openai")
+pytestmark = pytest.mark.xdist_group("serve")  # under pytest-xdist --dist loadgroup: one worker, one of each server
 
 CONTEXT = 256  # the test model's context: long requests run a few hundred steps
 START_TIMEOUT = 120  # seconds for a server to load the model and listen (2 busy cores)
