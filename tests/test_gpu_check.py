@@ -24,6 +24,7 @@ from examplegpt.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
+
 def run(command: list[str], cwd) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO), **OFFLINE)
     return subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=env, timeout=1800)
