@@ -58,9 +58,8 @@ def read_text(path: Path) -> str:
 
 def corpora(args: argparse.Namespace) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """name -> (train tokens, validation tokens). Tiny Shakespeare's last 10% validates it (as nanoGPT's)."""
-    tokens = encode_ordinary_array(read_text(BUNDLED["shakespeare"]))
-    if args.smoke:
-        tokens = tokens[:20_000]
+    text = read_text(BUNDLED["shakespeare"])
+    tokens = encode_ordinary_array(text[:80_000] if args.smoke else text)  # smoke: about 20,000 tokens
     cut = int(len(tokens) * 0.9)
     found = {"shakespeare": (tokens[:cut], tokens[cut:])}
     if args.train_file and args.val_file:
@@ -301,7 +300,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="a tiny CPU version: one small shape, 2 LRs, 2 seeds")
     args = p.parse_args(argv)
     if args.smoke:
-        args.shapes, args.seeds, args.steps, args.batch_size, args.eval_every = "smoke", 2, 8, 4, 4
+        args.shapes, args.seeds, args.steps, args.batch_size, args.eval_every = "smoke", 2, 4, 4, 2
         args.adamw_lrs, args.muon_lrs, args.warmup_steps, args.eval_windows = "3e-3,1e-2", "0.02,0.04", 2, 8
         args.device = "cpu"
     return args

@@ -12,7 +12,9 @@ Steps, each on its own (a failure is recorded and the next step runs), the repor
 7. evaluate the model step 1 trained, at auto and int8 precision.
 
 The training steps run the real CLI in a subprocess each (so one's memory never counts in another's),
-with a time limit; nothing needs the network (the data is the bundled Tiny Shakespeare).
+with a time limit; nothing needs the network (the data is the bundled Tiny Shakespeare). A smoke run
+starts the first in a subprocess as on the GPU and runs the others' CLI in its own process: it checks
+that every step works, and starting Python and PyTorch for each would be most of its time.
 
     python benchmarks/gpu_check.py --out gpu_report          # on one CUDA GPU: about 5 minutes
     python benchmarks/gpu_check.py --smoke --out /tmp/smoke  # the same steps on a tiny model on CPU
@@ -21,6 +23,8 @@ with a time limit; nothing needs the network (the data is the bundled Tiny Shake
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import statistics
@@ -62,26 +66,17 @@ class Plan:
     def __init__(self, smoke: bool) -> None:
         self.smoke = smoke
         self.device = "cpu" if smoke else "cuda"
-        if smoke:
-            self.model = [
-                "--d-model",
-                "64",
-                "--num-heads",
-                "2",
-                "--num-layers",
-                "2",
-                "--d-ff",
-                "128",
-                "--max-seq-len",
-                "64",
-            ]
-            self.batch, self.default_steps, self.fixed_micro, self.short_batch = 8, 3, 4, 4
-            self.fp16_steps, self.compile_steps, self.new_tokens, self.serve_tokens = 2, 2, 8, 4
-            self.shape = dict(n_embd=64, n_head=2, n_layer=2, n_positions=64)
+        if smoke:  # the smallest shapes and fewest steps each step's code path still runs with
+            self.model = ["--d-model", "32", "--num-heads", "2", "--num-layers", "1", "--d-ff", "64", "--max-seq-len", "32"]  # fmt: skip
+            self.batch, self.default_steps, self.fixed_micro, self.short_batch = 4, 2, 2, 2
+            self.fp16_steps, self.compile_steps, self.new_tokens, self.serve_tokens = 2, 1, 4, 4
+            self.memory_steps, self.timing_rounds = 1, 1
+            self.shape = dict(n_embd=32, n_head=2, n_layer=1, n_positions=32)
         else:  # GPT-2 124M, the README's default run
             self.model = ["--preset", "124M"]
             self.batch, self.default_steps, self.fixed_micro, self.short_batch = 64, 30, 8, 16
             self.fp16_steps, self.compile_steps, self.new_tokens, self.serve_tokens = 20, 20, 128, 64
+            self.memory_steps, self.timing_rounds = 3, 3
             self.shape = dict(n_embd=768, n_head=12, n_layer=12, n_positions=1024)
 
 
@@ -118,9 +113,15 @@ def child_env() -> dict:
     return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
 
 
-def run_cli(args: list[str], timeout: float, log: Path) -> tuple[int, str]:
-    """`python -c PEAK_MEMORY_WRAPPER ARGS` (the CLI, then its peak GPU memory): exit code and output."""
-    env = dict(child_env(), WANDB_MODE="disabled", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+CLI_ENV = {"WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+def run_cli(args: list[str], timeout: float, log: Path, in_process: bool = False) -> tuple[int, str]:
+    """`python -c PEAK_MEMORY_WRAPPER ARGS` (the CLI, then its peak GPU memory): exit code and output.
+    in_process (smoke runs): `main(ARGS)` in this process instead, without a time limit."""
+    if in_process:
+        return run_cli_here(args, log)
+    env = dict(child_env(), **CLI_ENV)
     command = [sys.executable, "-c", PEAK_MEMORY_WRAPPER, *args]
     try:
         proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
@@ -129,6 +130,22 @@ def run_cli(args: list[str], timeout: float, log: Path) -> tuple[int, str]:
         code = -1
         output = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
         output += f"\n(timed out after {timeout:.0f} s)"
+    log.write_text(" ".join(args) + "\n\n" + output)
+    return code, output
+
+
+def run_cli_here(args: list[str], log: Path) -> tuple[int, str]:
+    """`main(ARGS)` in this process, its output captured: exit code and output."""
+    from examplegpt.cli import main
+
+    os.environ.update(CLI_ENV)
+    captured = io.StringIO()
+    with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
+        try:
+            code = main(args)
+        except SystemExit as e:  # argparse's usage errors
+            code = e.code if isinstance(e.code, int) else 1
+    output = captured.getvalue()
     log.write_text(" ".join(args) + "\n\n" + output)
     return code, output
 
@@ -166,8 +183,9 @@ def train_args(plan: Plan, out_dir: Path, data_cache: Path, steps: int, batch: i
 
 def train_step(plan: Plan, work: Path, name: str, steps: int, batch: int, timeout: float, *extra: str) -> dict:
     out_dir = work / name
+    in_process = plan.smoke and name != "train_default"  # the first step in a subprocess, as on the GPU
     code, output = run_cli(
-        train_args(plan, out_dir, work / "data", steps, batch, *extra), timeout, work / f"{name}.log"
+        train_args(plan, out_dir, work / "data", steps, batch, *extra), timeout, work / f"{name}.log", in_process
     )
     result = {"exit_code": code}
     if (out_dir / "metrics.jsonl").exists():
@@ -194,7 +212,7 @@ def step_memory(plan: Plan, work: Path, budget: float) -> dict:
         ("with_checkpointing", "--use-checkpointing"),
         ("without_checkpointing", "--no-use-checkpointing"),
     ):
-        step = train_step(plan, work, f"memory_{label}", 3, plan.fixed_micro * 2, budget / 2,
+        step = train_step(plan, work, f"memory_{label}", plan.memory_steps, plan.fixed_micro * 2, budget / 2,
                           "--micro-batch-size", str(plan.fixed_micro), flag)  # fmt: skip
         result[f"peak_gib_{label}"] = step["peak_memory_gib"]
         result[f"tokens_per_sec_{label}"] = step.get("tokens_per_sec")
@@ -266,7 +284,7 @@ def step_generate(plan: Plan, work: Path, budget: float) -> dict:
             for run in runs.values():
                 run(4)  # warm up (kernels, allocator)
             seconds = {name: [] for name in runs}
-            for _ in range(3):
+            for _ in range(plan.timing_rounds):
                 for name, run in runs.items():
                     seconds[name].append(timed(lambda: run(n)))
             for name in runs:
@@ -367,7 +385,7 @@ def step_evaluate(plan: Plan, work: Path, budget: float) -> dict:
     for precision in ("auto", "int8"):
         args = ["evaluate", "-c", str(model_file), "--data", str(text_file), "--device", plan.device,
                 "--precision", precision, "--json", "--batch-size", "8"]  # fmt: skip
-        code, output = run_cli(args, budget / 2, work / f"evaluate_{precision}.log")
+        code, output = run_cli(args, budget / 2, work / f"evaluate_{precision}.log", in_process=plan.smoke)
         if code != 0:
             raise RuntimeError(f"evaluate --precision {precision}: exit code {code}: {output.strip()[-300:]}")
         record = json.loads(next(line for line in output.splitlines() if line.startswith("{")))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import os
@@ -27,7 +28,55 @@ OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 def pytest_configure(config) -> None:
     os.environ.update(OFFLINE)  # before huggingface_hub is imported: it reads them once
+    # One PyTorch thread, here and (through the environment) in every command a test starts: the test models
+    # are tiny, so a second thread only adds waits, and many of them where another test worker or a busy
+    # machine holds the other core. The tests about threads start their processes with machine_threads().
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     pin_cpu_arithmetic()  # as every command does: in-process tests compute what the commands compute
+    global FAST_LOOP
+    FAST_LOOP = "not slow" in (config.option.markexpr or "")
+
+
+FAST_LOOP = False  # pytest -m "not slow": the loop run after each change; CI runs everything
+
+
+def examples(full_run: int) -> int:
+    """How many examples a property test draws: all of them in a full run, a fifth in the fast loop."""
+    return max(50, full_run // 5) if FAST_LOOP else full_run
+
+
+def machine_threads(env: dict[str, str]) -> dict[str, str]:
+    """`env` without the suite's OMP_NUM_THREADS: a process that uses the threads PyTorch picks by default."""
+    return {k: v for k, v in env.items() if k != "OMP_NUM_THREADS"}
+
+
+@pytest.fixture(autouse=True)
+def cpu_to_itself_if_alone(request, tmp_path_factory):
+    """Under pytest-xdist (`-n 2`), a test marked `alone` (it compares speeds) runs while no other worker runs one.
+
+    A readers-writer lock on a file the workers share: every test holds it shared, an `alone` test alone; the
+    turnstile lets an `alone` test waiting for it go before the tests that come after it."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        yield
+        return
+    shared = tmp_path_factory.getbasetemp().parent  # the run's folder, above each worker's own
+    alone = request.node.get_closest_marker("alone") is not None
+    with open(shared / "cpu.turnstile", "a") as turnstile, open(shared / "cpu.lock", "a") as cpu:
+        fcntl.flock(turnstile, fcntl.LOCK_EX)
+        fcntl.flock(cpu, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        fcntl.flock(turnstile, fcntl.LOCK_UN)
+        yield  # both locks go with the files
+
+
+# Fixtures that start `examplegpt serve` as a subprocess: a test that uses one is slow, wherever it is written.
+SERVER_FIXTURES = {"server", "small_server"}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 def tiny_config(**overrides) -> GPTConfig:

@@ -3,7 +3,11 @@
 import subprocess
 import sys
 
+import pytest
+
 from .conftest import REPO
+
+pytestmark = pytest.mark.slow  # each runs a benchmark script in a subprocess
 
 
 def test_training_sweep_runs_on_cpu():

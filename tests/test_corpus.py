@@ -15,6 +15,8 @@ from examplegpt.data import check_cache, corpus, open_split, prepare, token_cach
 from examplegpt.data.corpus import ReadReport, cut_pieces, text_file_pieces
 from examplegpt.tokenizer import EOT_ID, get_tokenizer
 
+from .conftest import examples
+
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 WIKITEXT_TEST = SHARED / "wikitext-2" / "test.txt"
 
@@ -36,7 +38,7 @@ def tokens_of_pieces(pieces: list[str]) -> list[int]:
     return [t for ids in get_tokenizer().encode_ordinary_batch(pieces) for t in ids]
 
 
-@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(1000), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(text=st.one_of(texts, runs), size=st.integers(1, 64))
 def test_pieces_tokenize_exactly_as_the_whole_text(text, size):
     report = ReadReport()
@@ -49,7 +51,7 @@ def test_pieces_tokenize_exactly_as_the_whole_text(text, size):
 SEARCH = 16
 
 
-@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(1000), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(text=st.one_of(texts, runs), size=st.integers(1, 64))
 def test_pieces_stay_short_and_are_exact_unless_a_cut_was_forced(text, size):
     report = ReadReport()
@@ -60,7 +62,7 @@ def test_pieces_stay_short_and_are_exact_unless_a_cut_was_forced(text, size):
         assert tokens_of_pieces(pieces) == get_tokenizer().encode_ordinary(text)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(text=st.one_of(texts, runs), size=st.integers(1, 64), block=st.integers(1, 40))
 def test_files_read_in_blocks_tokenize_exactly_as_the_whole_file(tmp_path_factory, text, size, block):
     path = tmp_path_factory.mktemp("blocks") / "a.txt"
@@ -79,7 +81,7 @@ def test_files_read_in_blocks_tokenize_exactly_as_the_whole_file(tmp_path_factor
         assert tokens_of_pieces([p for p, _ in pieces]) == get_tokenizer().encode_ordinary(text)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(300), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(documents=st.lists(st.one_of(texts, runs), min_size=1, max_size=4), size=st.integers(1, 64),
        workers=st.integers(1, 3), in_flight=st.integers(1, 200))  # fmt: skip
 def test_the_token_file_holds_each_whole_documents_tokens_then_endoftext(

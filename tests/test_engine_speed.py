@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 
-from .conftest import REPO
+from .conftest import REPO, machine_threads
 
 SCRIPT = textwrap.dedent(
     """
@@ -76,8 +76,9 @@ SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.slow
+@pytest.mark.alone  # a ratio of speeds: no other test beside it
 def test_one_request_through_the_engine_runs_at_least_0_8x_generate():
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = machine_threads(dict(os.environ, PYTHONPATH=str(REPO)))  # libgomp's thread pools are what is measured
     proc = subprocess.run(
         [sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=900, cwd=REPO, env=env
     )

@@ -13,7 +13,7 @@ from examplegpt.evaluate import exp_or_inf, sliding_window_nll, window_plan
 from examplegpt.tokenizer import encode
 from examplegpt.weights import save_model_file
 
-from .conftest import assert_one_line_error, make_text, run_cli, tiny_config
+from .conftest import assert_one_line_error, make_text, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -76,10 +76,10 @@ def model_file(tmp_path, small_model):
     return path
 
 
-def test_evaluate_command_on_a_text_file(tmp_path, model_file):
+def test_evaluate_command_on_a_text_file(cli, tmp_path, model_file):
     text = make_text(600, 9)
     (tmp_path / "eval.txt").write_text(text)
-    proc = run_cli("evaluate", "-c", str(model_file), "--data", str(tmp_path / "eval.txt"), "--json", "--stride", "8")
+    proc = cli("evaluate", "-c", str(model_file), "--data", str(tmp_path / "eval.txt"), "--json", "--stride", "8")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.splitlines()[-1])
     assert result["tokens_scored"] == len(encode(text))  # every token of the text, none of the <|endoftext|>
@@ -87,7 +87,7 @@ def test_evaluate_command_on_a_text_file(tmp_path, model_file):
     assert result["word_perplexity"] == pytest.approx(
         np.exp(result["loss"] * result["tokens_scored"] / result["words"])
     )
-    table = run_cli("evaluate", "-c", str(model_file), "--data", str(tmp_path / "eval.txt"))
+    table = cli("evaluate", "-c", str(model_file), "--data", str(tmp_path / "eval.txt"))
     assert "word_perplexity" in table.stdout and "bits_per_byte" in table.stdout
 
 
@@ -144,10 +144,10 @@ def test_evaluate_bad_input(cli, tmp_path, model_file, small_model):
     assert_one_line_error(cli("evaluate", "-c", str(other), "--data", text), "tokenizer")
 
 
-def test_export_writes_a_folder_transformers_loads(tmp_path, model_file, small_model):
+def test_export_writes_a_folder_transformers_loads(cli, tmp_path, model_file, small_model):
     transformers = pytest.importorskip("transformers")
     out = tmp_path / "hf"
-    proc = run_cli("export", "-c", str(model_file), "--out-dir", str(out))
+    proc = cli("export", "-c", str(model_file), "--out-dir", str(out))
     assert proc.returncode == 0, proc.stderr
     hf = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
     idx = torch.randint(0, 50257, (2, 16))
@@ -156,11 +156,11 @@ def test_export_writes_a_folder_transformers_loads(tmp_path, model_file, small_m
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)
     for text in ["Hello, world!  naïve 東京 🚀\n\n x", "it's 2026: 1,234 <|endoftext|> next"]:
         assert tokenizer.encode(text) == encode(text)
-    assert_one_line_error(run_cli("export", "-c", str(model_file), "--out-dir", str(out)), "--force")
-    assert run_cli("export", "-c", str(model_file), "--out-dir", str(out), "--force").returncode == 0
+    assert_one_line_error(cli("export", "-c", str(model_file), "--out-dir", str(out)), "--force")
+    assert cli("export", "-c", str(model_file), "--out-dir", str(out), "--force").returncode == 0
 
 
-def test_evaluation_scores_the_text_only_and_matches_transformers(tmp_path, hf_dir):
+def test_evaluation_scores_the_text_only_and_matches_transformers(cli, tmp_path, hf_dir):
     """Three files (three documents) scored through the command; the reference runs transformers'
     GPT2LMHeadModel on the same windows: the text's tokens after an <|endoftext|>, documents joined by
     <|endoftext|>, every token of the text a target once and no <|endoftext|> ever a target."""
@@ -174,7 +174,7 @@ def test_evaluation_scores_the_text_only_and_matches_transformers(tmp_path, hf_d
     texts = [make_text(150 + 40 * i, 20 + i) for i in range(3)]
     for i, text in enumerate(texts):
         (docs / f"{i}.txt").write_text(text)
-    proc = run_cli("evaluate", "-c", str(hf_dir), "--data", str(docs), "--json", "--stride", "48")
+    proc = cli("evaluate", "-c", str(hf_dir), "--data", str(docs), "--json", "--stride", "48")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.splitlines()[-1])
 

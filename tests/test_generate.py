@@ -22,16 +22,16 @@ from examplegpt.text import TextStream
 from examplegpt.tokenizer import EOT_ID, encode
 from examplegpt.weights import save_model_file
 
-from .conftest import assert_one_line_error, eos_only_model, peaked_model, run_cli, tiny_config
+from .conftest import assert_one_line_error, eos_only_model, peaked_model, tiny_config
 
 NEG = float("-inf")
 
 
 def greedy_without_cache(model, idx, steps):
-    """Reference: recompute the whole sequence for every new token."""
+    """Reference: recompute the whole sequence for every new token (the LM head on its last position only)."""
     for _ in range(steps):
-        logits, _ = model(idx[:, -model.config.max_seq_len :])
-        idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        h = model.hidden_states(idx[:, -model.config.max_seq_len :])  # (B, T, C)
+        idx = torch.cat([idx, model.logits(h[:, -1]).argmax(-1, keepdim=True)], dim=1)
     return idx
 
 
@@ -139,34 +139,34 @@ def model_file(tmp_path_factory, spread_model):
     return path
 
 
-def test_cli_json_num_samples_and_seed(model_file):
+def test_cli_json_num_samples_and_seed(cli, model_file):
     args = ["generate", "-c", str(model_file), "-p", "Hello", "-n", "12", "--seed", "3", "--num-samples", "3",
             "--json", "--ignore-eos", "--top-k", "50", "--min-p", "0.01", "--repetition-penalty", "1.2"]  # fmt: skip
-    first = run_cli(*args)
+    first = cli(*args)
     assert first.returncode == 0, first.stderr
     records = [json.loads(line) for line in first.stdout.splitlines()]
     assert len(records) == 3 and all(r["prompt"] == "Hello" and r["tokens"] == 12 for r in records)
-    again = [json.loads(line) for line in run_cli(*args).stdout.splitlines()]
+    again = [json.loads(line) for line in cli(*args).stdout.splitlines()]
     assert [r["text"] for r in again] == [r["text"] for r in records]  # same seed, same text
     assert len({r["text"] for r in records}) > 1
 
 
-def test_cli_streams_prompt_then_continuation_and_honours_stop(model_file, spread_model):
-    greedy = run_cli("generate", "-c", str(model_file), "-p", "Hello", "-n", "30", "-t", "0", "--ignore-eos")
+def test_cli_streams_prompt_then_continuation_and_honours_stop(cli, model_file, spread_model):
+    greedy = cli("generate", "-c", str(model_file), "-p", "Hello", "-n", "30", "-t", "0", "--ignore-eos")
     assert greedy.returncode == 0 and greedy.stdout.startswith("Hello")
     continuation = greedy.stdout[len("Hello") : -1]
     stop_text = continuation[5:9]
-    stopped = run_cli("generate", "-c", str(model_file), "-p", "Hello", "-n", "30", "-t", "0", "--stop", stop_text)
+    stopped = cli("generate", "-c", str(model_file), "-p", "Hello", "-n", "30", "-t", "0", "--stop", stop_text)
     expected = "Hello" + continuation[: continuation.find(stop_text)] + "\n"
     assert stopped.stdout == expected
 
 
-def test_cli_reads_the_prompt_from_stdin_and_interactively(model_file):
-    piped = run_cli("generate", "-c", str(model_file), "-n", "3", "-t", "0", stdin="From a pipe")
+def test_cli_reads_the_prompt_from_stdin_and_interactively(cli, model_file):
+    piped = cli("generate", "-c", str(model_file), "-n", "3", "-t", "0", stdin="From a pipe")
     assert piped.returncode == 0 and piped.stdout.startswith("From a pipe")
-    dash = run_cli("generate", "-c", str(model_file), "-p", "-", "-n", "3", "-t", "0", stdin="Dash")
+    dash = cli("generate", "-c", str(model_file), "-p", "-", "-n", "3", "-t", "0", stdin="Dash")
     assert dash.stdout.startswith("Dash")
-    chat = run_cli("generate", "-c", str(model_file), "--interactive", "-n", "3", "-t", "0", stdin="one\ntwo\n")
+    chat = cli("generate", "-c", str(model_file), "--interactive", "-n", "3", "-t", "0", stdin="one\ntwo\n")
     assert chat.returncode == 0
     assert chat.stdout.count("one") >= 1 and "two" in chat.stdout
 

@@ -24,9 +24,6 @@ from examplegpt.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
-# Benchmarks run as smoke tests take minutes on 2 cores: opt in (a release check), so CI stays within its time.
-BENCH_SMOKE = pytest.mark.skipif(not os.environ.get("EXAMPLEGPT_BENCH_SMOKE"), reason="set EXAMPLEGPT_BENCH_SMOKE=1")
-
 
 def run(command: list[str], cwd) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO), **OFFLINE)
@@ -34,7 +31,6 @@ def run(command: list[str], cwd) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-@BENCH_SMOKE
 def test_gpu_check_smoke_runs_every_step(tmp_path):
     proc = run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--smoke", "--out", str(tmp_path)], tmp_path)
     report = json.loads((tmp_path / "report.json").read_text())

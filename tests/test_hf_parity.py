@@ -6,7 +6,7 @@ import torch
 from examplegpt.generate import generate
 from examplegpt.weights import load_model, save_hf_folder, state_to_hf
 
-from .conftest import assert_one_line_error, run_cli
+from .conftest import assert_one_line_error
 
 transformers = pytest.importorskip("transformers")
 
@@ -37,14 +37,14 @@ def test_greedy_generation_matches_transformers(models):
     assert torch.equal(generate(ours, prompt, 40, temperature=0), expected)
 
 
-def test_cli_greedy_prints_what_transformers_generates(hf_dir, models):
+def test_cli_greedy_prints_what_transformers_generates(cli, hf_dir, models):
     hf, _ = models
     from examplegpt.tokenizer import decode, encode
 
     prompt = "The history of"
     ids = torch.tensor([encode(prompt)])
     expected = hf.generate(ids, max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0)
-    proc = run_cli("generate", "-c", str(hf_dir), "-p", prompt, "-n", "20", "-t", "0", "--ignore-eos")
+    proc = cli("generate", "-c", str(hf_dir), "-p", prompt, "-n", "20", "-t", "0", "--ignore-eos")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == decode(expected[0].tolist()) + "\n"
 

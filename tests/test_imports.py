@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from .conftest import REPO
 
 PACKAGE = REPO / "examplegpt"
@@ -132,6 +134,7 @@ def test_no_module_of_the_package_imports_itself_back():
     assert not cycles, "import cycles in examplegpt/:\n" + "\n".join(describe(graph, c) for c in cycles)
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_the_public_api_imports_in_a_fresh_interpreter_without_side_effects():
     code = (
         "import sys, examplegpt\n"

@@ -9,12 +9,12 @@ from hypothesis import strategies as st
 from examplegpt import GPT
 from examplegpt.loss import IGNORE_INDEX, fused_linear_cross_entropy
 
-from .conftest import tiny_config
+from .conftest import examples, tiny_config
 
 VOCAB, PADDED, WIDTH = 37, 64, 8
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(
     rows=st.integers(1, 24),
     chunk_rows=st.integers(1, 30),

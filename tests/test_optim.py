@@ -27,9 +27,6 @@ from .conftest import (
 
 MUON = ["--optimizer", "muon", "--muon-learning-rate", "0.02"]
 
-# Benchmarks run as smoke tests take minutes on 2 cores: opt in (a release check), so CI stays within its time.
-BENCH_SMOKE = pytest.mark.skipif(not os.environ.get("EXAMPLEGPT_BENCH_SMOKE"), reason="set EXAMPLEGPT_BENCH_SMOKE=1")
-
 
 def test_every_parameter_is_in_exactly_one_group_and_muon_gets_only_the_blocks_matrices():
     model = GPT(tiny_config(num_layers=3))
@@ -104,12 +101,11 @@ def test_cpu_amp_is_fp32_on_a_cpu_without_native_bf16():
     assert pick_dtype("bf16", CPU, True, d_model=64, flags=ZEN3) == torch.bfloat16  # asked for: given
 
 
-@pytest.mark.slow
-def test_this_machine_trains_in_the_format_its_flags_call_for(corpus, tmp_path):
+def test_this_machine_trains_in_the_format_its_flags_call_for(cli, corpus, tmp_path):
     from examplegpt.device import cpu_prefers_bf16
 
     expected = "bfloat16" if cpu_prefers_bf16(32) else "float32"
-    proc = run_cli(*[a for a in train_args(corpus, tmp_path / "run", "--max-steps", "1") if a != "--no-amp"])
+    proc = cli(*[a for a in train_args(corpus, tmp_path / "run", "--max-steps", "1") if a != "--no-amp"])
     assert proc.returncode == 0, proc.stderr
     assert f"| {expected} |" in proc.stdout  # the start line says which format was chosen
 
@@ -150,20 +146,18 @@ def test_muon_kill_and_resume_in_fresh_processes_is_bit_identical_to_an_uninterr
     assert losses(straight) == losses(killed)
 
 
-@pytest.mark.slow
-def test_resume_with_the_other_optimizer_is_one_line(corpus, tmp_path):
+def test_resume_with_the_other_optimizer_is_one_line(cli, corpus, tmp_path):
     out = tmp_path / "run"
-    assert run_cli(*train_args(corpus, out, "--max-steps", "2")).returncode == 0
-    proc = run_cli(*train_args(corpus, out, "--max-steps", "4", "--resume", "auto", *MUON))
+    assert cli(*train_args(corpus, out, "--max-steps", "2")).returncode == 0
+    proc = cli(*train_args(corpus, out, "--max-steps", "4", "--resume", "auto", *MUON))
     assert_one_line_error(proc, "--optimizer adamw")
 
 
-@pytest.mark.slow
-def test_fine_tune_with_muon_from_an_adamw_model(corpus, tmp_path):
+def test_fine_tune_with_muon_from_an_adamw_model(cli, corpus, tmp_path):
     base = tmp_path / "base"
-    assert run_cli(*train_args(corpus, base, "--max-steps", "4")).returncode == 0
+    assert cli(*train_args(corpus, base, "--max-steps", "4")).returncode == 0
     tuned = tmp_path / "tuned"
-    proc = run_cli(*train_args(corpus, tuned, "--max-steps", "4", "--init-from", str(base / "gpt_model.pt"), *MUON))
+    proc = cli(*train_args(corpus, tuned, "--max-steps", "4", "--init-from", str(base / "gpt_model.pt"), *MUON))
     assert proc.returncode == 0, proc.stderr
     assert "optimizer fresh" in proc.stdout
     assert losses(tuned)[0][1] < losses(base)[0][1]  # it starts from the trained weights
@@ -210,7 +204,6 @@ def test_muon_under_two_processes_matches_one_process(corpus, tmp_path, mode):
 
 
 @pytest.mark.slow
-@BENCH_SMOKE
 def test_the_optimizer_sweep_runs_on_cpu_without_the_gpu_image_s_missing_packages(tmp_path):
     """benchmarks/bench_optimizers.py --smoke, with datasets, fastapi, wandb and transformers made unimportable
     (the GPU image has none of them): it writes the table, the JSON and the curves."""

@@ -21,7 +21,7 @@ import torch
 from examplegpt.loss import fused_linear_cross_entropy
 from examplegpt.reproducibility import cpu_arithmetic_is_pinned
 
-from .conftest import MICRO_MODEL, OFFLINE, REPO, final_weights, kill_once_written, losses, make_text
+from .conftest import MICRO_MODEL, OFFLINE, REPO, final_weights, kill_once_written, losses, machine_threads, make_text
 
 
 def weights_hash(out_dir) -> str:
@@ -30,7 +30,9 @@ def weights_hash(out_dir) -> str:
 
 
 def environment(shift: int, **extra: str) -> dict[str, str]:
-    return dict(os.environ, PYTHONPATH=str(REPO), WANDB_MODE="offline", **OFFLINE, ADDRESS_SHIFT="x" * shift, **extra)
+    """Every thread of the machine (one thread hides what threads can change), unless `extra` says otherwise."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), WANDB_MODE="offline", **OFFLINE, ADDRESS_SHIFT="x" * shift)
+    return dict(machine_threads(env), **extra)
 
 
 def launch(args, shift: int, stdout=subprocess.DEVNULL, **extra_env: str) -> subprocess.Popen:
@@ -106,6 +108,7 @@ def test_fused_loss_is_bit_identical_whatever_its_inputs_alignment(offset_h, off
         assert torch.equal(a, b)
 
 
+@pytest.mark.slow  # a fresh interpreter: pinning must come before the process's first product
 @pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="no MKL in this PyTorch build: nothing to pin")
 def test_every_command_pins_cpu_arithmetic_before_its_first_product():
     code = ("from examplegpt import cli; from examplegpt.reproducibility import cpu_arithmetic_is_pinned;"

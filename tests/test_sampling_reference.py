@@ -16,6 +16,8 @@ from hypothesis import strategies as st
 
 from examplegpt.sampling import SamplingParams, apply_repetition_penalty, choose_next, filter_logits, next_token_probs
 
+from .conftest import examples
+
 logits_process = pytest.importorskip("transformers.generation.logits_process")
 
 INF = float("inf")
@@ -64,7 +66,7 @@ def transformers_scores(logits, seen_ids, penalty, temperature, top_k, top_p, mi
     return scores
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=examples(400), deadline=None)
 @given(
     logits=logit_rows(),
     temperature=st.one_of(st.sampled_from([0.05, 0.5, 1.0, 2.0, 50.0]), st.floats(0.01, 100.0)),

@@ -30,6 +30,7 @@ from examplegpt.weights import load_model, save_model_file
 from .conftest import REPO, assert_one_line_error, peaked_model, run_cli
 
 openai = pytest.importorskip("openai")
+pytestmark = pytest.mark.xdist_group("serve")  # under pytest-xdist --dist loadgroup: one worker, one of each server
 
 CONTEXT = 256  # the test model's context: long requests run a few hundred steps
 START_TIMEOUT = 120  # seconds for a server to load the model and listen (2 busy cores)
@@ -416,6 +417,7 @@ def test_api_key_is_required_when_set(small_server):
 # --- the command: shutdown and bad flags -------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sigterm_ends_streams_in_flight_cleanly_and_exits_0(model_file):
     server = ServerProcess(model_file, "--drain-seconds", "0.2")
     try:
@@ -532,6 +534,7 @@ def test_playground_says_when_it_was_stopped(server):
 # --- the benchmark script, so it cannot rot unseen -------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_serve_benchmark_runs():
     command = [sys.executable, str(REPO / "benchmarks" / "bench_serve.py"), "--shapes", "2x64", "--clients", "1", "2",
                "--new-tokens", "6", "--rounds", "1"]  # fmt: skip

@@ -22,6 +22,7 @@ from .conftest import (
     MICRO_MODEL,
     REPO,
     assert_one_line_error,
+    examples,
     final_weights,
     kill_once_written,
     losses,
@@ -66,9 +67,9 @@ def test_two_by_four_accumulation_gives_the_gradient_of_a_batch_of_eight():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_training_writes_metrics_plot_checkpoints_and_model(corpus, tmp_path):
+def test_training_writes_metrics_plot_checkpoints_and_model(cli, corpus, tmp_path):
     out = tmp_path / "run"
-    proc = run_cli(*train_args(corpus, out, "--max-steps", "8", "--checkpoint-interval", "4", "--keep-last", "1"))
+    proc = cli(*train_args(corpus, out, "--max-steps", "8", "--checkpoint-interval", "4", "--keep-last", "1"))
     assert proc.returncode == 0, proc.stderr
     assert "step 8/8" in proc.stdout and "val loss" in proc.stdout
     record = losses(out)
@@ -77,12 +78,13 @@ def test_training_writes_metrics_plot_checkpoints_and_model(corpus, tmp_path):
     assert [s for s, _, v in record if v is not None] == [4, 8]
     assert (out / "loss.png").stat().st_size > 10_000
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["checkpoint_epoch1_batch8.pt"]  # keep-last 1
-    gen = run_cli("generate", "-c", str(out / "gpt_model.pt"), "-p", "The history of", "-n", "5", "-t", "0")
+    gen = cli("generate", "-c", str(out / "gpt_model.pt"), "-p", "The history of", "-n", "5", "-t", "0")
     assert gen.returncode == 0 and gen.stdout.startswith("The history of"), gen.stderr
-    plot = run_cli("plot", str(out), str(out), "--out", str(tmp_path / "both.png"))
+    plot = cli("plot", str(out), str(out), "--out", str(tmp_path / "both.png"))
     assert plot.returncode == 0 and (tmp_path / "both.png").exists(), plot.stderr
 
 
+@pytest.mark.slow
 def test_kill_and_resume_is_bit_identical_to_an_uninterrupted_run(corpus, tmp_path):
     steps = ["--max-steps", "30", "--checkpoint-interval", "6"]
     straight = tmp_path / "straight"
@@ -106,10 +108,10 @@ def test_kill_and_resume_is_bit_identical_to_an_uninterrupted_run(corpus, tmp_pa
     assert losses(straight) == losses(killed)
 
 
-def test_resume_with_another_model_shape_is_refused(corpus, tmp_path):
+def test_resume_with_another_model_shape_is_refused(cli, corpus, tmp_path):
     out = tmp_path / "run"
-    assert run_cli(*train_args(corpus, out, "--max-steps", "2")).returncode == 0
-    proc = run_cli(*train_args(corpus, out, "--max-steps", "4", "--resume", "auto", "--d-model", "64"))
+    assert cli(*train_args(corpus, out, "--max-steps", "2")).returncode == 0
+    proc = cli(*train_args(corpus, out, "--max-steps", "4", "--resume", "auto", "--d-model", "64"))
     assert_one_line_error(proc, "another model configuration")
 
 
@@ -126,6 +128,7 @@ def start_long_run(corpus, out) -> subprocess.Popen:
     return proc
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(corpus, tmp_path):
     out = tmp_path / "run"
     proc = start_long_run(corpus, out)
@@ -138,16 +141,17 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(corpus, tmp_path):
     assert state["step"] >= 1 and state["optimizer"]["state"]
 
 
-def test_a_second_run_on_a_folder_in_use_is_refused_and_the_first_goes_on(corpus, tmp_path):
+@pytest.mark.slow
+def test_a_second_run_on_a_folder_in_use_is_refused_and_the_first_goes_on(cli, corpus, tmp_path):
     out = tmp_path / "run"
     first = start_long_run(corpus, out)
-    second = run_cli(*train_args(corpus, out, "--max-steps", "2"))
+    second = cli(*train_args(corpus, out, "--max-steps", "2"))
     assert_one_line_error(second, f"another training run (pid {first.pid}) is writing to")
     assert first.poll() is None  # untouched
     first.send_signal(signal.SIGTERM)
     assert first.communicate(timeout=120) and first.returncode == 0
     # free once it ended: what refuses a new run now is the ended run's checkpoint, not the lock
-    assert_one_line_error(run_cli(*train_args(corpus, out, "--max-steps", "2")), "already holds", "--resume")
+    assert_one_line_error(cli(*train_args(corpus, out, "--max-steps", "2")), "already holds", "--resume")
 
 
 def test_non_finite_loss_is_skipped_then_stops_with_the_last_checkpoint_intact(corpus, tmp_path, monkeypatch):
@@ -163,6 +167,7 @@ def test_non_finite_loss_is_skipped_then_stops_with_the_last_checkpoint_intact(c
     assert not (out / "gpt_model.pt").exists()
 
 
+@pytest.mark.slow  # a subprocess: wandb's run is global to a process
 def test_wandb_offline_run_logs_without_credentials(corpus, tmp_path):
     pytest.importorskip("wandb")
     out = tmp_path / "run"
@@ -200,9 +205,9 @@ def without_shape_flags(args: list[str]) -> list[str]:
     return [a for i, a in enumerate(args) if i not in shape and i - 1 not in shape]
 
 
-def test_fine_tune_from_a_hugging_face_folder(corpus, tmp_path, hf_dir):
+def test_fine_tune_from_a_hugging_face_folder(cli, corpus, tmp_path, hf_dir):
     out = tmp_path / "run"
-    proc = run_cli(*without_shape_flags(train_args(corpus, out, "--max-steps", "2", "--init-from", str(hf_dir))))
+    proc = cli(*without_shape_flags(train_args(corpus, out, "--max-steps", "2", "--init-from", str(hf_dir))))
     assert proc.returncode == 0, proc.stderr
     assert "initialised from" in proc.stdout
     assert read_torch_file(out / "gpt_model.pt")["model_config"]["d_model"] == 64  # the HF model's shape
@@ -234,13 +239,13 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(corpus, tmp_path, 
     assert read_torch_file(out / "checkpoints" / files[0])["step"] == 4
 
 
-def test_resume_survives_a_metrics_line_cut_short_by_a_kill(corpus, tmp_path):
+def test_resume_survives_a_metrics_line_cut_short_by_a_kill(cli, corpus, tmp_path):
     out = tmp_path / "run"
-    assert run_cli(*train_args(corpus, out, "--max-steps", "4", "--checkpoint-interval", "2")).returncode == 0
+    assert cli(*train_args(corpus, out, "--max-steps", "4", "--checkpoint-interval", "2")).returncode == 0
     (out / "checkpoints" / "checkpoint_epoch1_batch4.pt").unlink()
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"step": 5, "train_lo')  # what a kill -9 in the middle of a write leaves
-    proc = run_cli(*train_args(corpus, out, "--max-steps", "4", "--checkpoint-interval", "2", "--resume", "auto"))
+    proc = cli(*train_args(corpus, out, "--max-steps", "4", "--checkpoint-interval", "2", "--resume", "auto"))
     assert proc.returncode == 0, proc.stderr
     assert [s for s, _, _ in losses(out)] == [1, 2, 3, 4, 4]  # 4 twice: the train line and the val line
 
@@ -258,7 +263,7 @@ def documented_lr(step, peak, warmup, total, ratio):
     return low + (peak - low) * (1 + math.cos(math.pi * (step - warmup) / (total - 1 - warmup))) / 2
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(
     total=st.integers(1, 400),
     warmup=st.integers(0, 450),

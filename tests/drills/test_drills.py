@@ -37,7 +37,8 @@ def test_kill_9_at_random_moments_then_resume_gives_the_uninterrupted_weights(co
     steps = ["--max-steps", "300", "--num-epochs", "100", "--checkpoint-interval", "3", "--eval-interval", "1000",
              "--log-interval", "50"]  # fmt: skip
     straight = tmp_path / "straight"
-    assert run_cli(*train_args(corpus, straight, *steps)).returncode == 0
+    # 100 checkpoints written and synced: on a busy machine's disk that alone has taken 5 minutes
+    assert run_cli(*train_args(corpus, straight, *steps), timeout=1200).returncode == 0
 
     out = tmp_path / "killed"
     rng = random.Random(0)
@@ -60,7 +61,7 @@ def test_kill_9_at_random_moments_then_resume_gives_the_uninterrupted_weights(co
         proc.wait()
         kills += 1
         reached.append(max(read_torch_file(p)["step"] for p in complete_checkpoints(out)))
-    final = run_cli(*train_args(corpus, out, *steps, "--resume", "auto"))
+    final = run_cli(*train_args(corpus, out, *steps, "--resume", "auto"), timeout=1200)
     assert final.returncode == 0, final.stderr
     a, b = final_weights(straight), final_weights(out)
     exact = all(torch.equal(a[k], b[k]) for k in a)
@@ -70,7 +71,7 @@ def test_kill_9_at_random_moments_then_resume_gives_the_uninterrupted_weights(co
     assert kills == KILLS and exact
 
 
-def test_kill_9_during_prepare_leaves_nothing_that_passes_for_a_cache(tmp_path):
+def test_kill_9_during_prepare_leaves_nothing_that_passes_for_a_cache(tmp_path, cli):
     (tmp_path / "big").mkdir()
     for i in range(30):
         (tmp_path / "big" / f"{i}.txt").write_text(make_text(60000, i))
@@ -84,7 +85,7 @@ def test_kill_9_during_prepare_leaves_nothing_that_passes_for_a_cache(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not [p for p in cache.iterdir() if (p / "manifest.json").exists()]  # nothing complete-looking
-    again = run_cli(*args)
+    again = cli(*args)  # in this process: what is left is judged by the same code a new run uses
     assert again.returncode == 0 and "token cache" in again.stdout, again.stderr
     assert not list(cache.glob("*.tmp-*"))  # the killed run's leftovers are cleaned up
 
@@ -115,17 +116,18 @@ def corrupt(kind, good, path, tmp_path):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
+    from examplegpt.cli import main
+
     base = tmp_path_factory.mktemp("trained")
     (base / "corpus.txt").write_text(make_text(6000, 5))
     out = base / "run"
-    proc = run_cli(*train_args(base / "corpus.txt", out, "--max-steps", "2", "--checkpoint-interval", "2"))
-    assert proc.returncode == 0, proc.stderr
+    assert main(train_args(base / "corpus.txt", out, "--max-steps", "2", "--checkpoint-interval", "2")) == 0
     return base, out
 
 
 @pytest.mark.parametrize("kind", ["truncated", "random-bytes", "zip-missing-entry", "other-architecture", "hostile"])
 @pytest.mark.parametrize("command", ["generate", "evaluate", "train-resume"])
-def test_bad_checkpoints_are_refused_in_one_line_and_left_untouched(trained, tmp_path, kind, command):
+def test_bad_checkpoints_are_refused_in_one_line_and_left_untouched(trained, tmp_path, kind, command, cli):
     base, out = trained
     good = out / "checkpoints" / "checkpoint_epoch1_batch2.pt"
     bad_dir = tmp_path / "run"
@@ -133,12 +135,12 @@ def test_bad_checkpoints_are_refused_in_one_line_and_left_untouched(trained, tmp
     bad = bad_dir / "checkpoints" / "checkpoint_epoch1_batch2.pt"
     corrupt(kind, good, bad, tmp_path)
     before = hashlib.sha256(bad.read_bytes()).hexdigest()
-    if command == "generate":
-        proc = run_cli("generate", "-c", str(bad), "-p", "hi")
+    if command == "generate":  # in this process: the same main() a user runs, without starting Python 15 times
+        proc = cli("generate", "-c", str(bad), "-p", "hi")
     elif command == "evaluate":
-        proc = run_cli("evaluate", "-c", str(bad), "--data", str(base / "corpus.txt"))
+        proc = cli("evaluate", "-c", str(bad), "--data", str(base / "corpus.txt"))
     else:
-        proc = run_cli(*train_args(base / "corpus.txt", bad_dir, "--resume", "auto"))
+        proc = cli(*train_args(base / "corpus.txt", bad_dir, "--resume", "auto"))
     assert_one_line_error(proc, "checkpoint_epoch1_batch2.pt")
     assert hashlib.sha256(bad.read_bytes()).hexdigest() == before
     assert not (tmp_path / "PWNED").exists()
@@ -209,9 +211,9 @@ def test_every_numeric_flag_rejects_a_word_in_one_line(command, flag, capsys):
     assert len(err) == 1 and flag in err[0] and "Traceback" not in err[0]
 
 
-def test_prompts_with_control_characters_and_unicode(trained):
+def test_prompts_with_control_characters_and_unicode(trained, cli):
     _, out = trained
     model = str(out / "gpt_model.pt")
     for prompt in ["\x00\x07\x1b[31m tab\tbell", "naïve 東京 🚀 <|endoftext|>", "\n"]:  # through stdin: argv has no NUL
-        proc = run_cli("generate", "-c", model, "-p", "-", "-n", "3", "-t", "0", "--ignore-eos", stdin=prompt)
+        proc = cli("generate", "-c", model, "-p", "-", "-n", "3", "-t", "0", "--ignore-eos", stdin=prompt)
         assert proc.returncode == 0 and proc.stdout.startswith(prompt), proc.stderr
