@@ -43,10 +43,14 @@ def cpu_flags() -> set[str]:
     return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
 
 
+def cpu_has_native_bf16(flags: set[str] | None = None) -> bool:
+    """Whether the CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX); `flags`: read when None."""
+    return any(f in (cpu_flags() if flags is None else flags) for f in NATIVE_BF16_FLAGS)
+
+
 def cpu_prefers_bf16(d_model: int, flags: set[str] | None = None) -> bool:
     """bf16 autocast on CPU: only with native bf16 matmuls (AVX512-BF16 or AMX) and d_model >= CPU_BF16_MIN_D_MODEL."""
-    flags = cpu_flags() if flags is None else flags
-    return any(f in flags for f in NATIVE_BF16_FLAGS) and d_model >= CPU_BF16_MIN_D_MODEL
+    return cpu_has_native_bf16(flags) and d_model >= CPU_BF16_MIN_D_MODEL
 
 
 def pick_dtype(
@@ -96,7 +100,7 @@ def prepare_for_inference(model: nn.Module, precision: str, device: torch.device
         from .quantize import quantize_int8
 
         quantize_int8(model)
-    if chosen == "bf16" and device.type == "cpu" and not any(flag in cpu_flags() for flag in NATIVE_BF16_FLAGS):
+    if chosen == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
         print(
             "note: this CPU has no native bfloat16 (avx512_bf16 or amx_bf16): bf16 runs no faster than fp32 "
             "here; --precision int8 is the one that reads fewer bytes and runs faster",

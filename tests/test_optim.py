@@ -11,6 +11,7 @@ import torch
 
 from examplegpt import GPT, DataConfig, GPTConfig, TrainConfig
 from examplegpt.device import pick_dtype
+from examplegpt.muon import Float32Muon, muon_class, orthogonalize
 from examplegpt.optim import MuonWithAdamW, hidden_matrices, make_optimizer, muon_split, set_learning_rates
 from examplegpt.weights import read_torch_file
 
@@ -228,3 +229,52 @@ def test_the_quick_start_config_file_is_read_by_train(monkeypatch):
     configs = resolve(args, {"model": GPTConfig, "data": DataConfig, "train": TrainConfig})
     assert configs["data"].data == "shakespeare" and configs["train"].max_steps == 7  # flags win over the file
     assert configs["model"].d_model <= 256  # sized for a CPU
+
+
+# --- Muon's Newton-Schulz iterations: bf16 where the CPU has it natively, float32 elsewhere ----------------------
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [(AMX, torch.optim.Muon), (AVX512_BF16, torch.optim.Muon), (ZEN3, Float32Muon), (set(), Float32Muon)],
+)
+def test_muon_iterates_in_float32_exactly_where_the_cpu_lacks_native_bf16(flags, expected):
+    assert muon_class(CPU, flags) is expected
+    assert muon_class(torch.device("cuda"), ZEN3) is torch.optim.Muon  # a GPU's bf16 is native whatever the CPU
+
+
+@pytest.mark.parametrize("shape", [(96, 32), (32, 32), (32, 128)])  # tall, square, wide
+def test_the_iterations_are_torch_s_in_bf16_and_close_to_float64_in_float32(shape):
+    from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C, EPS, _zeropower_via_newtonschulz
+
+    update = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    ns = ((DEFAULT_A, DEFAULT_B, DEFAULT_C), 5, EPS)
+    assert torch.equal(orthogonalize(update, *ns, torch.bfloat16), _zeropower_via_newtonschulz(update, *ns))
+    exact = orthogonalize(update.double(), *ns, torch.float64)
+    assert (orthogonalize(update, *ns, torch.float32) - exact).abs().max() < 1e-5  # bf16's own error: ~1e-2
+    assert update.equal(torch.randn(shape, generator=torch.Generator().manual_seed(0)))  # the input is untouched
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_float32_muon_steps_as_torch_s_muon_up_to_bf16_rounding_and_shares_its_state(nesterov):
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(96, 32), (32, 32), (32, 128)]  # tall, square, wide
+    start = [torch.randn(shape, generator=generator) / 30 for shape in shapes]
+    grads = [[torch.randn(shape, generator=generator) for shape in shapes] for _ in range(3)]
+    settings = dict(lr=0.02, momentum=0.95, nesterov=nesterov, weight_decay=0.1)
+    params = {}
+    for cls in (Float32Muon, torch.optim.Muon):
+        params[cls] = [torch.nn.Parameter(w.clone()) for w in start]
+        optimizer = cls(params[cls], **settings)
+        for step_grads in grads:  # the same gradients, so the momenta match and only the iterations differ
+            for p, g in zip(params[cls], step_grads):
+                p.grad = g.clone()
+            optimizer.step()
+    for ours, theirs, w in zip(params[Float32Muon], params[torch.optim.Muon], start):
+        assert (ours - theirs).norm() < 0.03 * (theirs - w).norm()  # bf16 rounds the updates by ~1.2% here
+    state = optimizer.state_dict()
+    ours = Float32Muon(params[Float32Muon], **settings)
+    ours.load_state_dict(state)  # a checkpoint of torch's Muon resumes here, and the other way round
+    assert ours.state_dict()["param_groups"] == state["param_groups"]
+    assert all(torch.equal(ours.state[p]["momentum_buffer"], optimizer.state[q]["momentum_buffer"])
+               for p, q in zip(params[Float32Muon], params[torch.optim.Muon]))  # fmt: skip
