@@ -173,7 +173,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value (0 disables clipping)."""
     optimizer: str = "adamw"
-    """adamw: AdamW for every parameter; muon: Muon for the blocks' weight matrices, AdamW (learning_rate, weight_decay, betas) for the embeddings, the tied LM head, biases and LayerNorms. Muon's Newton-Schulz runs in bf16: on a CPU without native bf16 a step costs more."""
+    """adamw: AdamW for every parameter; muon: Muon for the blocks' weight matrices, AdamW (learning_rate, weight_decay, betas) for the embeddings, the tied LM head, biases and LayerNorms. Muon's Newton-Schulz runs in bf16 on GPUs and CPUs with native bf16, in float32 on other CPUs."""
     muon_learning_rate: float = 0.02
     """Muon's peak learning rate (same warmup and decay as learning_rate); a tall matrix's step is scaled by sqrt(rows / cols)."""
     muon_momentum: float = 0.95

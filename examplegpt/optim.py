@@ -5,6 +5,7 @@ Two optimizers are offered. AdamW for every parameter is the original recipe. Mu
 (Newton-Schulz iterations on the momentum), so every direction of the matrix moves by the same amount;
 it is defined for 2-D matrices that map one hidden space to another, so the embeddings (and the LM head
 tied to them), biases and LayerNorms keep AdamW, as in modded-nanogpt and nanochat.
+On a CPU without native bf16 the iterations run in float32 instead of bf16 (muon.py).
 """
 
 from __future__ import annotations

@@ -180,9 +180,10 @@ def test_bad_muon_settings_are_one_line(cli, corpus, tmp_path, extra, words):
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_muon_under_two_processes_matches_one_process(corpus, tmp_path, mode):
-    """Newton-Schulz runs in bf16, so a different summation order (the all-reduce, FSDP's sharded matmuls)
-    moves each Muon update by bf16 rounding (2-6% of it per step, measured; with the iterations in float64
-    FSDP's result equals one process's): close, not bit-equal. One update moves a weight by about 4e-3 here."""
+    """Where Newton-Schulz runs in bf16 (CPUs with native bf16), a different summation order (the all-reduce,
+    FSDP's sharded matmuls) moves each Muon update by bf16 rounding (2-6% of it per step, measured; with the
+    iterations in float64 FSDP's result equals one process's): close, not bit-equal. One update moves a weight
+    by about 4e-3 here."""
     steps = [*MUON, "--batch-size", "8", "--val-fraction", "0.1", "--max-steps", "6"]
     one = tmp_path / "one"
     assert run_cli(*train_args(corpus, one, *steps, "--micro-batch-size", "4")).returncode == 0
