@@ -15,31 +15,14 @@ import argparse
 import statistics
 
 import torch
+from bench_train import ours_step  # benchmarks/bench_train.py: our training step, as the other benchmarks time it
 from machine import describe_machine  # benchmarks/machine.py, beside this script
 from timing import time_steps
 
-from examplegpt import GPT, GPTConfig
+from examplegpt import GPTConfig
 from examplegpt.config import PRESETS
-from examplegpt.device import autocast, cpu_prefers_bf16
-from examplegpt.optim import parameter_groups
+from examplegpt.device import cpu_prefers_bf16
 from examplegpt.reproducibility import pin_cpu_arithmetic
-
-
-def training_step(config: GPTConfig, batch: int, dtype: torch.dtype):
-    torch.manual_seed(0)
-    model = GPT(config)
-    optimizer = torch.optim.AdamW(parameter_groups(model, 0.1), lr=1e-4, betas=(0.9, 0.95))
-    x = torch.randint(0, config.vocab_size, (batch, config.max_seq_len))
-    device = torch.device("cpu")
-
-    def step():
-        with autocast(device, dtype):
-            _, loss = model(x, x)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
 
 
 def main() -> None:
@@ -65,7 +48,10 @@ def main() -> None:
     print("| model | fp32 tokens/s | bf16 tokens/s | bf16 / fp32 | `train --amp` picks here |")
     print("|---|---:|---:|---:|---|")
     for name, config in configs:
-        steps = {dtype: training_step(config, args.batch, dtype) for dtype in (torch.float32, torch.bfloat16)}
+        steps = {
+            dtype: ours_step(config, args.batch, torch.device("cpu"), dtype)[1]
+            for dtype in (torch.float32, torch.bfloat16)
+        }
         times = {dtype: [] for dtype in steps}
         for step in steps.values():
             step()  # the first step allocates the optimizer's state
