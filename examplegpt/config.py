@@ -183,7 +183,7 @@ class TrainConfig:
     use_amp: bool = field(default=True, metadata={"aliases": ("--amp",)})
     """Mixed precision in the format `precision` names; off is the same as precision=fp32."""
     precision: str = "auto"
-    """auto, bf16, fp16 or fp32; auto: bf16 where the GPU has it, else fp16 with a gradient scaler; on CPU bf16 only with native bf16 (AVX512-BF16 or AMX) and d_model >= 512, else fp32."""
+    """auto, bf16, fp16 or fp32; auto: bf16 where the GPU has it, else fp16 with a gradient scaler; on CPU bf16 only with native bf16 (AVX512-BF16 or AMX) and d_model >= 256, else fp32."""
     use_checkpointing: bool = field(default=True, metadata={"aliases": ("--checkpointing",)})
     """Gradient checkpointing per transformer block: less memory for about a third more compute."""
     compile: bool = False
