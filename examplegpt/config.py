@@ -291,7 +291,7 @@ class GenerateConfig:
     prompt: str = field(default="", metadata={"aliases": ("-p",), "metavar": "TEXT"})
     """Text to continue; '-' (or a piped stdin with no --prompt) reads it from stdin."""
     checkpoint: str = field(default="gpt_model.pt", metadata={"aliases": ("-c",), "metavar": "PATH"})
-    """Our model file or checkpoint, or a Hugging Face GPT-2 folder."""
+    """Our model file or checkpoint, a Hugging Face GPT-2 folder, or a hub id such as openai-community/gpt2 (online)."""
     max_new_tokens: int = field(default=50, metadata={"aliases": ("--max-tokens", "-n")})
     """Number of new tokens to generate."""
     num_samples: int = 1
@@ -332,7 +332,7 @@ class EvaluateConfig:
     """How to evaluate a model on a corpus split."""
 
     checkpoint: str = field(default="gpt_model.pt", metadata={"aliases": ("-c",), "metavar": "PATH"})
-    """Our model file or checkpoint, or a Hugging Face GPT-2 folder."""
+    """Our model file or checkpoint, a Hugging Face GPT-2 folder, or a hub id such as openai-community/gpt2 (online)."""
     split: str = "test"
     """Split to score: test, validation (val) or train; a local text file is scored whole."""
     stride: int | None = None
@@ -362,7 +362,7 @@ class ServeConfig:
     """How to serve a model over HTTP (OpenAI-compatible completions, and a playground page)."""
 
     checkpoint: str = field(default="gpt_model.pt", metadata={"aliases": ("-c",), "metavar": "PATH"})
-    """Our model file or checkpoint, or a Hugging Face GPT-2 folder."""
+    """Our model file or checkpoint, a Hugging Face GPT-2 folder, or a hub id such as openai-community/gpt2 (online)."""
     host: str = "127.0.0.1"
     """Address to listen on; 0.0.0.0 opens the server to other machines (set an api_key then)."""
     port: int = 8000
@@ -407,7 +407,7 @@ class ExportConfig:
     out_dir: str = field(metadata={"hidden_aliases": ("--out",), "metavar": "DIR"})
     """Folder to write: config.json, model.safetensors and the tokenizer's files."""
     checkpoint: str = field(default="gpt_model.pt", metadata={"aliases": ("-c",), "metavar": "PATH"})
-    """Our model file or checkpoint, or a Hugging Face GPT-2 folder."""
+    """Our model file or checkpoint, a Hugging Face GPT-2 folder, or a hub id such as openai-community/gpt2 (online)."""
     force: bool = False
     """Overwrite the folder if it exists."""
 
