@@ -87,7 +87,7 @@ def on_own_thread(engine: BatchEngine, clients: Callable[[BatchEngine], None]) -
 
 def generate_rate(model: GPT, prompt: torch.Tensor, n: int) -> float:
     start = time.perf_counter()
-    generate(model, prompt, n, temperature=0)
+    generate(model, prompt, n, temperature=0).tolist()  # .tolist(): waits for a GPU to finish
     return n * prompt.shape[0] / (time.perf_counter() - start)
 
 
@@ -130,23 +130,25 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--prefill-chunk", type=int, default=64)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (packed weights are for CPU only)")
     parser.add_argument("--compare-packing", action="store_true", help="packed vs plain vs probed, at batch 1 and 8")
     args = parser.parse_args()
 
     pin_cpu_arithmetic()  # as every command does, before the first product
     torch.manual_seed(0)
     config = GPTConfig(d_model=args.d_model, num_heads=args.heads, num_layers=args.layers, d_ff=4 * args.d_model)
-    model = GPT(config).eval().requires_grad_(False)
-    print(describe_machine())
+    device = torch.device(args.device)
+    model = GPT(config).eval().requires_grad_(False).to(device)
+    print(describe_machine(device))
     print(f"GPT-2 {args.layers} layers x {args.d_model}, {args.prompt_tokens}-token prompts, {args.new_tokens} new "
-          f"tokens each, greedy, cpu, float32, prefill chunk {args.prefill_chunk}")  # fmt: skip
+          f"tokens each, greedy, {device}, float32, prefill chunk {args.prefill_chunk}")  # fmt: skip
     if args.compare_packing:
         compare_packing(model, args)
         return
 
     gen = torch.Generator().manual_seed(0)
     n = args.new_tokens
-    prompt = torch.randint(0, config.vocab_size, (1, args.prompt_tokens), generator=gen)
+    prompt = torch.randint(0, config.vocab_size, (1, args.prompt_tokens), generator=gen).to(device)
     rates: dict[object, list[float]] = {}
     firsts: dict[int, list[float]] = {c: [] for c in args.clients}
     betweens: dict[int, list[float]] = {c: [] for c in args.clients}
@@ -165,7 +167,8 @@ def main() -> None:
         seconds, _, _ = run_clients(engine, prompts[1], n)
         rates.setdefault("own thread", []).append(n / seconds)
 
-    with fast_cpu_inference(model):  # as the commands apply it
+    # as the commands apply it (a no-op off CPU)
+    with fast_cpu_inference(model) if device.type == "cpu" else contextlib.nullcontext():
         warm = engine_of()
         warm.warm_up()  # the probe and the kernels for every size, on this thread, as `serve` does
         generate(model, prompt, 4, temperature=0)

@@ -51,18 +51,19 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def child_env(threads: int | None) -> dict[str, str]:
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    # the repository first; what was on PYTHONPATH stays (packages carried onto a machine outside site-packages)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
     return env
 
 
 def start_server(
-    model_file: Path, max_batch: int, threads: int | None, precision: str = "auto"
+    model_file: Path, max_batch: int, threads: int | None, precision: str = "auto", device: str = "cpu"
 ) -> tuple[subprocess.Popen, str]:
     env = child_env(threads)
     command = [sys.executable, "-m", "examplegpt", "serve", "-c", str(model_file), "--port", "0"]
-    command += ["--max-batch", str(max_batch), "--device", "cpu", "--precision", precision]
+    command += ["--max-batch", str(max_batch), "--device", device, "--precision", precision]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
     line = proc.stdout.readline()
     print(f"server: {line.strip()}")  # says where the probe found packed weights faster
@@ -91,11 +92,16 @@ async def load(url: str, clients: int, prompt_tokens: int, new_tokens: int, seed
 
 
 def generate_rate(
-    model_file: Path, prompt_tokens: int, new_tokens: int, threads: int | None, precision: str = "auto"
+    model_file: Path,
+    prompt_tokens: int,
+    new_tokens: int,
+    threads: int | None,
+    precision: str = "auto",
+    device: str = "cpu",
 ) -> float:
     """Tokens/s of the `generate` command on this model (its second prompt: the first packs the weights)."""
     prompt = " hello" * prompt_tokens  # `hello` and ` hello` are one token each
-    command = [sys.executable, "-m", "examplegpt", "generate", "-c", str(model_file), "--device", "cpu",
+    command = [sys.executable, "-m", "examplegpt", "generate", "-c", str(model_file), "--device", device,
                "-n", str(new_tokens), "-t", "0", "--ignore-eos", "--json", "--interactive", "--precision", precision]  # fmt: skip
     out = subprocess.run(
         command, input=f"{prompt}\n{prompt}\n", capture_output=True, text=True, check=True,
@@ -117,9 +123,10 @@ def main() -> None:
     parser.add_argument(
         "--precision", default="auto", help="--precision of the server and of `generate` (int8, bf16, ...)"
     )
+    parser.add_argument("--device", default="cpu", help="--device of the server and of `generate` (cpu, cuda)")
     args = parser.parse_args()
 
-    print(describe_machine())
+    print(describe_machine(torch.device(args.device)))
     print(f"{args.prompt_tokens}-token prompts, {args.new_tokens} new tokens per client, greedy, streaming, "
           f"server's torch threads {args.threads or 'default'}, precision {args.precision}")  # fmt: skip
     for shape in args.shapes:
@@ -129,8 +136,10 @@ def main() -> None:
             model_file = Path(folder) / f"{shape}.pt"
             save_model_file(model, model_file)
             del model
-            baseline = generate_rate(model_file, args.prompt_tokens, args.new_tokens, args.threads, args.precision)
-            proc, url = start_server(model_file, max(args.clients), args.threads, args.precision)
+            baseline = generate_rate(
+                model_file, args.prompt_tokens, args.new_tokens, args.threads, args.precision, args.device
+            )
+            proc, url = start_server(model_file, max(args.clients), args.threads, args.precision, args.device)
             try:
                 asyncio.run(load(url, 1, args.prompt_tokens, 4, seed=99))  # warm-up
                 rows = {}

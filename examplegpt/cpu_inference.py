@@ -12,11 +12,10 @@ and library functions never switch it on by themselves.
 Packing does not pay on every CPU at every batch size: on an AVX-512/AMX Xeon the packed product of
 one row is about 10% slower than PyTorch's own while 8 rows run 1.7x faster (issue 24), where other
 CPUs gain several times at one row (BENCHMARKS.md). So within the block each group of Linears that
-share a weight shape runs packed or plain per number of rows, as measured the first time the group
-meets that number (`PackedGroup.speedup`): both products over the group's weights, five alternating
-pairs, packed kept only where the median pair shows it clearly faster. The measurements are kept for
-the process, on the thread that runs the model (the probe is part of its first forward pass at a new
-size), and `packing_summary` / `packing_report` say what was chosen.
+share a weight shape runs packed or plain per number of rows, as a trial inside the model's first
+passes at that number finds (`Trial`): the group's products alternate between the two ways, each
+timed where it runs, and packed is kept only where its median is clearly faster. The decisions are
+kept for the process, and `packing_summary` / `packing_report` say what was chosen.
 
 The packed copies cost as much memory as the weights, so they live only as long as the block that
 made them. The packed product has no gradient: the block refuses a model that autograd would train.
@@ -28,7 +27,7 @@ import contextlib
 import functools
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
@@ -39,15 +38,14 @@ import torch.nn.functional as F
 ROWS_HINT = 64
 
 # The probe. Rows are measured in powers of two, up to PROBE_ROWS (past it the products are bound by
-# arithmetic, not by streaming the weights, and one measurement stands for every size). A pass runs
-# every weight of the group (so they stream from memory, as in the model) unless that passes PROBE_MACS.
+# arithmetic, not by streaming the weights, and one measurement stands for every size).
 PROBE_ROWS = 128
-PROBE_MACS = 5 * 10**8
-PROBE_REPEATS = 5
+PROBE_SAMPLES = 5  # timed products of each way: a 12-layer model's groups decide within one pass
 PACKED_MARGIN = 1.05  # packed must be at least 5% faster to be used: a tie, within noise, stays plain PyTorch
 
 # (out, in, dtype, bias, weights in the group, rows measured) -> plain time / packed time, for the process
 _speedups: dict[tuple, float] = {}
+_trials: dict[tuple, Trial] = {}  # the same keys, while undecided
 
 AUTOGRAD_REFUSED = (
     "fast_cpu_inference is for inference only: the packed product has no gradient, and this model has "
@@ -122,47 +120,49 @@ class PackedGroup:
         # the count is part of the key: a dozen weights stream from memory where one may sit in the cache
         self.key = (*weight.shape, weight.dtype, forwards[0].linear.bias is not None, len(forwards))
 
-    def packed_pays(self, rows: int) -> bool:
-        return not self.probe or self.speedup(rows_measured(rows)) >= PACKED_MARGIN
+    def product(self, forward: PackedLinearForward, x: torch.Tensor) -> torch.Tensor:
+        """`forward`'s product: packed or plain as decided for this many rows or, until then, as the trial's turn says."""
+        if not self.probe:
+            return forward.packed_product(x)
+        key = (*self.key, rows_measured(x.numel() // x.shape[-1]))
+        speedup = self.speedup(key[-1])
+        if speedup is None:
+            return _trials.setdefault(key, Trial(key)).run(forward, x)
+        return forward.packed_product(x) if speedup >= PACKED_MARGIN else forward.plain_product(x)
 
-    def speedup(self, rows: int) -> float:
-        """Plain time / packed time of the group's products at `rows` rows, measured once per process."""
-        key = (*self.key, rows)
-        if key not in _speedups:
-            _speedups[key] = self.measure(rows)
-        return _speedups[key]
-
-    def measure(self, rows: int) -> float:
-        forwards = [f for f in self.forwards if f.packed is not None]
-        if not forwards:
-            return 0.0
-        out_features, in_features = forwards[0].linear.weight.shape
-        forwards = forwards[: max(1, PROBE_MACS // (rows * in_features * out_features))]
-        x = torch.randn(rows, in_features, dtype=forwards[0].linear.weight.dtype)
-
-        def plain() -> None:
-            for f in forwards:
-                F.linear(x, f.linear.weight, f.linear.bias)
-
-        def packed() -> None:
-            for f in forwards:
-                _packed_forward(f.packed, f.linear.bias, x)
-
-        seconds: dict[Callable[[], None], list[float]] = {plain: [], packed: []}
-        with torch.no_grad():
-            plain()  # the first calls pick (and build) the kernels
-            packed()
-            for _ in range(PROBE_REPEATS):  # alternately: a burst of the machine's other load hits both
-                for run in seconds:
-                    seconds[run].append(_seconds(run))
-        # the median pair, not the best times: one pair stalled by the machine's other work does not decide
-        return statistics.median(p / q for p, q in zip(seconds[plain], seconds[packed]))
+    def speedup(self, rows: int) -> float | None:
+        """Plain time / packed time of the group's products at `rows` rows (for the process); None while on trial."""
+        return _speedups.get((*self.key, rows))
 
 
-def _seconds(run: Callable[[], None]) -> float:
-    start = time.perf_counter()
-    run()
-    return time.perf_counter() - start
+class Trial:
+    """Packed against plain for one group at one number of rows, timed inside the model's own passes.
+
+    The products alternate, call by call, between the two ways until each has PROBE_SAMPLES timings
+    (the first call of each builds its kernel and is not counted); then the medians decide, for the
+    process. Timed in place, a product meets the caches as the rest of the model leaves them; timed
+    apart, a weight read again and again can stay in a large L3 cache and favour the wrong way.
+    """
+
+    def __init__(self, key: tuple) -> None:
+        self.key = key
+        self.calls = 0
+        self.seconds: dict[bool, list[float]] = {True: [], False: []}  # packed? -> timings
+
+    def run(self, forward: PackedLinearForward, x: torch.Tensor) -> torch.Tensor:
+        packed = self.calls % 2 == 0
+        self.calls += 1
+        start = _clock()
+        y = forward.packed_product(x) if packed else forward.plain_product(x)
+        elapsed = _clock() - start
+        if self.calls > 2:
+            self.seconds[packed].append(elapsed)
+        if self.key not in _speedups and min(map(len, self.seconds.values())) >= PROBE_SAMPLES:
+            _speedups[self.key] = statistics.median(self.seconds[False]) / statistics.median(self.seconds[True])
+        return y
+
+
+_clock = time.perf_counter  # what trials time with (a test gives them a clock of its own)
 
 
 class PackedLinearForward:
@@ -182,9 +182,15 @@ class PackedLinearForward:
         state = _weight_state(weight)
         if state != self.state:
             self.state, self.packed = state, _pack(weight) if can_pack(weight) else None
-        if self.packed is None or not self.group.packed_pays(x.numel() // x.shape[-1]):
-            return F.linear(x, weight, bias)  # moved to a device or dtype oneDNN does not take, or not faster here
-        return _packed_forward(self.packed, bias, x)
+        if self.packed is None:
+            return F.linear(x, weight, bias)  # moved to a device or dtype oneDNN does not take
+        return self.group.product(self, x)
+
+    def packed_product(self, x: torch.Tensor) -> torch.Tensor:
+        return _packed_forward(self.packed, self.linear.bias, x)
+
+    def plain_product(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.linear.weight, self.linear.bias)
 
 
 @contextlib.contextmanager

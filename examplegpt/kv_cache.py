@@ -15,10 +15,18 @@ it (see `cpu_inference.kv_cache_dtype`), and `attend` computes in the cache's dt
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .config import GPTConfig
+
+# Every attention kernel but cuDNN's, on a GPU: cuDNN plans its kernel for each shape, and the keys
+# grow by one each step, so it would plan on every step (40 ms a call on an H200, BENCHMARKS.md).
+# (sdpa_kernel sets process-wide switches for the call: the model runs on one thread at a time.)
+CACHED_ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class KVCache:
@@ -110,7 +118,8 @@ class LayerKVCache:
             self.k[rows, :, cache.positions] = k.transpose(1, 2).to(self.k.dtype)
             self.v[rows, :, cache.positions] = v.transpose(1, 2).to(self.v.dtype)
         keys, values = self.k[:, :, : cache.visible], self.v[:, :, : cache.visible]  # (B, nh, S, hs)
-        y = F.scaled_dot_product_attention(
-            q.to(keys.dtype), keys, values, attn_mask=cache.mask, is_causal=cache.is_causal
-        )
+        with sdpa_kernel(CACHED_ATTENTION_BACKENDS) if q.is_cuda else contextlib.nullcontext():
+            y = F.scaled_dot_product_attention(
+                q.to(keys.dtype), keys, values, attn_mask=cache.mask, is_causal=cache.is_causal
+            )
         return y.to(q.dtype)

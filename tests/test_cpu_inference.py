@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from examplegpt import GPT, cpu_inference, generate
 from examplegpt.cpu_inference import (
     AUTOGRAD_REFUSED,
+    PROBE_SAMPLES,
     PackedGroup,
     PackedLinearForward,
     can_pack,
@@ -25,14 +26,36 @@ from .conftest import peaked_model, tiny_config
 pytestmark = pytest.mark.skipif(not can_pack(torch.ones(1)), reason="this PyTorch build has no oneDNN")
 
 
-REAL_MEASURE = PackedGroup.measure
+REAL_SPEEDUP = PackedGroup.speedup
 
 
 @pytest.fixture(autouse=True)
 def packing_pays_everywhere(monkeypatch):
     """The tests of what packing computes see it used at every size; the probe's own tests replace this."""
     monkeypatch.setattr(cpu_inference, "_speedups", {})  # a fresh process's decisions
-    monkeypatch.setattr(PackedGroup, "measure", lambda group, rows: 2.0)
+    monkeypatch.setattr(cpu_inference, "_trials", {})
+    monkeypatch.setattr(
+        PackedGroup, "speedup", lambda group, rows: cpu_inference._speedups.setdefault((*group.key, rows), 2.0)
+    )
+
+
+def clock_of_costs(monkeypatch, packed_cost, plain_cost) -> None:
+    """A CPU where a product of r rows takes packed_cost(r) seconds packed and plain_cost(r) plain (a clock, not a sleep)."""
+    monkeypatch.setattr(PackedGroup, "speedup", REAL_SPEEDUP)
+    now = [0.0]
+    real_packed, real_plain = PackedLinearForward.packed_product, PackedLinearForward.plain_product
+
+    def packed(forward, x):
+        now[0] += packed_cost(x.numel() // x.shape[-1])
+        return real_packed(forward, x)
+
+    def plain(forward, x):
+        now[0] += plain_cost(x.numel() // x.shape[-1])
+        return real_plain(forward, x)
+
+    monkeypatch.setattr(PackedLinearForward, "packed_product", packed)
+    monkeypatch.setattr(PackedLinearForward, "plain_product", plain)
+    monkeypatch.setattr(cpu_inference, "_clock", lambda: now[0])
 
 
 def packed_linears(model: torch.nn.Module) -> list[torch.nn.Linear]:
@@ -208,59 +231,52 @@ def test_the_commands_apply_it_and_no_fast_cpu_turns_it_off(command, cli, tmp_pa
         assert plain.stdout == fast.stdout  # greedy: the same tokens either way
 
 
-def test_the_probe_keeps_the_plain_product_where_packing_is_slower(tiny_model, monkeypatch):
-    monkeypatch.setattr(PackedGroup, "measure", REAL_MEASURE)
-    real = cpu_inference._packed_forward
-    calls = []
-
-    def counted(weight, bias, x):
-        calls.append(1)
-        return real(weight, bias, x)
-
-    def seconds(run) -> float:  # a CPU where each packed product takes a second longer (a clock, not a sleep)
-        before = len(calls)
-        run()
-        return 0.001 + len(calls) - before
-
-    monkeypatch.setattr(cpu_inference, "_packed_forward", counted)
-    monkeypatch.setattr(cpu_inference, "_seconds", seconds)
+def test_the_probe_keeps_the_plain_product_where_packing_is_slower(tiny_model, packed_calls, monkeypatch):
+    clock_of_costs(monkeypatch, packed_cost=lambda rows: 2.0, plain_cost=lambda rows: 1.0)
     idx = torch.randint(0, 50257, (2, 8))
     with torch.inference_mode(), fast_cpu_inference(tiny_model):
-        tiny_model(idx)  # the first pass at these sizes probes them
-        calls.clear()
+        first = tiny_model(idx)[0]
+        assert packed_calls  # on trial: some products packed
+        for _ in range(2 * PROBE_SAMPLES + 1):  # the head, one product a pass, needs this many to decide
+            tiny_model(idx)
+        packed_calls.clear()
         logits, _ = tiny_model(idx)
-    assert calls == []  # every product plain
+    assert packed_calls == []  # decided: every product plain
     assert torch.equal(logits, tiny_model(idx)[0])
+    assert torch.allclose(first, logits, atol=1e-4)  # the trial's mix computes the same, up to rounding
     report = packing_report()
     assert report and all(line.endswith("-> plain") for line in report)
     assert rows_of(packing_summary()) == {"16": "0/5"}  # 2 x 8 rows through the blocks' 4 shapes and the head
 
 
 def test_the_probe_decides_per_number_of_rows_once_per_process(tiny_model, packed_calls, monkeypatch):
-    measured = []
-
-    def measure(group, rows):  # packing pays from 2 rows on
-        measured.append((group.key, rows))
-        return 0.9 if rows == 1 else 1.5
-
-    monkeypatch.setattr(PackedGroup, "measure", measure)
+    # packing pays from 2 rows on
+    clock_of_costs(monkeypatch, packed_cost=lambda rows: 1.0 if rows == 1 else 0.5, plain_cost=lambda rows: 0.9)
     cache_len = tiny_model.config.max_seq_len
-    for _ in range(2):  # the second run, a new block, measures nothing again
-        with torch.inference_mode(), fast_cpu_inference(tiny_model):
+    layers = tiny_model.config.num_layers
+    with torch.inference_mode():
+        with fast_cpu_inference(tiny_model):
+            for batch in (1, 3):
+                for _ in range(PROBE_SAMPLES + 1):  # each pass times `layers` products of each of the 4 shapes
+                    tiny_model.hidden_states(
+                        torch.zeros(batch, 1, dtype=torch.long), cpu_inference_cache(tiny_model, batch, cache_len)
+                    )
+        assert rows_of(packing_summary()) == {"1": "0/4", "4": "4/4"}
+        trials = dict(cpu_inference._trials)
+        with fast_cpu_inference(tiny_model):  # a new block: the decisions stand, no trial runs again
             for batch in (1, 3):
                 packed_calls.clear()
                 cache = cpu_inference_cache(tiny_model, batch, cache_len)
                 tiny_model.hidden_states(torch.zeros(batch, 1, dtype=torch.long), cache)
-                assert len(packed_calls) == (0 if batch == 1 else 4 * tiny_model.config.num_layers)
-    shapes = {key for key, _ in measured}
-    assert len(shapes) == 4 and sorted(measured) == sorted((key, rows) for key in shapes for rows in (1, 4))
-    assert rows_of(packing_summary()) == {"1": "0/4", "4": "4/4"}
+                assert len(packed_calls) == (0 if batch == 1 else 4 * layers)
+    assert {key: t.calls for key, t in cpu_inference._trials.items()} == {key: t.calls for key, t in trials.items()}
 
 
 def test_the_real_probe_measures_a_speedup(tiny_model, monkeypatch):
-    monkeypatch.setattr(PackedGroup, "measure", REAL_MEASURE)
+    monkeypatch.setattr(PackedGroup, "speedup", REAL_SPEEDUP)
     with torch.inference_mode(), fast_cpu_inference(tiny_model):
-        tiny_model(torch.randint(0, 50257, (1, 4)))
+        for _ in range(2 * PROBE_SAMPLES + 2):
+            tiny_model(torch.randint(0, 50257, (1, 4)))
     speedups = cpu_inference._speedups
     assert len(speedups) == 5 and all(s > 0 for s in speedups.values())  # 4 rows through 5 weight shapes
 

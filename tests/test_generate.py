@@ -330,3 +330,21 @@ def test_an_extreme_repetition_penalty_still_samples_a_finite_distribution(sprea
         )
     )
     assert bool(seen[0, drawn]) == (penalty < 1)  # a tiny penalty boosts the seen tokens, a huge one buries them
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cached_attention_on_a_gpu_leaves_cudnn_out(monkeypatch):
+    """cuDNN's attention plans a kernel per shape, and decoding meets a new shape every step (BENCHMARKS.md)."""
+    from examplegpt import kv_cache
+
+    cudnn_on = []
+    real = kv_cache.F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        cudnn_on.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kv_cache.F, "scaled_dot_product_attention", spy)
+    model = GPT(tiny_config()).cuda().to(torch.bfloat16).eval()
+    generate(model, torch.zeros(1, 4, dtype=torch.long, device="cuda"), 3, temperature=0)
+    assert cudnn_on and not any(cudnn_on)
