@@ -240,7 +240,15 @@ def packing_summary() -> str:
     by_rows: dict[int, list[bool]] = {}
     for (*_, rows), speedup in _speedups.items():
         by_rows.setdefault(rows, []).append(speedup >= PACKED_MARGIN)
+    on_trial: dict[int, int] = {}
+    for key in _trials.keys() - _speedups.keys():
+        on_trial[key[-1]] = on_trial.get(key[-1], 0) + 1
+        by_rows.setdefault(key[-1], [])
     if not by_rows:
         return "packed weights: not probed"
-    parts = [f"{rows}{'+' if rows == PROBE_ROWS else ''}: {sum(c)}/{len(c)}" for rows, c in sorted(by_rows.items())]
+    parts = [
+        f"{rows}{'+' if rows == PROBE_ROWS else ''}: {sum(c)}/{len(c)}"
+        + (f" ({on_trial[rows]} on trial)" if rows in on_trial else "")
+        for rows, c in sorted(by_rows.items())
+    ]
     return "packed weight shapes at rows " + ", ".join(parts)

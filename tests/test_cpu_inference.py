@@ -237,6 +237,7 @@ def test_the_probe_keeps_the_plain_product_where_packing_is_slower(tiny_model, p
     with torch.inference_mode(), fast_cpu_inference(tiny_model):
         first = tiny_model(idx)[0]
         assert packed_calls  # on trial: some products packed
+        assert rows_of(packing_summary()) == {"16": "0/0 (5 on trial)"}
         for _ in range(2 * PROBE_SAMPLES + 1):  # the head, one product a pass, needs this many to decide
             tiny_model(idx)
         packed_calls.clear()
