@@ -279,3 +279,9 @@ def test_float32_muon_steps_as_torch_s_muon_up_to_bf16_rounding_and_shares_its_s
     assert ours.state_dict()["param_groups"] == state["param_groups"]
     assert all(torch.equal(ours.state[p]["momentum_buffer"], optimizer.state[q]["momentum_buffer"])
                for p, q in zip(params[Float32Muon], params[torch.optim.Muon]))  # fmt: skip
+
+
+def test_muon_on_a_pytorch_without_it_is_one_line(cli, corpus, tmp_path, monkeypatch):
+    monkeypatch.delattr(torch.optim, "Muon")  # PyTorch before 2.9
+    result = cli(*train_args(corpus, tmp_path / "run", "--optimizer", "muon"))
+    assert_one_line_error(result, "PyTorch 2.9", "--optimizer adamw")
