@@ -1,8 +1,8 @@
 """What Muon's Newton-Schulz iterations cost on this CPU in bf16 (torch.optim.Muon) and in float32 (Float32Muon).
 
 `train --optimizer muon` iterates in float32 on a CPU without native bf16 (`muon.muon_class`). This measures
-why, at the quick start's shape (configs/shakespeare.toml: 4 x 128, batch 8 x 128): the iterations for the
-16 hidden matrices of one step, then one whole training step (forward, fused loss, backward, Muon + AdamW;
+why, at the quick start's model (configs/shakespeare.toml: 4 x 128; batch 8 x 128, --batch 6 for the config's):
+the iterations for the 16 hidden matrices of one step, then one whole training step (forward, fused loss, backward, Muon + AdamW;
 AdamW alone beside them), each side in turn, round by round, in CPU seconds of this process (a shared machine's load moves both alike).
 
     python benchmarks/bench_muon.py               # 10 rounds
