@@ -130,9 +130,13 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--prefill-chunk", type=int, default=64)
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (packed weights are for CPU only)")
+    parser.add_argument(
+        "--device", default="cpu", choices=["cpu", "cuda"], help="cpu or cuda (packed weights are for CPU only)"
+    )
     parser.add_argument("--compare-packing", action="store_true", help="packed vs plain vs probed, at batch 1 and 8")
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: this PyTorch sees no CUDA GPU")
 
     pin_cpu_arithmetic()  # as every command does, before the first product
     torch.manual_seed(0)

@@ -123,8 +123,12 @@ def main() -> None:
     parser.add_argument(
         "--precision", default="auto", help="--precision of the server and of `generate` (int8, bf16, ...)"
     )
-    parser.add_argument("--device", default="cpu", help="--device of the server and of `generate` (cpu, cuda)")
+    parser.add_argument(
+        "--device", default="cpu", choices=["cpu", "cuda"], help="--device of the server and of `generate` (cpu, cuda)"
+    )
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: this PyTorch sees no CUDA GPU")
 
     print(describe_machine(torch.device(args.device)))
     print(f"{args.prompt_tokens}-token prompts, {args.new_tokens} new tokens per client, greedy, streaming, "

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .cpu_inference import kv_cache_dtype
+from .cpu_inference import PASSES_TO_DECIDE, kv_cache_dtype, on_trial
 from .kv_cache import KVCache
 from .model import GPT
 from .sampling import SamplingParams, choose_next, greedy
@@ -141,17 +141,21 @@ class BatchEngine:
     def warm_up(self) -> None:
         """Run the model once at each size the engine's steps take (decoding 1, 2, 3, ... max_batch rows; a prompt
         chunk of 2, 4, ... prefill_chunk tokens), on the calling thread, the one that will `run` the engine: what
-        a first step at a size costs (`cpu_inference`'s probe of packed weights, oneDNN's kernels and the memory
+        a first step at a size costs (`cpu_inference`'s trials of packed weights, oneDNN's kernels and the memory
         they keep) is paid here, not by the first requests. Every row count: a full batch meets the others only
-        as it drains, and with packed weights each new one keeps 1-2 MB for good."""
+        as it drains, and with packed weights each new one keeps 1-2 MB for good. A decoding size runs again
+        until its packing trials have decided (the LM head's takes a dozen passes)."""
         chunk = min(self.prefill_chunk, self.model.config.max_seq_len)
         shapes = [(rows, 1) for rows in range(1, self.max_batch + 1)]
         shapes += [(1, tokens) for tokens in powers_of_two_up_to(chunk) if tokens > 1]
         with torch.inference_mode():
             for rows, tokens in shapes:
-                cache = KVCache.allocate(self.model.config, rows, self.device, self.cache_dtype, max_len=tokens)
-                ids = torch.zeros(rows, tokens, dtype=torch.long, device=self.device)  # (rows, tokens)
-                self.model.logits(self.model.hidden_states(ids, cache)[:, -1])  # (rows, V)
+                for _ in range(PASSES_TO_DECIDE if tokens == 1 else 1):
+                    cache = KVCache.allocate(self.model.config, rows, self.device, self.cache_dtype, max_len=tokens)
+                    ids = torch.zeros(rows, tokens, dtype=torch.long, device=self.device)  # (rows, tokens)
+                    self.model.logits(self.model.hidden_states(ids, cache)[:, -1])  # (rows, V)
+                    if not on_trial(rows * tokens):
+                        break
 
     def run_beside(self, front: Callable[[], None]) -> None:
         """Run `front` (what submits the requests: the HTTP server, a benchmark's clients) on a thread of its own

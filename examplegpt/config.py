@@ -18,6 +18,8 @@ import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from .errors import UserError
 from .sampling import GENERATE_DEFAULTS, TOKEN_SETTINGS, SamplingParams, out_of_range
 
@@ -243,6 +245,11 @@ class TrainConfig:
         if not 0.0 <= self.weight_decay < math.inf:
             raise UserError(f"weight_decay must be a number >= 0, got {self.weight_decay}")
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        if self.optimizer == "muon" and not hasattr(torch.optim, "Muon"):  # AdamW alone runs on older torch
+            raise UserError(
+                f"optimizer muon needs torch.optim.Muon, in PyTorch 2.9 and later; this is PyTorch {torch.__version__}: "
+                "upgrade it, or train with --optimizer adamw"
+            )
         if not 0.0 < self.muon_learning_rate < math.inf:
             raise UserError(f"muon_learning_rate must be a positive number, got {self.muon_learning_rate}")
         if not 0.0 <= self.muon_momentum < 1.0:

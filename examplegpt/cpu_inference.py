@@ -37,10 +37,17 @@ import torch.nn.functional as F
 # 64 suits both one-row decode steps and batches (a hint of 1 picks a slower layout for both).
 ROWS_HINT = 64
 
-# The probe. Rows are measured in powers of two, up to PROBE_ROWS (past it the products are bound by
-# arithmetic, not by streaming the weights, and one measurement stands for every size).
+# The probe (a `Trial` per group and number of rows). Rows are measured in powers of two, up to PROBE_ROWS
+# (past it the products are bound by arithmetic, not by streaming the weights: one trial stands for every size).
 PROBE_ROWS = 128
-PROBE_SAMPLES = 5  # timed products of each way: a 12-layer model's groups decide within one pass
+PROBE_SAMPLES = 5  # timed products of each way, after the first of each (which builds its kernel)
+# Passes of the model that settle every trial at one number of rows: a group of one weight (the LM head)
+# runs one product a pass; a block's group of 12 weights settles in one.
+PASSES_TO_DECIDE = 2 * (PROBE_SAMPLES + 1)
+# A trial whose ratio falls outside these bounds timed the machine's other work, not the products (measured
+# ratios run from about 0.6 to 2.5): it starts again, at most RETRIES times, before its result stands.
+PLAUSIBLE_SPEEDUPS = (0.2, 5.0)
+RETRIES = 2
 PACKED_MARGIN = 1.05  # packed must be at least 5% faster to be used: a tie, within noise, stays plain PyTorch
 
 # (out, in, dtype, bias, weights in the group, rows measured) -> plain time / packed time, for the process
@@ -147,6 +154,7 @@ class Trial:
     def __init__(self, key: tuple) -> None:
         self.key = key
         self.calls = 0
+        self.retries = 0
         self.seconds: dict[bool, list[float]] = {True: [], False: []}  # packed? -> timings
 
     def run(self, forward: PackedLinearForward, x: torch.Tensor) -> torch.Tensor:
@@ -158,8 +166,24 @@ class Trial:
         if self.calls > 2:
             self.seconds[packed].append(elapsed)
         if self.key not in _speedups and min(map(len, self.seconds.values())) >= PROBE_SAMPLES:
-            _speedups[self.key] = statistics.median(self.seconds[False]) / statistics.median(self.seconds[True])
+            speedup = statistics.median(self.seconds[False]) / statistics.median(self.seconds[True])
+            low, high = PLAUSIBLE_SPEEDUPS
+            if not low <= speedup <= high and self.retries < RETRIES:
+                self.retries += 1
+                self.seconds = {True: [], False: []}
+            else:
+                _speedups[self.key] = speedup
         return y
+
+    @property
+    def timings(self) -> int:
+        return min(map(len, self.seconds.values()))
+
+
+def on_trial(rows: int) -> bool:
+    """Whether some group's trial at this many rows has not decided yet (in this process)."""
+    measured = rows_measured(rows)
+    return any(key[-1] == measured and key not in _speedups for key in _trials)
 
 
 _clock = time.perf_counter  # what trials time with (a test gives them a clock of its own)
@@ -167,7 +191,7 @@ _clock = time.perf_counter  # what trials time with (a test gives them a clock o
 
 class PackedLinearForward:
     """The forward an nn.Linear runs inside `fast_cpu_inference`: its packed weight (packed again if it
-    changes) where its group's probe found packing faster for this many rows, else the plain product."""
+    changes) where its group's trial found packing faster for this many rows, else the plain product."""
 
     def __init__(self, linear: nn.Linear) -> None:
         self.linear = linear
@@ -196,7 +220,7 @@ class PackedLinearForward:
 @contextlib.contextmanager
 def fast_cpu_inference(model: nn.Module, probe: bool = True) -> Iterator[None]:
     """Within the block, each nn.Linear of `model` that oneDNN can take multiplies by its packed weight,
-    at the numbers of rows where the probe found that faster (`probe=False`: at every number).
+    at the numbers of rows where its group's trial found that faster (`probe=False`: at every number).
 
     Where oneDNN cannot take the weights (CUDA, MPS, float16, a build without it) the model runs as
     it is. Blocks nest: an inner block leaves the Linears an outer one packed to the outer one.
@@ -225,30 +249,39 @@ def fast_cpu_inference(model: nn.Module, probe: bool = True) -> Iterator[None]:
 
 
 def packing_report() -> list[str]:
-    """One line per weight shape and number of rows probed in this process: the speed-up and the choice."""
+    """One line per weight shape and number of rows tried in this process: the speed-up and the choice, or
+    how far its trial has come."""
     lines = []
-    for key, speedup in sorted(_speedups.items(), key=lambda item: (item[0][-1], item[0][:2])):
+    keys = sorted(_speedups.keys() | _trials.keys(), key=lambda key: (key[-1], key[:2]))
+    for key in keys:
         out_features, in_features, dtype, _, count, rows = key
-        choice = "packed" if speedup >= PACKED_MARGIN else "plain"
-        lines.append(f"{count} x Linear({in_features}, {out_features}, {str(dtype).removeprefix('torch.')}), "
-                     f"{rows}{'+' if rows == PROBE_ROWS else ''} rows: packed {speedup:.2f}x plain -> {choice}")  # fmt: skip
+        where = f"{count} x Linear({in_features}, {out_features}, {str(dtype).removeprefix('torch.')}), " + (
+            f"{rows}{'+' if rows == PROBE_ROWS else ''} rows"
+        )
+        if key in _speedups:
+            choice = "packed" if _speedups[key] >= PACKED_MARGIN else "plain"
+            lines.append(f"{where}: packed {_speedups[key]:.2f}x plain -> {choice}")
+        else:
+            lines.append(f"{where}: on trial ({_trials[key].timings} of {PROBE_SAMPLES} timings each so far)")
     return lines
 
 
 def packing_summary() -> str:
-    """The probe's choices in this process, per number of rows, in a few words (for a start-up line)."""
-    by_rows: dict[int, list[bool]] = {}
-    for (*_, rows), speedup in _speedups.items():
-        by_rows.setdefault(rows, []).append(speedup >= PACKED_MARGIN)
-    on_trial: dict[int, int] = {}
-    for key in _trials.keys() - _speedups.keys():
-        on_trial[key[-1]] = on_trial.get(key[-1], 0) + 1
-        by_rows.setdefault(key[-1], [])
-    if not by_rows:
-        return "packed weights: not probed"
+    """The choices in this process, per number of rows, in a few words (for a start-up line): how many weight
+    shapes run packed of those tried, and how many are still on trial."""
+    packed: dict[int, int] = {}
+    tried: dict[int, int] = {}
+    on_trial_count: dict[int, int] = {}
+    for key in _speedups.keys() | _trials.keys():
+        rows = key[-1]
+        tried[rows] = tried.get(rows, 0) + 1
+        packed[rows] = packed.get(rows, 0) + (key in _speedups and _speedups[key] >= PACKED_MARGIN)
+        on_trial_count[rows] = on_trial_count.get(rows, 0) + (key not in _speedups)
+    if not tried:
+        return "packed weights: none tried"
     parts = [
-        f"{rows}{'+' if rows == PROBE_ROWS else ''}: {sum(c)}/{len(c)}"
-        + (f" ({on_trial[rows]} on trial)" if rows in on_trial else "")
-        for rows, c in sorted(by_rows.items())
+        f"{rows}{'+' if rows == PROBE_ROWS else ''}: {packed[rows]}/{tried[rows]}"
+        + (f" ({on_trial_count[rows]} on trial)" if on_trial_count[rows] else "")
+        for rows in sorted(tried)
     ]
     return "packed weight shapes at rows " + ", ".join(parts)

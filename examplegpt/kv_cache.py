@@ -23,10 +23,20 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .config import GPTConfig
 
-# Every attention kernel but cuDNN's, on a GPU: cuDNN plans its kernel for each shape, and the keys
-# grow by one each step, so it would plan on every step (40 ms a call on an H200, BENCHMARKS.md).
-# (sdpa_kernel sets process-wide switches for the call: the model runs on one thread at a time.)
-CACHED_ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+def without_cudnn_attention() -> contextlib.AbstractContextManager:
+    """On a GPU, the attention kernels the process has switched on, less cuDNN's: cuDNN plans its kernel
+    for each shape, and the cached keys grow by one each step, so it would plan on every step (40 ms a
+    call on an H200, BENCHMARKS.md). The switches are process-wide while the block runs."""
+    enabled = {
+        SDPBackend.FLASH_ATTENTION: torch.backends.cuda.flash_sdp_enabled(),
+        SDPBackend.EFFICIENT_ATTENTION: torch.backends.cuda.mem_efficient_sdp_enabled(),
+        SDPBackend.MATH: torch.backends.cuda.math_sdp_enabled(),
+    }
+    others = [backend for backend, on in enabled.items() if on]
+    if not torch.backends.cuda.cudnn_sdp_enabled() or not others:  # nothing to leave out, or nothing else left
+        return contextlib.nullcontext()
+    return sdpa_kernel(others)
 
 
 class KVCache:
@@ -118,7 +128,7 @@ class LayerKVCache:
             self.k[rows, :, cache.positions] = k.transpose(1, 2).to(self.k.dtype)
             self.v[rows, :, cache.positions] = v.transpose(1, 2).to(self.v.dtype)
         keys, values = self.k[:, :, : cache.visible], self.v[:, :, : cache.visible]  # (B, nh, S, hs)
-        with sdpa_kernel(CACHED_ATTENTION_BACKENDS) if q.is_cuda else contextlib.nullcontext():
+        with without_cudnn_attention() if q.is_cuda else contextlib.nullcontext():
             y = F.scaled_dot_product_attention(
                 q.to(keys.dtype), keys, values, attn_mask=cache.mask, is_causal=cache.is_causal
             )

@@ -15,7 +15,6 @@ import math
 import torch
 
 from .config import TrainConfig
-from .errors import UserError
 
 
 def lr_at(step: int, peak_lr: float, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
@@ -118,12 +117,9 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
     muon_groups, adamw_groups = muon_split(model, cfg)
     # Muon's default step scaling (Keller Jordan's) multiplies a tall matrix's step by sqrt(rows / cols), as in
     # modded-nanogpt and nanochat, so one muon_learning_rate suits c_attn (3C x C) and c_fc (4C x C).
-    if not hasattr(torch.optim, "Muon"):  # AdamW alone runs on older torch
-        raise UserError(
-            f"--optimizer muon needs torch.optim.Muon, in PyTorch 2.9 and later; this is PyTorch {torch.__version__}: "
-            "upgrade it, or train with --optimizer adamw"
-        )
-    from .muon import muon_class
+    from .muon import (
+        muon_class,
+    )  # torch.optim.Muon exists from torch 2.9 on (TrainConfig checks); AdamW alone runs on older torch
 
     muon = muon_class(device)(muon_groups, lr=cfg.muon_learning_rate, momentum=cfg.muon_momentum, nesterov=True)
     return MuonWithAdamW(muon, torch.optim.AdamW(adamw_groups, **adamw))

@@ -49,3 +49,14 @@ def test_decode_parts_benchmark_times_every_part():
     rows = [line.split("|") for line in proc.stdout.splitlines() if line.startswith("| ") and "---" not in line]
     assert len(rows) == 15  # the header and 14 parts
     assert all(float(row[2]) > 0 and float(row[3]) > 0 for row in rows[1:])
+
+
+def test_linear_kernel_benchmark_times_every_kernel_it_finds():
+    command = [sys.executable, str(REPO / "benchmarks" / "bench_linear_kernels.py"), "--small", "--repeats", "2"]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    totals = proc.stdout.split("every Linear of one decode step")[1]
+    lines = [line.split("|") for line in totals.splitlines() if line.startswith("| ") and "rows |" not in line]
+    rows = {cells[1].strip(): [float(ms) for ms in cells[2:4]] for cells in lines}  # ms at 1 and 8 rows
+    assert {"fp32 F.linear", "fp32 packed", "int8 weight-only", "int8 x int8 fbgemm"} <= rows.keys()
+    assert all(ms > 0 for pair in rows.values() for ms in pair)

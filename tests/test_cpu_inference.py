@@ -237,7 +237,8 @@ def test_the_probe_keeps_the_plain_product_where_packing_is_slower(tiny_model, p
     with torch.inference_mode(), fast_cpu_inference(tiny_model):
         first = tiny_model(idx)[0]
         assert packed_calls  # on trial: some products packed
-        assert rows_of(packing_summary()) == {"16": "0/0 (5 on trial)"}
+        assert rows_of(packing_summary()) == {"16": "0/5 (5 on trial)"}
+        assert all("on trial" in line for line in packing_report())  # --verbose names the undecided too
         for _ in range(2 * PROBE_SAMPLES + 1):  # the head, one product a pass, needs this many to decide
             tiny_model(idx)
         packed_calls.clear()
@@ -280,6 +281,35 @@ def test_the_real_probe_measures_a_speedup(tiny_model, monkeypatch):
             tiny_model(torch.randint(0, 50257, (1, 4)))
     speedups = cpu_inference._speedups
     assert len(speedups) == 5 and all(s > 0 for s in speedups.values())  # 4 rows through 5 weight shapes
+
+
+def test_a_trial_that_timed_a_stall_starts_again(tiny_model, monkeypatch):
+    stalls = [PROBE_SAMPLES + 1]  # the first packed products of the trial each hit a stall of the machine
+
+    def packed_cost(rows):
+        stalls[0] -= 1
+        return 100.0 if stalls[0] >= 0 else 0.5
+
+    clock_of_costs(monkeypatch, packed_cost=packed_cost, plain_cost=lambda rows: 1.0)
+    head = tiny_model.lm_head
+    with torch.inference_mode(), fast_cpu_inference(head):  # one weight: one product a pass
+        for _ in range(4 * (PROBE_SAMPLES + 1)):
+            head(torch.zeros(1, head.in_features))
+    ((key, speedup),) = cpu_inference._speedups.items()
+    assert speedup == 2.0 and cpu_inference._trials[key].retries == 1
+
+
+def test_the_engine_warm_up_settles_the_trials_of_every_decoding_size(tiny_model, monkeypatch):
+    from examplegpt.batching import BatchEngine
+
+    monkeypatch.setattr(PackedGroup, "speedup", REAL_SPEEDUP)
+    with torch.inference_mode(), fast_cpu_inference(tiny_model):
+        BatchEngine(tiny_model.requires_grad_(False), max_batch=3).warm_up()
+        summary = rows_of(packing_summary())
+    assert {rows: summary[rows] for rows in ("1", "2", "4")} == {
+        rows: summary[rows].split(" ")[0] for rows in ("1", "2", "4")
+    }  # no "(k on trial)" at a decoding size
+    assert all(summary[rows].endswith("/5") for rows in ("1", "2", "4"))  # the blocks' 4 shapes and the head
 
 
 def cpu_inference_cache(model, batch, length):

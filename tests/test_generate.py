@@ -348,3 +348,20 @@ def test_cached_attention_on_a_gpu_leaves_cudnn_out(monkeypatch):
     model = GPT(tiny_config()).cuda().to(torch.bfloat16).eval()
     generate(model, torch.zeros(1, 4, dtype=torch.long, device="cuda"), 3, temperature=0)
     assert cudnn_on and not any(cudnn_on)
+
+
+def test_cached_attention_leaves_out_only_cudnn_and_keeps_the_users_switches():
+    from examplegpt.kv_cache import without_cudnn_attention
+
+    cuda = torch.backends.cuda
+    before = (cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled(), cuda.cudnn_sdp_enabled())
+    cuda.enable_cudnn_sdp(True)
+    cuda.enable_flash_sdp(False)  # the user's own choice
+    try:
+        with without_cudnn_attention():
+            inside = (cuda.cudnn_sdp_enabled(), cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled())
+        assert inside == (False, False, before[1])
+        assert cuda.cudnn_sdp_enabled() and not cuda.flash_sdp_enabled()  # restored after the block
+    finally:
+        cuda.enable_flash_sdp(before[0])
+        cuda.enable_cudnn_sdp(before[2])

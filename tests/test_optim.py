@@ -285,3 +285,4 @@ def test_muon_on_a_pytorch_without_it_is_one_line(cli, corpus, tmp_path, monkeyp
     monkeypatch.delattr(torch.optim, "Muon")  # PyTorch before 2.9
     result = cli(*train_args(corpus, tmp_path / "run", "--optimizer", "muon"))
     assert_one_line_error(result, "PyTorch 2.9", "--optimizer adamw")
+    assert not (tmp_path / "run").exists()  # refused with the settings, before any data is read
