@@ -171,8 +171,7 @@ def main() -> None:
         seconds, _, _ = run_clients(engine, prompts[1], n)
         rates.setdefault("own thread", []).append(n / seconds)
 
-    # as the commands apply it (a no-op off CPU)
-    with fast_cpu_inference(model) if device.type == "cpu" else contextlib.nullcontext():
+    with fast_cpu_inference(model):  # as the commands apply it (off CPU it leaves the model as it is)
         warm = engine_of()
         warm.warm_up()  # the probe and the kernels for every size, on this thread, as `serve` does
         generate(model, prompt, 4, temperature=0)

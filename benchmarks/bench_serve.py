@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import signal
 import statistics
 import subprocess
@@ -32,12 +31,11 @@ from pathlib import Path
 
 import httpx
 import torch
-from machine import describe_machine  # benchmarks/machine.py, beside this script
+from machine import child_process_env, describe_machine  # benchmarks/machine.py, beside this script
 
 from examplegpt import GPT, GPTConfig
 from examplegpt.weights import save_model_file
 
-REPO = Path(__file__).resolve().parent.parent
 SHAPES = {
     "6x384": dict(num_layers=6, d_model=384, num_heads=6, d_ff=1536),
     "124M": dict(),
@@ -51,11 +49,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def child_env(threads: int | None) -> dict[str, str]:
-    # the repository first; what was on PYTHONPATH stays (packages carried onto a machine outside site-packages)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    if threads is not None:
-        env["OMP_NUM_THREADS"] = str(threads)
-    return env
+    return child_process_env() if threads is None else child_process_env(OMP_NUM_THREADS=str(threads))
 
 
 def start_server(

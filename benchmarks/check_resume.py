@@ -24,9 +24,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from machine import describe_machine  # benchmarks/machine.py, beside this script
+from machine import child_process_env, describe_machine  # benchmarks/machine.py, beside this script
 
-REPO = Path(__file__).resolve().parent.parent
 STEPS, CHECKPOINT_EVERY = 40, 20
 TRAIN_ARGS = [
     "train", "--preset", "tiny", "--data", "shakespeare", "--max-steps", str(STEPS), "--batch-size", "8",
@@ -36,9 +35,7 @@ TRAIN_ARGS = [
 
 
 def launch(out_dir: Path, cores: list[int], cache: Path, *extra: str) -> subprocess.Popen:
-    env = dict(
-        os.environ,
-        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    env = child_process_env(
         OMP_NUM_THREADS=str(len(cores)),
         WANDB_MODE="disabled",
         ADDRESS_SHIFT="x" * (hash(str(out_dir)) % 997),  # moves the stack and what is allocated after it

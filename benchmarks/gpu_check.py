@@ -108,9 +108,9 @@ def format_value(v) -> str:
 
 
 def child_env() -> dict:
-    """This environment with the repository first on PYTHONPATH (what was there stays: packages installed
-    outside site-packages, as on a machine where they were carried in)."""
-    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    from machine import child_process_env  # benchmarks/machine.py, beside this script
+
+    return child_process_env()
 
 
 CLI_ENV = {"WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}

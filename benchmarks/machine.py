@@ -1,12 +1,16 @@
-"""What machine a benchmark ran on: every table in BENCHMARKS.md names it, since figures move between CPU classes."""
+"""What machine a benchmark ran on: every table in BENCHMARKS.md names it, since figures move between CPU classes.
+And the environment a benchmark hands the commands it starts on that machine."""
 
 from __future__ import annotations
 
 import os
 import platform
 import time
+from pathlib import Path
 
 import torch
+
+REPO = Path(__file__).resolve().parent.parent
 
 ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")  # the ones that change which kernels run
 
@@ -53,3 +57,10 @@ def describe_machine(device: torch.device | str = "cpu") -> str:
 if __name__ == "__main__":
     print(describe_machine())
     print(f"read bandwidth {read_bandwidth_gbs():.1f} GB/s")
+
+
+def child_process_env(**extra: str) -> dict[str, str]:
+    """This environment, with the repository first on PYTHONPATH and `extra` set, for a command a benchmark
+    starts; what was on PYTHONPATH stays (packages carried onto a machine outside site-packages)."""
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    return dict(os.environ, PYTHONPATH=path, **extra)

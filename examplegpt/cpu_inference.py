@@ -23,6 +23,7 @@ made them. The packed product has no gradient: the block refuses a model that au
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import statistics
@@ -165,7 +166,7 @@ class Trial:
         elapsed = _clock() - start
         if self.calls > 2:
             self.seconds[packed].append(elapsed)
-        if self.key not in _speedups and min(map(len, self.seconds.values())) >= PROBE_SAMPLES:
+        if self.timings >= PROBE_SAMPLES:  # (once decided, the group no longer calls the trial)
             speedup = statistics.median(self.seconds[False]) / statistics.median(self.seconds[True])
             low, high = PLAUSIBLE_SPEEDUPS
             if not low <= speedup <= high and self.retries < RETRIES:
@@ -269,19 +270,14 @@ def packing_report() -> list[str]:
 def packing_summary() -> str:
     """The choices in this process, per number of rows, in a few words (for a start-up line): how many weight
     shapes run packed of those tried, and how many are still on trial."""
-    packed: dict[int, int] = {}
-    tried: dict[int, int] = {}
-    on_trial_count: dict[int, int] = {}
-    for key in _speedups.keys() | _trials.keys():
-        rows = key[-1]
-        tried[rows] = tried.get(rows, 0) + 1
-        packed[rows] = packed.get(rows, 0) + (key in _speedups and _speedups[key] >= PACKED_MARGIN)
-        on_trial_count[rows] = on_trial_count.get(rows, 0) + (key not in _speedups)
+    tried = collections.Counter(key[-1] for key in _speedups.keys() | _trials.keys())
+    packed = collections.Counter(key[-1] for key, speedup in _speedups.items() if speedup >= PACKED_MARGIN)
+    pending = collections.Counter(key[-1] for key in _trials.keys() - _speedups.keys())
     if not tried:
         return "packed weights: none tried"
     parts = [
         f"{rows}{'+' if rows == PROBE_ROWS else ''}: {packed[rows]}/{tried[rows]}"
-        + (f" ({on_trial_count[rows]} on trial)" if on_trial_count[rows] else "")
+        + (f" ({pending[rows]} on trial)" if pending[rows] else "")
         for rows in sorted(tried)
     ]
     return "packed weight shapes at rows " + ", ".join(parts)

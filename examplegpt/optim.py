@@ -117,9 +117,8 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
     muon_groups, adamw_groups = muon_split(model, cfg)
     # Muon's default step scaling (Keller Jordan's) multiplies a tall matrix's step by sqrt(rows / cols), as in
     # modded-nanogpt and nanochat, so one muon_learning_rate suits c_attn (3C x C) and c_fc (4C x C).
-    from .muon import (
-        muon_class,
-    )  # torch.optim.Muon exists from torch 2.9 on (TrainConfig checks); AdamW alone runs on older torch
+    # imported here: torch.optim.Muon exists from torch 2.9 on (TrainConfig checks), AdamW runs on older torch
+    from .muon import muon_class
 
     muon = muon_class(device)(muon_groups, lr=cfg.muon_learning_rate, momentum=cfg.muon_momentum, nesterov=True)
     return MuonWithAdamW(muon, torch.optim.AdamW(adamw_groups, **adamw))
