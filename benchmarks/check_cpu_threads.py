@@ -16,6 +16,7 @@ product plain, and as the probe chose; then the probe's choices.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import statistics
@@ -169,4 +170,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     main()

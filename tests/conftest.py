@@ -77,6 +77,9 @@ def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
         if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+    # `alone` tests first: each waits for the other worker's running test to end, which at the start is a
+    # short one, and later may be a drill of minutes (every worker sorts alike, as xdist requires)
+    items.sort(key=lambda item: item.get_closest_marker("alone") is None)
 
 
 def tiny_config(**overrides) -> GPTConfig:

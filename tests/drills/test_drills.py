@@ -19,7 +19,7 @@ from ..conftest import REPO, assert_one_line_error, final_weights, make_text, ru
 
 pytestmark = pytest.mark.slow  # the real commands as subprocesses, killed and restarted
 
-KILLS = 20
+KILLS = 10  # each at a random moment after a checkpoint of its own
 
 
 def launch(args):
