@@ -68,7 +68,10 @@ def generate(
         config = model.config
         B, T = idx.shape
         context = config.max_seq_len
-        cache = KVCache.allocate(config, B, idx.device, kv_cache_dtype(idx.device, next(model.parameters()).dtype))
+        # only the positions this call can fill: a whole context's zeros would cost more than a short reply
+        positions = min(context, min(T, context) + max_new_tokens)
+        cache_dtype = kv_cache_dtype(idx.device, next(model.parameters()).dtype)
+        cache = KVCache.allocate(config, B, idx.device, cache_dtype, max_len=positions)
         tokens = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=idx.device)  # (B, T + new)
         tokens[:, :T] = idx
         finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
