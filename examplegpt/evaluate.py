@@ -41,6 +41,7 @@ from .distributed import SINGLE_PROCESS, World, mean_over_ranks
 from .errors import UserError
 from .loss import CHUNK_ROWS, IGNORE_INDEX, loss_and_gradients
 from .model import GPT
+from .quantize import many_rows_per_call
 from .tokenizer import EOT_ID, TOKENIZER_ID
 from .weights import load_model, model_from_state, read_torch_file
 
@@ -245,7 +246,7 @@ def evaluate_command(cfg: EvaluateConfig, data: DataConfig) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         tokens, stats, scored = split_tokens(data, cfg.split, window + 1, Path(scratch))
         start = time.perf_counter()
-        with fast_cpu_inference(model) if cfg.fast_cpu else contextlib.nullcontext():
+        with fast_cpu_inference(model) if cfg.fast_cpu else contextlib.nullcontext(), many_rows_per_call(model):
             total, count = sliding_window_nll(
                 model, text_to_score(tokens), stride, cfg.batch_size, device, EOT_ID, progress=True
             )

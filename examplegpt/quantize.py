@@ -8,22 +8,26 @@ float32), the kernel that serves torch's int8 weight-only path on CPU. torchao's
 stores the same numbers, but its CPU product converts the whole weight back to float each call, about
 50 times slower than float32 here (BENCHMARKS.md, "int8 and bf16 inference").
 
-Many rows at once (a prompt, an evaluation window) are compute-bound, not memory-bound: there the
-weight is converted back to the activations' dtype for the call and multiplied as usual.
+Every row goes through that kernel, which computes each row on its own: a row's numbers do not depend on
+the rows beside it, so a request's tokens do not depend on what else the server is decoding. Evaluation
+multiplies whole windows, thousands of rows, where converting the weight back to float for the call is
+faster (compute-bound, not memory-bound): `many_rows_per_call` switches a model's layers to that.
 The model file is unchanged: quantization is applied at load time, from outside the model
 (`device.prepare_for_inference`), like the CPU accelerator.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# Rows past which a product is compute-bound and the int8 kernel (one vector at a time) loses to
-# converting the weight once for the call and multiplying in float32 (BENCHMARKS.md).
+# Under `many_rows_per_call`: rows from which the int8 kernel (one vector at a time) loses to converting
+# the weight once for the call and multiplying in float32 (BENCHMARKS.md).
 DEQUANTIZE_FROM_ROWS = 16
 
 
@@ -42,6 +46,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight_int8", quantized.contiguous())
         self.register_buffer("scales", scales)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.dequantize_from_rows: int | None = None  # None: the int8 kernel for every row (see the module)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -51,7 +56,8 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)  # (N, in)
-        if rows.shape[0] < DEQUANTIZE_FROM_ROWS and rows.device.type == "cpu" and int8_kernel_works():
+        many = self.dequantize_from_rows is not None and rows.shape[0] >= self.dequantize_from_rows
+        if not many and rows.device.type == "cpu" and int8_kernel_works():
             scales = self.scales.to(torch.bfloat16)  # the kernel takes them in the activations' dtype
             y = torch.ops.aten._weight_int8pack_mm(rows.to(torch.bfloat16), self.weight_int8, scales)
             y = y.to(x.dtype)  # (N, out)
@@ -63,6 +69,21 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+@contextlib.contextmanager
+def many_rows_per_call(model: nn.Module) -> Iterator[None]:
+    """While the block runs, `model`'s int8 products of DEQUANTIZE_FROM_ROWS rows or more convert the weight
+    back to float for the call: faster for evaluation's windows, and a row's numbers then depend on how
+    many rows share its call (a batch of windows always has the same number)."""
+    layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    for layer in layers:
+        layer.dequantize_from_rows = DEQUANTIZE_FROM_ROWS
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.dequantize_from_rows = None
 
 
 @functools.cache

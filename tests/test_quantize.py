@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 
@@ -14,7 +15,14 @@ from examplegpt.config import EvaluateConfig, GenerateConfig, ServeConfig
 from examplegpt.device import inference_precision, prepare_for_inference
 from examplegpt.errors import UserError
 from examplegpt.evaluate import sliding_window_nll
-from examplegpt.quantize import DEQUANTIZE_FROM_ROWS, Int8Linear, int8_kernel_works, quantize_int8, weight_bytes
+from examplegpt.quantize import (
+    DEQUANTIZE_FROM_ROWS,
+    Int8Linear,
+    int8_kernel_works,
+    many_rows_per_call,
+    quantize_int8,
+    weight_bytes,
+)
 from examplegpt.tokenizer import EOT_ID, encode
 
 from .conftest import make_text, tiny_config
@@ -22,9 +30,10 @@ from .conftest import make_text, tiny_config
 CPU = torch.device("cpu")
 
 
-@pytest.mark.parametrize("rows", [1, 5, DEQUANTIZE_FROM_ROWS + 3])  # the int8 kernel, and the dequantized product
+@pytest.mark.parametrize("rows", [1, 5, DEQUANTIZE_FROM_ROWS + 3])
+@pytest.mark.parametrize("many_rows", [False, True])  # the int8 kernel; the dequantized product from 16 rows
 @pytest.mark.parametrize("bias", [True, False])
-def test_int8_linear_is_close_to_the_float_product(rows, bias):
+def test_int8_linear_is_close_to_the_float_product(rows, many_rows, bias):
     torch.manual_seed(0)
     linear = nn.Linear(96, 40, bias=bias)
     with torch.no_grad():
@@ -32,7 +41,8 @@ def test_int8_linear_is_close_to_the_float_product(rows, bias):
     quantized = Int8Linear(linear.weight, linear.bias)
     x = torch.randn(2, rows, 96)
     expected = linear(x)
-    got = quantized(x)
+    with many_rows_per_call(quantized) if many_rows else contextlib.nullcontext():
+        got = quantized(x)
     assert got.shape == expected.shape and got.dtype == torch.float32
     # int8 rounding is at most half a step of max|W|/127 per weight; bf16 activations add ~0.4%
     assert (got - expected).abs().max() < 0.03 * expected.abs().max()
@@ -40,6 +50,16 @@ def test_int8_linear_is_close_to_the_float_product(rows, bias):
     # the dequantized weight is within half a quantization step of the original
     step = linear.weight.abs().amax(dim=1, keepdim=True) / 127
     assert torch.all((quantized.weight - linear.weight).abs() <= step * 0.5 + 1e-6)
+
+
+def test_a_rows_numbers_do_not_depend_on_the_rows_beside_it():
+    """So that a request's tokens do not depend on what else the server decodes with it."""
+    torch.manual_seed(0)
+    quantized = Int8Linear(torch.randn(64, 96), torch.randn(64))
+    x = torch.randn(3 * DEQUANTIZE_FROM_ROWS, 96)
+    alone = torch.cat([quantized(row[None]) for row in x])  # (rows, 64)
+    for rows in (2, DEQUANTIZE_FROM_ROWS - 1, DEQUANTIZE_FROM_ROWS, 3 * DEQUANTIZE_FROM_ROWS):
+        assert torch.equal(quantized(x[:rows]), alone[:rows]), rows
 
 
 def test_the_int8_kernel_is_found_on_this_build():
@@ -149,3 +169,31 @@ def test_the_server_engine_runs_an_int8_model_as_generate_does():
     finally:
         engine.shutdown(drain=False)
         engine.join(30)
+
+
+def test_an_int8_request_gets_the_same_numbers_alone_and_among_many():
+    """More rows decoding at once than DEQUANTIZE_FROM_ROWS, prompts prefilled in chunks: each request's
+    tokens and log-probabilities are bit for bit those it gets alone."""
+    from examplegpt.batching import BatchEngine, SamplingParams
+
+    from .test_batching import Collector
+
+    torch.manual_seed(0)
+    model = prepare_for_inference(GPT(tiny_config()), "int8", CPU)
+    generator = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 50257, (3 + i,), generator=generator).tolist() for i in range(DEQUANTIZE_FROM_ROWS + 4)]
+    params = SamplingParams(max_tokens=6, temperature=0, stop_at_eos=False, logprobs=0)
+
+    def run(max_batch: int) -> list[list[tuple[int, float]]]:
+        engine = BatchEngine(model, max_batch=max_batch, max_queue=len(prompts), prefill_chunk=8)
+        collectors = [Collector() for _ in prompts]
+        for prompt, collector in zip(prompts, collectors):
+            engine.submit(prompt, params, collector)
+        engine.start()
+        try:
+            return [[(e.token, e.logprob) for e in c.wait().events] for c in collectors]
+        finally:
+            engine.shutdown(drain=False)
+            engine.join(30)
+
+    assert run(max_batch=len(prompts)) == run(max_batch=1)
