@@ -330,6 +330,8 @@ class GenerateConfig:
             raise UserError(problem)
         if self.num_samples < 1:
             raise UserError(f"num_samples must be at least 1, got {self.num_samples}")
+        if "" in self.stop:  # it is found before the first character: every sample would be cut to nothing
+            raise UserError("stop must not be empty")
         check_device(self.device)
         self.precision = precision_name(self.precision, INFERENCE_PRECISIONS)
 

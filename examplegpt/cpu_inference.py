@@ -249,9 +249,14 @@ def fast_cpu_inference(model: nn.Module, probe: bool = True) -> Iterator[None]:
             vars(linear).pop("forward", None)
 
 
+NONE_TRIED = "packed weights: none tried"  # the words of packing_summary and packing_report alike
+
+
 def packing_report() -> list[str]:
     """One line per weight shape and number of rows tried in this process: the speed-up and the choice, or
-    how far its trial has come."""
+    how far its trial has come; where none was tried (int8 or float16 weights, say), a line that says why."""
+    if not _speedups.keys() | _trials.keys():
+        return [f"{NONE_TRIED}: only float32 weights on a CPU are packed, and bfloat16 ones on a CPU with AVX-512"]
     lines = []
     keys = sorted(_speedups.keys() | _trials.keys(), key=lambda key: (key[-1], key[:2]))
     for key in keys:
@@ -274,7 +279,7 @@ def packing_summary() -> str:
     packed = collections.Counter(key[-1] for key, speedup in _speedups.items() if speedup >= PACKED_MARGIN)
     pending = collections.Counter(key[-1] for key in _trials.keys() - _speedups.keys())
     if not tried:
-        return "packed weights: none tried"
+        return NONE_TRIED
     parts = [
         f"{rows}{'+' if rows == PROBE_ROWS else ''}: {packed[rows]}/{tried[rows]}"
         + (f" ({pending[rows]} on trial)" if pending[rows] else "")

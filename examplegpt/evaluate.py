@@ -36,7 +36,7 @@ from tqdm import tqdm
 from .config import DataConfig, EvaluateConfig
 from .cpu_inference import fast_cpu_inference, packing_report
 from .data import HOLDOUT_SEED, check_cache, open_split, prepare, tokenize_local_text
-from .device import autocast, pick_device, prepare_for_inference
+from .device import autocast, inference_precision, pick_device, prepare_for_inference
 from .distributed import SINGLE_PROCESS, World, mean_over_ranks
 from .errors import UserError
 from .loss import CHUNK_ROWS, IGNORE_INDEX, loss_and_gradients
@@ -257,7 +257,7 @@ def evaluate_command(cfg: EvaluateConfig, data: DataConfig) -> int:
         "checkpoint": cfg.checkpoint,
         "data": data.data,
         "split": scored,
-        "precision": cfg.precision,
+        "precision": inference_precision(cfg.precision, device),  # what auto became here
         "window": window,
         "stride": stride,
         "tokens_scored": count,

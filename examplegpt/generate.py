@@ -110,12 +110,17 @@ def generate(
 
 
 def read_prompt(prompt: str) -> str:
-    """The prompt text: '-', or no --prompt with a piped stdin, reads stdin (which must be UTF-8)."""
+    """The prompt text: '-', or no --prompt with a piped stdin, reads stdin. Either way it must be UTF-8."""
     if prompt == "-" or (not prompt and not sys.stdin.isatty()):
-        try:
-            prompt = sys.stdin.buffer.read().decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise UserError(f"the prompt on stdin is not valid UTF-8 (byte {e.start})") from None
+        data, source = sys.stdin.buffer.read(), "on stdin"
+    else:
+        # Python hands on command-line bytes that are not UTF-8 as lone surrogates (PEP 383): encoded back,
+        # the first of them is where decoding fails
+        data, source = prompt.encode("utf-8", "surrogatepass"), "given by --prompt"
+    try:
+        prompt = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"the prompt {source} is not valid UTF-8 (byte {e.start})") from None
     if not prompt:
         raise UserError("the prompt is empty: pass --prompt TEXT (or pipe text on stdin)")
     return prompt

@@ -18,6 +18,11 @@ MAX_BODY_BYTES = 8 * 2**20  # a request body past this is refused before it is r
 RETRY_AFTER_SECONDS = 1
 # OpenAI fields that ExampleGPT does not implement: accepted only at their neutral value (see serve.py).
 UNSUPPORTED = ("echo", "best_of", "frequency_penalty", "presence_penalty", "logit_bias", "suffix")
+# What each field of several types (serve.request_model) takes, in words: pydantic names the types by its internals.
+EXPECTED = {
+    "prompt": "a string, a list of strings, a list of token ids, or a list of such lists",
+    "stop": "a string or a list of strings",
+}
 
 
 class APIError(Exception):
@@ -83,7 +88,7 @@ def error_responses(*statuses: int) -> dict:
     }
 
 
-def validation_error(exc: RequestValidationError) -> APIError:
+def validation_error(exc: RequestValidationError, content_type: str | None) -> APIError:
     """The first problem pydantic found in a request body, as one sentence naming the field."""
     errors = exc.errors()
     error = errors[0]
@@ -95,6 +100,12 @@ def validation_error(exc: RequestValidationError) -> APIError:
     if not location:
         if error["type"] == "missing":
             return APIError(400, "the request body is empty: send a JSON object", code="invalid_json")
+        # FastAPI reads a body as JSON only when its Content-Type says so: not a form's or text/plain, which a
+        # web page may send to this server without the browser asking it first (CORS's "simple" requests)
+        if isinstance(error.get("input"), bytes):
+            given = content_type or "no Content-Type"
+            message = f"the request body must be sent as Content-Type: application/json, got {given}"
+            return APIError(400, message, code="invalid_content_type")
         return APIError(
             400, f"the request body must be a JSON object, got {error.get('input')!r:.80}", code="invalid_json"
         )
@@ -108,10 +119,10 @@ def validation_error(exc: RequestValidationError) -> APIError:
     if param in UNSUPPORTED and not error["type"].endswith("_type"):  # the right type, but not the neutral value
         hint = " (repetition_penalty is supported)" if param.endswith("_penalty") else ""
         return APIError(400, f"{param} is not supported by this server{hint}", param=param, code="unsupported")
-    message = error["msg"] if len(same_field) == 1 or error is not errors[0] else "not a valid value"
-    if len(same_field) > 1 and message == "not a valid value":
-        kinds = sorted({str(e["loc"][2]) for e in same_field if len(e["loc"]) > 2})
-        message += f" (expected {' or '.join(kinds)})"
+    if len(same_field) == 1 or error is not errors[0]:
+        message = error["msg"]
+    else:  # a wrong type for every type the field takes
+        message = f"expected {EXPECTED[param]}" if param in EXPECTED else "not a valid value"
     return APIError(
         400, f"{param}: {message}, got {json.dumps(error.get('input'))[:80]}", param=param, code="invalid_value"
     )
@@ -135,7 +146,9 @@ class Guard:
             return await response.response()(scope, receive, send)
         length = headers.get(b"content-length", b"0").decode("latin-1")
         if not length.isdigit() or int(length) > MAX_BODY_BYTES:
-            response = APIError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes").response()
+            response = APIError(
+                413, f"the request body is larger than {MAX_BODY_BYTES} bytes", code="request_too_large"
+            ).response()
             return await response(scope, receive, send)
         started = False
 

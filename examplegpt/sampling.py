@@ -14,6 +14,7 @@ decode step of a small model is short enough that they would cost as much as the
 from __future__ import annotations
 
 import dataclasses
+import math
 import operator
 from dataclasses import dataclass, field
 
@@ -71,13 +72,16 @@ COMPARE = {"ge": operator.ge, "gt": operator.gt, "le": operator.le, "lt": operat
 def out_of_range(settings: object) -> str | None:
     """The first field of a dataclass whose value lies outside its `within` range, as a sentence; None if none.
 
-    Written so that NaN is out of every range."""
+    Written so that NaN is out of every range; infinity is refused too, also where a range is open-ended
+    (temperature >= 0): no setting means anything there."""
     for f in dataclasses.fields(settings):
         bounds, value = f.metadata.get("range"), getattr(settings, f.name)
         if bounds is None or value is None:
             continue
         if not all(COMPARE[kind](value, bound) for kind, bound in bounds.items()):
             return f"{f.name} must be {describe_range(bounds)}, got {value}"
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"{f.name} must be a finite number {describe_range(bounds)}, got {value}"
     return None
 
 

@@ -44,7 +44,7 @@ from .config import ServeConfig, field_docs
 from .cpu_inference import fast_cpu_inference, packing_summary
 from .device import inference_precision, pick_device, prepare_for_inference
 from .errors import UserError
-from .http_errors import RETRY_AFTER_SECONDS, APIError, Guard, error_responses, validation_error
+from .http_errors import EXPECTED, RETRY_AFTER_SECONDS, APIError, Guard, error_responses, validation_error
 from .sampling import TOKEN_SETTINGS, SamplingParams
 from .text import CompletionText, crop_prompt
 from .tokenizer import EOT_ID, encode
@@ -85,7 +85,8 @@ class StreamOptions(BaseModel):
 class RequestBase(BaseModel):
     """OpenAI's fields of POST /v1/completions that are not sampling settings."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # Python's JSON reader takes Infinity and NaN, which no setting's range admits (sampling.out_of_range)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     model: str | None = None
     stream: bool = False
@@ -135,9 +136,12 @@ def request_model(config: ServeConfig, vocab_size: int, capacity: int) -> type[B
         "CompletionRequest",
         __base__=RequestBase,
         __doc__="The body of POST /v1/completions: OpenAI's fields, and ExampleGPT's sampling extras.",
-        prompt=(prompt, Field(description="Text, texts, token ids, or lists of token ids.")),
+        prompt=(prompt, Field(description=f"What to continue: {EXPECTED['prompt']}.")),
         n=(integer(ge=1, le=capacity), Field(1, description=n_help)),
-        stop=(stop | Annotated[list[stop], Field(max_length=MAX_STOPS)] | None, None),
+        stop=(
+            stop | Annotated[list[stop], Field(max_length=MAX_STOPS)] | None,
+            Field(None, description=f"Text that ends a choice: {EXPECTED['stop']} (at most {MAX_STOPS})."),
+        ),
         **sampling_fields(config.max_tokens_limit),
     )
 
@@ -536,12 +540,12 @@ async def on_api_error(request: Request, exc: APIError) -> JSONResponse:
 
 
 async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    return validation_error(exc).response()
+    return validation_error(exc, request.headers.get("content-type")).response()
 
 
 async def on_http_error(request: Request, exc: HTTPException) -> JSONResponse:
     """Starlette's own errors (no such route, a method the route does not take) as OpenAI's error object."""
-    kind = "not_found" if exc.status_code == 404 else None
+    kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
     return APIError(
         exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code=kind, headers=exc.headers
     ).response()

@@ -267,6 +267,23 @@ def test_the_link_checker_finds_what_is_broken(tmp_path, monkeypatch):
     ]
 
 
+# --- what the guides say the commands say -----------------------------------------------------------
+
+
+def test_the_guides_quote_the_error_generate_gives_an_empty_prompt(monkeypatch):
+    """generate refuses an empty prompt (the server's API takes one): the guides quote the error it prints."""
+    import io
+
+    from examplegpt.errors import UserError
+    from examplegpt.generate import read_prompt
+
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"")))  # piped, and empty
+    with pytest.raises(UserError) as refused:
+        read_prompt("")
+    for guide in (REPO / "README.md", REPO / "docs" / "generate.md"):
+        assert f"`error: {refused.value}`" in " ".join(guide.read_text().split()), guide.name
+
+
 # --- requirements.txt --------------------------------------------------------------------------------
 
 

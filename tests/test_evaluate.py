@@ -13,7 +13,7 @@ from examplegpt.evaluate import exp_or_inf, sliding_window_nll, window_plan
 from examplegpt.tokenizer import encode
 from examplegpt.weights import save_model_file
 
-from .conftest import assert_one_line_error, make_text, tiny_config
+from .conftest import REPO, assert_one_line_error, make_text, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +91,29 @@ def test_evaluate_command_on_a_text_file(cli, tmp_path, model_file):
     assert "word_perplexity" in table.stdout and "bits_per_byte" in table.stdout
 
 
+def test_evaluate_reports_the_precision_it_ran_in_and_the_guide_names_every_field(cli, tmp_path, model_file):
+    (tmp_path / "eval.txt").write_text(make_text(600, 9))
+    proc = cli("evaluate", "-c", str(model_file), "--data", str(tmp_path / "eval.txt"), "--json", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.splitlines()[-1])
+    assert result["precision"] == "fp32"  # --precision auto, as it resolved on CPU
+    guide = (REPO / "docs" / "evaluate.md").read_text()
+    assert [key for key in result if f"`{key}`" not in guide] == []
+
+
+def test_evaluate_verbose_says_so_when_no_weight_was_packed(cli, tmp_path, model_file, monkeypatch):
+    from examplegpt import cpu_inference
+
+    monkeypatch.setattr(cpu_inference, "_speedups", {})  # a fresh process's decisions
+    monkeypatch.setattr(cpu_inference, "_trials", {})
+    (tmp_path / "eval.txt").write_text(make_text(600, 9))
+    proc = cli("evaluate", "-c", str(model_file), "--data", str(tmp_path / "eval.txt"), "--device", "cpu",
+               "--precision", "int8", "--verbose")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert f"cpu_inference: {cpu_inference.NONE_TRIED}: only float32 weights" in proc.stderr
+    assert re.search(r"precision\s+int8\n", proc.stdout)
+
+
 def test_evaluate_on_a_file_says_it_scored_the_whole_text_and_shows_progress(cli, tmp_path, model_file, monkeypatch):
     import examplegpt.evaluate
 
@@ -142,6 +165,12 @@ def test_evaluate_bad_input(cli, tmp_path, model_file, small_model):
     other = tmp_path / "other.pt"
     save_model_file(small_model, other, extra={"tokenizer": "cl100k_base-0000"})
     assert_one_line_error(cli("evaluate", "-c", str(other), "--data", text), "tokenizer")
+
+
+def test_evaluate_offline_names_a_way_to_score_local_text(cli, tmp_path, model_file):
+    """The hint fits every command that reads --data: evaluate trains nothing."""
+    proc = cli("evaluate", "-c", str(model_file), "--data", "wikitext-2", "--cache-dir", str(tmp_path / "cache"))
+    assert_one_line_error(proc, "cannot reach the Hugging Face hub", "use local text instead, e.g. --data shakespeare")
 
 
 def test_export_writes_a_folder_transformers_loads(cli, tmp_path, model_file, small_model):

@@ -188,8 +188,13 @@ def test_cli_long_prompt_is_cut_from_the_left_with_a_warning(cli, model_file):
         (["--top-k", "-1"], None, ["top_k"]),
         (["-n", "0"], None, ["max_new_tokens"]),
         (["-n", "many"], None, ["-n"]),
+        (["-t", "inf"], None, ["temperature must be a finite number"]),
+        (["--repetition-penalty", "inf"], None, ["repetition_penalty must be a finite number"]),
+        (["--stop", ""], None, ["stop must not be empty"]),
         (["-p", ""], None, ["prompt is empty"]),
         (["-p", "-"], b"\xff\xfe bad", ["not valid UTF-8"]),
+        # bytes that are not UTF-8 on the command line, as Python hands them on (PEP 383)
+        (["-p", b"\xed\xa0\x80abc".decode("utf-8", "surrogateescape")], None, ["--prompt", "not valid UTF-8 (byte 0)"]),
         (["--dtype", "int4"], None, ["precision", "int4"]),
         (["--bogus"], None, ["unrecognized"]),
     ],
@@ -197,6 +202,20 @@ def test_cli_long_prompt_is_cut_from_the_left_with_a_warning(cli, model_file):
 def test_cli_bad_generation_input_is_one_line(cli, model_file, args, stdin, words):
     base = ["generate", "-c", str(model_file)] + ([] if "-p" in args else ["-p", "hi"])
     assert_one_line_error(cli(*base, *args, stdin=stdin or b""), *words)
+
+
+@pytest.mark.parametrize("precision", ["int8", "bf16"])
+def test_verbose_says_so_when_no_weight_was_packed(cli, model_file, monkeypatch, precision):
+    from examplegpt import cpu_inference
+
+    if precision == "bf16" and cpu_inference.can_pack(torch.ones(1, dtype=torch.bfloat16)):
+        pytest.skip("oneDNN packs bfloat16 weights on this CPU")
+    monkeypatch.setattr(cpu_inference, "_speedups", {})  # a fresh process's decisions
+    monkeypatch.setattr(cpu_inference, "_trials", {})
+    proc = cli("generate", "-c", str(model_file), "-p", "Hello", "-n", "2", "--device", "cpu",
+               "--precision", precision, "--verbose")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert f"cpu_inference: {cpu_inference.NONE_TRIED}: only float32 weights" in proc.stderr
 
 
 @pytest.mark.parametrize("kind", ["missing", "junk", "directory", "hostile"])

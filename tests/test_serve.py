@@ -358,6 +358,74 @@ def test_unknown_route_and_huge_body(server):
     assert server.health()["status"] == "ok"
 
 
+@pytest.fixture
+def app_client(model):
+    """The app in this process: for answers a real server and socket add nothing to."""
+    from fastapi.testclient import TestClient
+
+    from examplegpt.batching import BatchEngine
+    from examplegpt.config import ServeConfig
+    from examplegpt.serve import create_app
+
+    app = create_app(BatchEngine(model, max_batch=2, max_queue=2), ServeConfig(), "tiny", model.config)
+    with TestClient(app) as client:
+        yield client
+
+
+@pytest.mark.parametrize("content_type", ["application/x-www-form-urlencoded", "text/plain", None])
+def test_a_json_body_sent_as_another_content_type_is_told_what_to_send(app_client, content_type):
+    """curl -d sends a form's Content-Type; the body is JSON all the same, and the answer must not say it is not."""
+    headers = {"Content-Type": content_type} if content_type else {}
+    body = json.dumps({"prompt": "hi", "max_tokens": 2})
+    error = app_client.post("/v1/completions", content=body, headers=headers).json()["error"]
+    assert error["code"] == "invalid_content_type"
+    assert error["message"].endswith(f"application/json, got {content_type or 'no Content-Type'}")
+
+
+PROMPT_TYPES = "a string, a list of strings, a list of token ids, or a list of such lists"
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ({"prompt": 5}, f"prompt: expected {PROMPT_TYPES}, got 5"),
+        ({"prompt": [1.5]}, f"prompt: expected {PROMPT_TYPES}, got [1.5]"),
+        ({"prompt": "x", "stop": 5}, "stop: expected a string or a list of strings, got 5"),
+    ],
+)
+def test_a_value_of_none_of_a_fields_types_is_told_them_in_words(app_client, body, message):
+    response = app_client.post("/v1/completions", json=body)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["message"] == message and error["param"] == message.split(":")[0]
+
+
+@pytest.mark.parametrize("field", ["temperature", "repetition_penalty"])
+def test_infinity_is_out_of_every_range(app_client, field):
+    """Python's JSON reader takes Infinity; repetition_penalty has no upper bound to stop it."""
+    body = f'{{"prompt": "x", "max_tokens": 2, "{field}": Infinity}}'
+    response = app_client.post("/v1/completions", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == field and "finite" in response.json()["error"]["message"]
+
+
+def test_a_wrong_method_and_a_body_too_large_carry_a_code_like_every_error(app_client):
+    from examplegpt.http_errors import MAX_BODY_BYTES
+
+    wrong_method = app_client.get("/v1/completions")
+    assert wrong_method.status_code == 405 and wrong_method.json()["error"]["code"] == "method_not_allowed"
+    huge = app_client.post("/v1/completions", content=b"x" * (MAX_BODY_BYTES + 1))
+    assert huge.status_code == 413 and huge.json()["error"]["code"] == "request_too_large"
+
+
+def test_a_request_that_comes_while_draining_is_told_so(app_client):
+    """What serve.md says of the moment between SIGTERM and the port closing."""
+    app_client.app.state.server.draining = True
+    assert app_client.get("/health").json()["status"] == "draining"
+    refused = app_client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "shutting_down"
+
+
 # --- disconnects, the bounded queue, the API key -------------------------------------------------------
 
 

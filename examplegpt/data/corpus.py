@@ -285,7 +285,7 @@ def load_hf_splits(source: Source, cfg: DataConfig) -> dict:
             raise UserError(
                 ("" if source.name in HUB_DATASETS else f"there is no file or folder {source.name} here, and ")
                 + f"cannot reach the Hugging Face hub to download {source.name}; "
-                "train on local text instead, e.g. --data shakespeare or --data 'path/to/*.txt'"
+                "use local text instead, e.g. --data shakespeare or --data 'path/to/*.txt'"
             ) from None
         raise UserError(f"cannot load dataset {source.name}: {str(e).splitlines()[0]}") from None
     except (ValueError, datasets.exceptions.DatasetNotFoundError) as e:
