@@ -119,7 +119,7 @@ def validation_error(exc: RequestValidationError, content_type: str | None) -> A
     if param in UNSUPPORTED and not error["type"].endswith("_type"):  # the right type, but not the neutral value
         hint = " (repetition_penalty is supported)" if param.endswith("_penalty") else ""
         return APIError(400, f"{param} is not supported by this server{hint}", param=param, code="unsupported")
-    if len(same_field) == 1 or error is not errors[0]:
+    if len(same_field) == 1 or not error["type"].endswith("_type"):
         message = error["msg"]
     else:  # a wrong type for every type the field takes
         message = f"expected {EXPECTED[param]}" if param in EXPECTED else "not a valid value"

@@ -8,8 +8,8 @@ float32), the kernel that serves torch's int8 weight-only path on CPU. torchao's
 stores the same numbers, but its CPU product converts the whole weight back to float each call, about
 50 times slower than float32 here (BENCHMARKS.md, "int8 and bf16 inference").
 
-Every row goes through that kernel, which computes each row on its own: a row's numbers do not depend on
-the rows beside it, so a request's tokens do not depend on what else the server is decoding. Evaluation
+Every row goes through that kernel, which computes each row on its own: the product adds no dependence of
+a request's numbers on what else the server is decoding. Evaluation
 multiplies whole windows, thousands of rows, where converting the weight back to float for the call is
 faster (compute-bound, not memory-bound): `many_rows_per_call` switches a model's layers to that.
 The model file is unchanged: quantization is applied at load time, from outside the model

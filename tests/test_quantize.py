@@ -172,8 +172,8 @@ def test_the_server_engine_runs_an_int8_model_as_generate_does():
 
 
 def test_an_int8_request_gets_the_same_numbers_alone_and_among_many():
-    """More rows decoding at once than DEQUANTIZE_FROM_ROWS, prompts prefilled in chunks: each request's
-    tokens and log-probabilities are bit for bit those it gets alone."""
+    """More rows decoding at once than DEQUANTIZE_FROM_ROWS (where the product used to switch kernels), prompts
+    prefilled in chunks: here each request's tokens and log-probabilities are bit for bit those it gets alone."""
     from examplegpt.batching import BatchEngine, SamplingParams
 
     from .test_batching import Collector

@@ -409,6 +409,20 @@ def test_infinity_is_out_of_every_range(app_client, field):
     assert response.json()["error"]["param"] == field and "finite" in response.json()["error"]["message"]
 
 
+@pytest.mark.parametrize("stop", ["", [""]])
+def test_an_empty_stop_is_told_what_is_wrong_with_it(app_client, stop):
+    response = app_client.post("/v1/completions", json={"prompt": "x", "stop": stop})
+    assert response.status_code == 400
+    assert response.json()["error"]["message"].startswith("stop: String should have at least 1 character")
+
+
+def test_a_body_that_is_not_utf8_is_told_so(app_client):
+    body = b'{"prompt": "\xff", "max_tokens": 2}'
+    response = app_client.post("/v1/completions", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "invalid_json" and "UTF-8" in response.json()["error"]["message"]
+
+
 def test_a_wrong_method_and_a_body_too_large_carry_a_code_like_every_error(app_client):
     from examplegpt.http_errors import MAX_BODY_BYTES
 
