@@ -54,13 +54,13 @@ def describe_machine(device: torch.device | str = "cpu") -> str:
     return line
 
 
-if __name__ == "__main__":
-    print(describe_machine())
-    print(f"read bandwidth {read_bandwidth_gbs():.1f} GB/s")
-
-
 def child_process_env(**extra: str) -> dict[str, str]:
     """This environment, with the repository first on PYTHONPATH and `extra` set, for a command a benchmark
     starts; what was on PYTHONPATH stays (packages carried onto a machine outside site-packages)."""
     path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     return dict(os.environ, PYTHONPATH=path, **extra)
+
+
+if __name__ == "__main__":
+    print(describe_machine())
+    print(f"read bandwidth {read_bandwidth_gbs():.1f} GB/s")

@@ -9,9 +9,9 @@ stores the same numbers, but its CPU product converts the whole weight back to f
 50 times slower than float32 here (BENCHMARKS.md, "int8 and bf16 inference").
 
 Every row goes through that kernel, which computes each row on its own: the product adds no dependence of
-a request's numbers on what else the server is decoding. Evaluation
-multiplies whole windows, thousands of rows, where converting the weight back to float for the call is
-faster (compute-bound, not memory-bound): `many_rows_per_call` switches a model's layers to that.
+a request's numbers on what else the server is decoding. Evaluation multiplies whole windows, thousands of
+rows, where converting the weight back to float for the call is faster (compute-bound, not memory-bound):
+`many_rows_per_call` switches a model's layers to that.
 The model file is unchanged: quantization is applied at load time, from outside the model
 (`device.prepare_for_inference`), like the CPU accelerator.
 """
@@ -46,7 +46,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight_int8", quantized.contiguous())
         self.register_buffer("scales", scales)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
-        self.dequantize_from_rows: int | None = None  # None: the int8 kernel for every row (see the module)
+        self.dequantize_many_rows = False  # else the int8 kernel for every row (see the module)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -56,7 +56,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)  # (N, in)
-        many = self.dequantize_from_rows is not None and rows.shape[0] >= self.dequantize_from_rows
+        many = self.dequantize_many_rows and rows.shape[0] >= DEQUANTIZE_FROM_ROWS
         if not many and rows.device.type == "cpu" and int8_kernel_works():
             scales = self.scales.to(torch.bfloat16)  # the kernel takes them in the activations' dtype
             y = torch.ops.aten._weight_int8pack_mm(rows.to(torch.bfloat16), self.weight_int8, scales)
@@ -78,12 +78,12 @@ def many_rows_per_call(model: nn.Module) -> Iterator[None]:
     many rows share its call (a batch of windows always has the same number)."""
     layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
     for layer in layers:
-        layer.dequantize_from_rows = DEQUANTIZE_FROM_ROWS
+        layer.dequantize_many_rows = True
     try:
         yield
     finally:
         for layer in layers:
-            layer.dequantize_from_rows = None
+            layer.dequantize_many_rows = False
 
 
 @functools.cache
