@@ -12,8 +12,13 @@ does; its start-up line says where packed weights were found faster. Goals (issu
 >= 0.85x `generate`; 16 clients' aggregate >= 6x one client's; p99 time between tokens at 16 clients
 <= 5x one client's. For the engine alone, main thread vs a thread of its own: bench_batching.py.
 
+The clients run in this process and, unless --server-cpus keeps them apart, on the cores the server
+decodes on; their own CPU time per token is reported, since on a small machine it is taken from the
+server's cores (an httpx client spends more per streamed token than the server's HTTP side does).
+
     python benchmarks/bench_serve.py                       # 6 layers x 384, then the 124M shape
     python benchmarks/bench_serve.py --shapes 6x384 --clients 1 4 --rounds 1
+    taskset -c 4,5,6 python benchmarks/bench_serve.py --shapes 6x384 --threads 2 --server-cpus 4,5  # clients on 6
 """
 
 from __future__ import annotations
@@ -21,12 +26,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import resource
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -52,13 +60,23 @@ def child_env(threads: int | None) -> dict[str, str]:
     return child_process_env() if threads is None else child_process_env(OMP_NUM_THREADS=str(threads))
 
 
+def on_cpus(cpus: set[int] | None) -> Callable[[], None] | None:
+    """A subprocess's preexec_fn that pins it (and its threads) to `cpus`; None leaves it where this process runs."""
+    return None if cpus is None else lambda: os.sched_setaffinity(0, cpus)
+
+
 def start_server(
-    model_file: Path, max_batch: int, threads: int | None, precision: str = "auto", device: str = "cpu"
+    model_file: Path,
+    max_batch: int,
+    threads: int | None,
+    precision: str = "auto",
+    device: str = "cpu",
+    cpus: set[int] | None = None,
 ) -> tuple[subprocess.Popen, str]:
     env = child_env(threads)
     command = [sys.executable, "-m", "examplegpt", "serve", "-c", str(model_file), "--port", "0"]
     command += ["--max-batch", str(max_batch), "--device", device, "--precision", precision]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env, preexec_fn=on_cpus(cpus))
     line = proc.stdout.readline()
     print(f"server: {line.strip()}")  # says where the probe found packed weights faster
     url = next(word for word in line.split() if word.startswith("http://"))
@@ -85,6 +103,12 @@ async def load(url: str, clients: int, prompt_tokens: int, new_tokens: int, seed
         return await asyncio.gather(*(one_client(client, url, p, new_tokens) for p in prompts))
 
 
+def client_cpu_seconds() -> float:
+    """CPU seconds this process (the clients) has used so far, user and system."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def generate_rate(
     model_file: Path,
     prompt_tokens: int,
@@ -92,6 +116,7 @@ def generate_rate(
     threads: int | None,
     precision: str = "auto",
     device: str = "cpu",
+    cpus: set[int] | None = None,
 ) -> float:
     """Tokens/s of the `generate` command on this model (its second prompt: the first packs the weights)."""
     prompt = " hello" * prompt_tokens  # `hello` and ` hello` are one token each
@@ -99,7 +124,7 @@ def generate_rate(
                "-n", str(new_tokens), "-t", "0", "--ignore-eos", "--json", "--interactive", "--precision", precision]  # fmt: skip
     out = subprocess.run(
         command, input=f"{prompt}\n{prompt}\n", capture_output=True, text=True, check=True,
-        env=child_env(threads),
+        env=child_env(threads), preexec_fn=on_cpus(cpus),
     ).stdout  # fmt: skip
     records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert records[-1]["tokens"] == new_tokens, records[-1]
@@ -120,13 +145,26 @@ def main() -> None:
     parser.add_argument(
         "--device", default="cpu", choices=["cpu", "cuda"], help="--device of the server and of `generate` (cpu, cuda)"
     )
+    parser.add_argument(
+        "--server-cpus",
+        type=lambda text: {int(c) for c in text.split(",")},
+        help="pin the server and `generate` to these CPUs (e.g. 4,5) and the clients to the others this process may use",
+    )
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: this PyTorch sees no CUDA GPU")
+    placement = "clients on the server's cores"
+    if args.server_cpus is not None:
+        allowed = os.sched_getaffinity(0)
+        if not args.server_cpus <= allowed:
+            parser.error(f"--server-cpus {sorted(args.server_cpus)}: this process may only use CPUs {sorted(allowed)}")
+        if allowed - args.server_cpus:
+            os.sched_setaffinity(0, allowed - args.server_cpus)
+        placement = f"server on CPUs {sorted(args.server_cpus)}, clients on {sorted(os.sched_getaffinity(0))}"
 
     print(describe_machine(torch.device(args.device)))
     print(f"{args.prompt_tokens}-token prompts, {args.new_tokens} new tokens per client, greedy, streaming, "
-          f"server's torch threads {args.threads or 'default'}, precision {args.precision}")  # fmt: skip
+          f"server's torch threads {args.threads or 'default'}, precision {args.precision}, {placement}")  # fmt: skip
     for shape in args.shapes:
         torch.manual_seed(0)
         model = GPT(GPTConfig(**SHAPES[shape]))
@@ -135,14 +173,18 @@ def main() -> None:
             save_model_file(model, model_file)
             del model
             baseline = generate_rate(
-                model_file, args.prompt_tokens, args.new_tokens, args.threads, args.precision, args.device
+                model_file, args.prompt_tokens, args.new_tokens, args.threads, args.precision, args.device,
+                args.server_cpus,
+            )  # fmt: skip
+            proc, url = start_server(
+                model_file, max(args.clients), args.threads, args.precision, args.device, args.server_cpus
             )
-            proc, url = start_server(model_file, max(args.clients), args.threads, args.precision, args.device)
             try:
                 asyncio.run(load(url, 1, args.prompt_tokens, 4, seed=99))  # warm-up
                 rows = {}
                 for clients in args.clients:
                     rates, firsts, gaps = [], [], []
+                    cpu_before = client_cpu_seconds()
                     for r in range(args.rounds):
                         results = asyncio.run(load(url, clients, args.prompt_tokens, args.new_tokens, seed=r))
                         start = min(c["sent"] for c in results)
@@ -150,7 +192,9 @@ def main() -> None:
                         rates.append(sum(len(c["arrivals"]) for c in results) / (end - start))
                         firsts += [c["arrivals"][0] - c["sent"] for c in results]
                         gaps += [b - a for c in results for a, b in zip(c["arrivals"], c["arrivals"][1:])]
+                    tokens = args.rounds * clients * args.new_tokens
                     rows[clients] = dict(
+                        client_cpu=(client_cpu_seconds() - cpu_before) / tokens,
                         rate=statistics.median(rates),
                         ttft=(percentile(firsts, 50), percentile(firsts, 99)),
                         gap=(percentile(gaps, 50), percentile(gaps, 99)),
@@ -160,12 +204,12 @@ def main() -> None:
                 proc.wait(timeout=60)
         print(f"\n{shape}: `generate` {baseline:.1f} tokens/s")
         print("| clients | aggregate tokens/s | per client | time to first token p50 / p99 (ms) |"
-              " time between tokens p50 / p99 (ms) |")  # fmt: skip
-        print("|---:|---:|---:|---:|---:|")
+              " time between tokens p50 / p99 (ms) | clients' CPU per token (ms) |")  # fmt: skip
+        print("|---:|---:|---:|---:|---:|---:|")
         for clients, row in rows.items():
             print(f"| {clients} | {row['rate']:.1f} | {row['rate'] / clients:.1f} | "
                   f"{row['ttft'][0] * 1e3:.0f} / {row['ttft'][1] * 1e3:.0f} | "
-                  f"{row['gap'][0] * 1e3:.1f} / {row['gap'][1] * 1e3:.1f} |")  # fmt: skip
+                  f"{row['gap'][0] * 1e3:.1f} / {row['gap'][1] * 1e3:.1f} | {row['client_cpu'] * 1e3:.2f} |")  # fmt: skip
         first, last = min(rows), max(rows)
         print(f"one client / generate: {rows[first]['rate'] / baseline:.2f} (goal >= 0.85); "
               f"{last} clients / one: {rows[last]['rate'] / rows[first]['rate']:.2f}x (goal >= 6); "

@@ -618,14 +618,19 @@ def test_playground_says_when_it_was_stopped(server):
 
 @pytest.mark.slow
 def test_serve_benchmark_runs():
+    """With the server pinned to one CPU and the clients to the others (where there are others)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    placing = ["--server-cpus", str(cpus[0])] if len(cpus) > 1 else []
     command = [sys.executable, str(REPO / "benchmarks" / "bench_serve.py"), "--shapes", "2x64", "--clients", "1", "2",
-               "--new-tokens", "6", "--rounds", "1"]  # fmt: skip
+               "--new-tokens", "6", "--rounds", "1", *placing]  # fmt: skip
     proc = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     rows = [line.split("|") for line in proc.stdout.splitlines() if line.startswith("| ") and "clients" not in line]
     assert [int(row[1]) for row in rows] == [1, 2]
-    assert all(float(row[2]) > 0 for row in rows)
+    assert all(float(row[2]) > 0 and float(row[6]) > 0 for row in rows)  # tokens/s, the clients' CPU per token
     assert "one client / generate" in proc.stdout
+    if placing:
+        assert f"server on CPUs [{cpus[0]}], clients on {cpus[1:]}" in proc.stdout
 
 
 def test_after_the_model_fails_health_says_error_and_requests_get_500(model):
