@@ -57,6 +57,8 @@ def main() -> None:
                         help="CTranslate2 sides (CPU only; none: leave it out)")  # fmt: skip
     parser.add_argument("--sample", action="store_true", help="temperature 0.8, top-p 0.9 instead of greedy")
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: this PyTorch sees no CUDA GPU")
 
     import transformers
 
@@ -78,11 +80,14 @@ def main() -> None:
         write_hf_tokenizer_files(folder)
         ours = {p: prepare_for_inference(copy.deepcopy(base), p, device) for p in args.precisions}
         ct2 = load_ctranslate2(folder, Path(scratch), args.ct2) if device.type == "cpu" and args.ct2 else {}
+        if device.type != "cpu" and args.ct2:
+            print("CTranslate2's rows are left out: this benchmark runs it on CPU only")
         hf.to(device, hf_dtype)
         if bandwidth:
             limits = ", ".join(f"{p} {bandwidth * 1e9 / weight_bytes(m):.1f} tok/s ({weight_bytes(m) / 1e6:.0f} MB)"
                                for p, m in ours.items())  # fmt: skip
-            print(f"read bandwidth {bandwidth:.1f} GB/s; batch-1 limit (bandwidth / weight bytes per token): {limits}")
+            print(f"read bandwidth {bandwidth:.1f} GB/s; batch-1 limit (bandwidth / weight bytes per token): {limits}"
+                  " (CTranslate2's share is taken against ExampleGPT's limit at the same precision)")  # fmt: skip
         print("| batch | side | time to first token (ms) | decode tokens/s per sequence | decode tokens/s, batch | share of bandwidth limit |")  # fmt: skip
         print("|---:|---|---:|---:|---:|---:|")
         with torch.inference_mode(), contextlib.ExitStack() as run:

@@ -45,7 +45,7 @@ def check_device(device: str) -> None:
 
 def precision_name(precision: str, choices: tuple[str, ...] = PRECISIONS) -> str:
     """The precision in our vocabulary (fp32, bf16, fp16, auto; int8 where `choices` has it); torch's names too."""
-    precision = PRECISION_SYNONYMS.get(precision, precision)
+    precision = PRECISION_SYNONYMS.get(precision.lower(), precision.lower())
     check_choice("precision", precision, choices)
     return precision
 

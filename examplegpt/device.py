@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from .config import INFERENCE_PRECISIONS, precision_name
 from .errors import UserError
 
 CPU_MICRO_BATCH = 8  # on CPU, larger micro-batches do not raise throughput, only memory
@@ -75,7 +76,9 @@ def inference_precision(precision: str, device: torch.device) -> str:
     auto is bf16 on a CUDA GPU that has it, else fp32: on CPU the exact float32 product stays the
     default, since int8 and bf16 change the output a little (perplexity within 1%, but greedy text can
     part from float32's after some tokens: BENCHMARKS.md), so they are asked for, not picked.
+    Torch's names (bfloat16, ...) are taken too; any other name is a UserError.
     """
+    precision = precision_name(precision, INFERENCE_PRECISIONS)
     if precision != "auto":
         return precision
     return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
@@ -102,8 +105,9 @@ def prepare_for_inference(model: nn.Module, precision: str, device: torch.device
         quantize_int8(model)
     if chosen == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
         print(
-            "note: this CPU has no native bfloat16 (avx512_bf16 or amx_bf16): bf16 runs no faster than fp32 "
-            "here; --precision int8 is the one that reads fewer bytes and runs faster",
+            "note: this CPU has no native bfloat16 (avx512_bf16 or amx_bf16): PyTorch converts each bf16 product "
+            "to float32 and back here, so bf16 is often slower than fp32 (several times for evaluate and batches); "
+            "--precision int8 reads fewer bytes and decodes faster",
             file=sys.stderr,
         )
     return model

@@ -42,6 +42,15 @@ def test_generation_benchmark_runs_and_matches_transformers_tokens():
     assert all(float(line.split("|")[4].strip().rstrip("x")) > 0 for line in ratios)
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal where there is no GPU")
+@pytest.mark.parametrize("script", ["bench_generate.py", "bench_serve.py"])
+def test_generation_benchmarks_refuse_cuda_without_a_gpu_in_one_line(script):
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--device", "cuda"],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].endswith("--device cuda: this PyTorch sees no CUDA GPU")
+
+
 def test_decode_parts_benchmark_times_every_part():
     command = [sys.executable, str(REPO / "benchmarks" / "bench_decode_parts.py"), "--repeats", "3"]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO)
