@@ -314,7 +314,7 @@ class GenerateConfig:
     device: str = "auto"
     """auto, cpu, cuda or mps."""
     precision: str = field(default="auto", metadata={"aliases": ("--dtype",)})
-    """The weights' format: auto, fp32, bf16, fp16 or int8 (weight-only, float32 activations). auto is bf16 on a CUDA GPU that has it, else fp32 (exact; on CPU int8 decodes faster but is not bit-exact, and may evaluate slower: evaluation multiplies many rows at once)."""
+    """The weights' format: auto, fp32, bf16, fp16 or int8 (weight-only, float32 activations). auto is bf16 on a CUDA GPU that has it, else fp32 (exact; on CPU int8 decodes faster but is not bit-exact, and evaluates at about fp32's speed: evaluation multiplies many rows at once)."""
     compile: bool = False
     """Compile the decode step with torch.compile (CUDA)."""
     fast_cpu: bool = True
@@ -353,7 +353,7 @@ class EvaluateConfig:
     json: bool = False
     """Print one JSON object instead of the table."""
     precision: str = "auto"
-    """The weights' format: auto, fp32, bf16, fp16 or int8 (weight-only, float32 activations). auto is bf16 on a CUDA GPU that has it, else fp32 (exact; on CPU int8 decodes faster but is not bit-exact, and may evaluate slower: evaluation multiplies many rows at once)."""
+    """The weights' format: auto, fp32, bf16, fp16 or int8 (weight-only, float32 activations). auto is bf16 on a CUDA GPU that has it, else fp32 (exact; on CPU int8 decodes faster but is not bit-exact, and evaluates at about fp32's speed: evaluation multiplies many rows at once)."""
     fast_cpu: bool = True
     """On CPU, multiply by weights packed in oneDNN's layout for the run (cpu_inference.py); off: plain PyTorch."""
     verbose: bool = False
@@ -391,7 +391,7 @@ class ServeConfig:
     device: str = "auto"
     """auto, cpu, cuda or mps."""
     precision: str = "auto"
-    """The weights' format: auto, fp32, bf16, fp16 or int8 (weight-only, float32 activations). auto is bf16 on a CUDA GPU that has it, else fp32 (exact; on CPU int8 decodes faster but is not bit-exact, and may evaluate slower: evaluation multiplies many rows at once)."""
+    """The weights' format: auto, fp32, bf16, fp16 or int8 (weight-only, float32 activations). auto is bf16 on a CUDA GPU that has it, else fp32 (exact; on CPU int8 decodes faster but is not bit-exact, and evaluates at about fp32's speed: evaluation multiplies many rows at once)."""
     fast_cpu: bool = True
     """On CPU, multiply by weights packed in oneDNN's layout for the run (cpu_inference.py); off: plain PyTorch."""
 

@@ -111,11 +111,13 @@ def sliding_window_nll(
     window = model.config.max_seq_len
     plan = window_plan(len(tokens), window, stride)
     # One logits buffer for every batch: on CPU a fresh (rows, vocabulary) tensor per batch costs more in
-    # page faults (system time) than the model's own work on a small model. (A quantized head: the plain way.)
+    # page faults (system time) than the model's own work on a small model. The LM head's matrix is taken
+    # once (an int8 head's converted back to float for the whole evaluation: quantize.Int8Linear.weight).
     rows = min(CHUNK_ROWS, batch_size * window)
-    head = model.lm_head
-    plain_head = type(head) is torch.nn.Linear and head.weight.is_floating_point()
-    logits_buffer = torch.empty(rows, head.weight.shape[0], dtype=torch.float32, device=device) if plain_head else None
+    head_weight = model.lm_head.weight  # (V, C)
+    logits_buffer = None
+    if head_weight.is_floating_point():
+        logits_buffer = torch.empty(rows, head_weight.shape[0], dtype=torch.float32, device=device)
     total, count = 0, 0  # total in units of LOSS_QUANTUM
     for first in progress_bar(range(0, len(plan), batch_size), enabled=progress):
         batch = plan[first : first + batch_size]
@@ -134,7 +136,7 @@ def sliding_window_nll(
         if logits_buffer is not None:  # the LM head and its log-softmax only where a token is scored, chunk by chunk
             token_losses = torch.empty(int(scored.sum()), dtype=torch.float32, device=device)  # (n,)
             loss_and_gradients(
-                h[scored], head.weight, y[scored], model.config.vocab_size, rows, False, logits_buffer, token_losses
+                h[scored], head_weight, y[scored], model.config.vocab_size, rows, False, logits_buffer, token_losses
             )
         else:
             logits = model.logits(h[scored])  # (n, V): the LM head only where a token is scored
