@@ -60,6 +60,16 @@ def child_env(threads: int | None) -> dict[str, str]:
     return child_process_env() if threads is None else child_process_env(OMP_NUM_THREADS=str(threads))
 
 
+def cpu_list(text: str) -> set[int]:
+    """--server-cpus: CPU numbers separated by commas, such as 4,5."""
+    try:
+        return {int(cpu) for cpu in text.split(",")}
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected CPU numbers separated by commas, such as 4,5; got {text!r}"
+        ) from None
+
+
 def on_cpus(cpus: set[int] | None) -> Callable[[], None] | None:
     """A subprocess's preexec_fn that pins it (and its threads) to `cpus`; None leaves it where this process runs."""
     return None if cpus is None else lambda: os.sched_setaffinity(0, cpus)
@@ -147,7 +157,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--server-cpus",
-        type=lambda text: {int(c) for c in text.split(",")},
+        type=cpu_list,
         help="pin the server and `generate` to these CPUs (e.g. 4,5) and the clients to the others this process may use",
     )
     args = parser.parse_args()
