@@ -57,8 +57,8 @@ def main() -> None:
                         help="CTranslate2 sides (CPU only; none: leave it out)")  # fmt: skip
     parser.add_argument("--sample", action="store_true", help="temperature 0.8, top-p 0.9 instead of greedy")
     args = parser.parse_args()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: this PyTorch sees no CUDA GPU")
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: this PyTorch sees no CUDA GPU")
 
     import transformers
 

@@ -30,7 +30,13 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "muon")
 INFERENCE_PRECISIONS = (*PRECISIONS, "int8")  # int8: weight-only, for generate, evaluate and serve
-PRECISION_SYNONYMS = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # torch's dtype names
+PRECISION_SYNONYMS = {
+    "float32": "fp32",
+    "float": "fp32",
+    "bfloat16": "bf16",
+    "float16": "fp16",
+    "half": "fp16",
+}  # torch's
 RENAMED = {"max_tokens": "max_new_tokens", "dtype": "precision"}  # earlier config-file keys, still read
 
 
@@ -44,10 +50,13 @@ def check_device(device: str) -> None:
 
 
 def precision_name(precision: str, choices: tuple[str, ...] = PRECISIONS) -> str:
-    """The precision in our vocabulary (fp32, bf16, fp16, auto; int8 where `choices` has it); torch's names too."""
-    precision = PRECISION_SYNONYMS.get(precision.lower(), precision.lower())
-    check_choice("precision", precision, choices)
-    return precision
+    """The precision in our vocabulary (fp32, bf16, fp16, auto; int8 where `choices` has it); torch's names too,
+    in any case."""
+    name = precision.lower() if isinstance(precision, str) else precision
+    name = PRECISION_SYNONYMS.get(name, name)
+    if name not in choices:
+        check_choice("precision", precision, choices)  # the error names what was given
+    return name
 
 
 @functools.cache

@@ -1,5 +1,6 @@
 """Benchmark scripts that run in the suite on CPU with a small model, so they cannot rot unseen."""
 
+import os
 import subprocess
 import sys
 
@@ -49,6 +50,14 @@ def test_generation_benchmarks_refuse_cuda_without_a_gpu_in_one_line(script):
                           capture_output=True, text=True, timeout=120, cwd=REPO)  # fmt: skip
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].endswith("--device cuda: this PyTorch sees no CUDA GPU")
+
+
+def test_serve_benchmark_refuses_to_pin_the_server_to_every_cpu_the_clients_could_use():
+    every_cpu = ",".join(map(str, sorted(os.sched_getaffinity(0))))
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_serve.py"), "--server-cpus", every_cpu],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "no CPU is left for the clients" in proc.stderr.strip().splitlines()[-1]
 
 
 def test_decode_parts_benchmark_times_every_part():

@@ -17,13 +17,15 @@ def test_on_cpu_the_micro_batch_is_the_largest_divisor_up_to_eight(per_rank, mic
 
 
 @pytest.mark.parametrize(
-    "name, dtype", [("bfloat16", torch.bfloat16), ("FP32", torch.float32), ("Float16", torch.float16)]
+    "name, dtype",
+    [("bfloat16", torch.bfloat16), ("FP32", torch.float32), ("Float16", torch.float16), ("half", torch.float16)],
 )
 def test_prepare_for_inference_takes_torch_names_in_any_case(name, dtype):
     model = prepare_for_inference(GPT(tiny_config()), name, torch.device("cpu"))
     assert {p.dtype for p in model.parameters()} == {dtype}
 
 
-def test_prepare_for_inference_refuses_an_unknown_precision_by_naming_the_choices():
-    with pytest.raises(UserError, match=r"precision must be auto, fp32, bf16, fp16 or int8, got 'int4'"):
-        prepare_for_inference(GPT(tiny_config()), "int4", torch.device("cpu"))
+@pytest.mark.parametrize("given", ["int4", "FP64", None])
+def test_prepare_for_inference_refuses_an_unknown_precision_by_naming_the_choices(given):
+    with pytest.raises(UserError, match=rf"precision must be auto, fp32, bf16, fp16 or int8, got {given!r}$"):
+        prepare_for_inference(GPT(tiny_config()), given, torch.device("cpu"))
