@@ -30,13 +30,8 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "muon")
 INFERENCE_PRECISIONS = (*PRECISIONS, "int8")  # int8: weight-only, for generate, evaluate and serve
-PRECISION_SYNONYMS = {
-    "float32": "fp32",
-    "float": "fp32",
-    "bfloat16": "bf16",
-    "float16": "fp16",
-    "half": "fp16",
-}  # torch's
+# torch's dtype names for our precisions
+PRECISION_SYNONYMS = {"float32": "fp32", "float": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16"}
 RENAMED = {"max_tokens": "max_new_tokens", "dtype": "precision"}  # earlier config-file keys, still read
 
 

@@ -30,7 +30,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from .config import DataConfig, EvaluateConfig
@@ -115,9 +114,7 @@ def sliding_window_nll(
     # once (an int8 head's converted back to float for the whole evaluation: quantize.Int8Linear.weight).
     rows = min(CHUNK_ROWS, batch_size * window)
     head_weight = model.lm_head.weight  # (V, C)
-    logits_buffer = None
-    if head_weight.is_floating_point():
-        logits_buffer = torch.empty(rows, head_weight.shape[0], dtype=torch.float32, device=device)
+    logits_buffer = torch.empty(rows, head_weight.shape[0], dtype=torch.float32, device=device)
     total, count = 0, 0  # total in units of LOSS_QUANTUM
     for first in progress_bar(range(0, len(plan), batch_size), enabled=progress):
         batch = plan[first : first + batch_size]
@@ -133,14 +130,11 @@ def sliding_window_nll(
         x, y = x.to(device), y.to(device)
         scored = y != -1  # (b, W)
         h = model.hidden_states(x)  # (b, W, C), in the format the model was prepared in
-        if logits_buffer is not None:  # the LM head and its log-softmax only where a token is scored, chunk by chunk
-            token_losses = torch.empty(int(scored.sum()), dtype=torch.float32, device=device)  # (n,)
-            loss_and_gradients(
-                h[scored], head_weight, y[scored], model.config.vocab_size, rows, False, logits_buffer, token_losses
-            )
-        else:
-            logits = model.logits(h[scored])  # (n, V): the LM head only where a token is scored
-            token_losses = F.cross_entropy(logits.float(), y[scored], reduction="none")  # (n,)
+        # the LM head and its log-softmax only where a token is scored, chunk by chunk
+        token_losses = torch.empty(int(scored.sum()), dtype=torch.float32, device=device)  # (n,)
+        loss_and_gradients(
+            h[scored], head_weight, y[scored], model.config.vocab_size, rows, False, logits_buffer, token_losses
+        )
         total += quantized_sum(token_losses)
         count += len(token_losses)
     return total * LOSS_QUANTUM, count
