@@ -14,7 +14,9 @@ does; its start-up line says where packed weights were found faster. Goals (issu
 
 The clients run in this process and, unless --server-cpus keeps them apart, on the cores the server
 decodes on; their own CPU time per token is reported, since on a small machine it is taken from the
-server's cores.
+server's cores. They read the stream with aiohttp, as vLLM's and SGLang's serving benchmarks do: its C
+parser spends half the CPU per token of httpx's (which the `openai` client uses), so the figures are
+the server's more than the client's.
 
     python benchmarks/bench_serve.py                       # 6 layers x 384, then the 124M shape
     python benchmarks/bench_serve.py --shapes 6x384 --clients 1 4 --rounds 1
@@ -37,7 +39,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import httpx
+import aiohttp
 import torch
 from machine import child_process_env, describe_machine  # benchmarks/machine.py, beside this script
 
@@ -93,14 +95,13 @@ def start_server(
     return proc, url
 
 
-async def one_client(client: httpx.AsyncClient, url: str, prompt: list[int], new_tokens: int) -> dict:
+async def one_client(session: aiohttp.ClientSession, url: str, prompt: list[int], new_tokens: int) -> dict:
     body = {"prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
     sent = time.perf_counter()
     arrivals = []
-    async with client.stream("POST", url + "/v1/completions", json=body) as response:
-        response.raise_for_status()
-        async for line in response.aiter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]":
+    async with session.post(url + "/v1/completions", json=body, raise_for_status=True) as response:
+        async for line in response.content:  # one line of the event stream, b"data: {...}\n" or b"\n"
+            if line.startswith(b"data: ") and not line.startswith(b"data: [DONE]"):
                 if json.loads(line[6:])["choices"]:
                     arrivals.append(time.perf_counter())
     return {"sent": sent, "arrivals": arrivals}
@@ -117,9 +118,10 @@ async def load(url: str, clients: int, prompt_tokens: int, new_tokens: int, seed
     making the HTTP client, tens of milliseconds whatever the number of tokens)."""
     gen = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(0, 50257, (prompt_tokens,), generator=gen).tolist() for _ in range(clients)]
-    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=clients)) as client:
+    connections = aiohttp.TCPConnector(limit=clients)
+    async with aiohttp.ClientSession(connector=connections, timeout=aiohttp.ClientTimeout(total=600)) as session:
         cpu_before = client_cpu_seconds()
-        results = await asyncio.gather(*(one_client(client, url, p, new_tokens) for p in prompts))
+        results = await asyncio.gather(*(one_client(session, url, p, new_tokens) for p in prompts))
         return results, client_cpu_seconds() - cpu_before
 
 

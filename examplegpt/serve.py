@@ -638,9 +638,11 @@ def serve_command(cfg: ServeConfig) -> int:
     engine = BatchEngine(model, max_batch=cfg.max_batch, max_queue=cfg.max_queue)
     app = create_app(engine, cfg, model_id, model.config, start_engine=False)
     state: ServerState = app.state.server
-    runner = asyncio.Runner()
-    loop = runner.get_loop()
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=None)
+    # uvicorn's choice of event loop (uvloop where installed, as `uvicorn` itself runs): each streamed token
+    # costs the loop a wake-up and a socket write, CPU that a small machine takes from the model's cores
+    runner = asyncio.Runner(loop_factory=config.get_loop_factory())
+    loop = runner.get_loop()
     server = GracefulServer(config, on_exit=lambda: loop.call_soon_threadsafe(state.start_draining, loop))
 
     def serve_http() -> None:
