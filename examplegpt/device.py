@@ -28,8 +28,8 @@ def pick_device(name: str) -> torch.device:
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # config.PRECISIONS
 
 
-# x86 flags of bf16 matrix instructions; without them bf16 is converted to fp32 and back, slower than fp32.
-NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+# x86 flags of bf16 and fp16 matrix instructions; without them PyTorch converts each product to fp32 and back.
+NATIVE_FLAGS = {"bf16": ("avx512_bf16", "amx_bf16"), "fp16": ("avx512_fp16", "amx_fp16")}
 # bf16 halves the bytes a matmul reads; that pays only for wide enough matrices: on an AMX Xeon the
 # training step is slower under bf16 autocast at d_model 128 and 192, faster from 256 on (BENCHMARKS.md).
 CPU_BF16_MIN_D_MODEL = 256
@@ -44,14 +44,14 @@ def cpu_flags() -> set[str]:
     return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
 
 
-def cpu_has_native_bf16(flags: set[str] | None = None) -> bool:
-    """Whether the CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX); `flags`: read when None."""
-    return any(f in (cpu_flags() if flags is None else flags) for f in NATIVE_BF16_FLAGS)
+def cpu_has_native(precision: str, flags: set[str] | None = None) -> bool:
+    """Whether the CPU multiplies `precision` ("bf16" or "fp16") matrices natively (AVX-512 or AMX); `flags`: read when None."""
+    return any(f in (cpu_flags() if flags is None else flags) for f in NATIVE_FLAGS[precision])
 
 
 def cpu_prefers_bf16(d_model: int, flags: set[str] | None = None) -> bool:
     """bf16 autocast on CPU: only with native bf16 matmuls (AVX512-BF16 or AMX) and d_model >= CPU_BF16_MIN_D_MODEL."""
-    return cpu_has_native_bf16(flags) and d_model >= CPU_BF16_MIN_D_MODEL
+    return cpu_has_native("bf16", flags) and d_model >= CPU_BF16_MIN_D_MODEL
 
 
 def pick_dtype(
@@ -103,11 +103,12 @@ def prepare_for_inference(model: nn.Module, precision: str, device: torch.device
         from .quantize import quantize_int8
 
         quantize_int8(model)
-    if chosen == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+    if chosen in NATIVE_FLAGS and device.type == "cpu" and not cpu_has_native(chosen):
+        name = str(DTYPES[chosen]).removeprefix("torch.")
         print(
-            "note: this CPU has no native bfloat16 (avx512_bf16 or amx_bf16): PyTorch converts each bf16 product "
-            "to float32 and back here, so bf16 is often slower than fp32 (several times for evaluate and batches); "
-            "--precision int8 reads fewer bytes and decodes faster",
+            f"note: this CPU has no native {name} ({' or '.join(NATIVE_FLAGS[chosen])}): PyTorch converts each {chosen} "
+            f"product to float32 and back here, so {chosen} is often slower than fp32 (several times for evaluate "
+            "and batches); --precision int8 reads fewer bytes and decodes faster",
             file=sys.stderr,
         )
     return model

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch.optim._muon import _adjust_lr  # Muon's per-shape step scaling, as torch.optim.Muon applies it
 
-from .device import cpu_has_native_bf16
+from .device import cpu_has_native
 
 
 def orthogonalize(
@@ -53,4 +53,4 @@ class Float32Muon(torch.optim.Muon):
 def muon_class(device: torch.device, flags: set[str] | None = None) -> type[torch.optim.Muon]:
     """torch.optim.Muon (bf16 iterations) on GPUs and on CPUs with native bf16; Float32Muon on other CPUs
     (`flags`: the CPU's, read from the machine when None)."""
-    return Float32Muon if device.type == "cpu" and not cpu_has_native_bf16(flags) else torch.optim.Muon
+    return Float32Muon if device.type == "cpu" and not cpu_has_native("bf16", flags) else torch.optim.Muon
