@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -622,13 +623,15 @@ def test_serve_benchmark_runs():
     cpus = sorted(os.sched_getaffinity(0))
     placing = ["--server-cpus", str(cpus[0])] if len(cpus) > 1 else []
     command = [sys.executable, str(REPO / "benchmarks" / "bench_serve.py"), "--shapes", "2x64", "--clients", "1", "2",
-               "--new-tokens", "6", "--rounds", "1", *placing]  # fmt: skip
+               "--new-tokens", "6", "--rounds", "2", *placing]  # fmt: skip
     proc = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     rows = [line.split("|") for line in proc.stdout.splitlines() if line.startswith("| ") and "clients" not in line]
     assert [int(row[1]) for row in rows] == [1, 2]
     assert all(float(row[2]) > 0 and float(row[6]) > 0 for row in rows)  # tokens/s, the clients' CPU per token
-    assert "one client / generate" in proc.stdout
+    # a `generate` run beside each round of one client, and the ratio of each pair
+    by_round = re.search(r"one client / generate: [\d.]+ \(goal >= 0.85; by round ([\d., ]+)\)", proc.stdout)
+    assert by_round and len(by_round[1].split(", ")) == 2 and "(median of 2)" in proc.stdout
     if placing:
         assert f"server on CPUs [{cpus[0]}], clients on {cpus[1:]}" in proc.stdout
 
