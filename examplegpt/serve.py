@@ -407,8 +407,10 @@ class ServerState:
         self.draining = False
 
     def start_draining(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Stop taking requests; let those in flight finish for drain_seconds, then cut them short."""
+        """Stop taking requests; let those in flight finish for drain_seconds, then cut them short.
+        Called again (a second Ctrl+C), cut them short now."""
         if self.draining:
+            self.cut_in_flight()
             return
         self.draining = True
         loop.call_later(self.config.drain_seconds, self.cut_in_flight)
@@ -589,16 +591,22 @@ BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 
 
 class GracefulServer(uvicorn.Server):
-    """uvicorn's server that tells the app when SIGTERM or SIGINT arrives (so it drains), and exits
-    with status 0 after a clean shutdown, where uvicorn itself would re-raise the signal once stopped."""
+    """uvicorn's server that tells the app when SIGTERM or SIGINT arrives (so it drains, or on a second
+    signal cuts the drain short), and exits with status 0 after a clean shutdown, where uvicorn itself
+    would re-raise the signal once stopped."""
 
     def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None]) -> None:
         super().__init__(config)
         self.on_exit = on_exit
+        self.signals = 0
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.signals += 1
         self.on_exit()
-        super().handle_exit(sig, frame)
+        # uvicorn's own second Ctrl+C cancels the streams mid-write (tracebacks, no `data: [DONE]`): the
+        # app ends them itself instead, and only a third forces uvicorn out
+        if self.signals != 2:
+            super().handle_exit(sig, frame)
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:

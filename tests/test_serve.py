@@ -520,6 +520,29 @@ def test_sigterm_ends_streams_in_flight_cleanly_and_exits_0(model_file):
         server.stop()
 
 
+@pytest.mark.slow
+def test_a_second_ctrl_c_ends_the_drain_at_once_and_streams_still_end_with_done(model_file):
+    server = ServerProcess(model_file, "--drain-seconds", "60")
+    try:
+        body = long_stream_body(max_tokens=4096)  # runs for many seconds, sliding past the context
+        with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as response:
+            events = sse_events(response)
+            next(events)
+            server.proc.send_signal(signal.SIGINT)
+            time.sleep(0.5)
+            assert server.proc.poll() is None  # draining: the stream goes on
+            asked = time.monotonic()
+            server.proc.send_signal(signal.SIGINT)
+            rest = list(events)
+        assert time.monotonic() - asked < 30  # not the 60-second drain
+        assert rest[-1] == "[DONE]"
+        assert json.loads(rest[-2])["choices"][0]["finish_reason"] == "cancelled"
+        assert server.proc.wait(timeout=30) == 0
+        assert "Traceback" not in server.proc.stderr.read()
+    finally:
+        server.stop()
+
+
 def test_bad_model_file_and_busy_port_are_one_line_errors(tmp_path, server):
     assert_one_line_error(run_cli("serve", "-c", str(tmp_path / "missing.pt")), "missing.pt")
     port = server.url.rsplit(":", 1)[1]
