@@ -107,8 +107,8 @@ def prepare_for_inference(model: nn.Module, precision: str, device: torch.device
         name = str(DTYPES[chosen]).removeprefix("torch.")
         print(
             f"note: this CPU has no native {name} ({' or '.join(NATIVE_FLAGS[chosen])}): PyTorch converts each {chosen} "
-            f"product to float32 and back here, so {chosen} is often slower than fp32 (several times for evaluate "
-            "and batches); --precision int8 reads fewer bytes and decodes faster",
+            f"product to float32 and back here, so {chosen} evaluates several times slower than fp32 and decodes "
+            "batches slower; one sequence at a time it can still decode faster, reading half the bytes",
             file=sys.stderr,
         )
     return model
