@@ -40,9 +40,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import aiohttp
 import torch
 from machine import child_process_env, describe_machine  # benchmarks/machine.py, beside this script
+
+try:
+    import aiohttp
+except ImportError:
+    sys.exit("bench_serve.py reads the streams with aiohttp, which is not installed: pip install -e '.[dev]'")
 
 from examplegpt import GPT, GPTConfig
 from examplegpt.weights import save_model_file
@@ -61,6 +65,17 @@ def percentile(values: list[float], q: float) -> float:
 
 def child_env(threads: int | None) -> dict[str, str]:
     return child_process_env() if threads is None else child_process_env(OMP_NUM_THREADS=str(threads))
+
+
+def at_least_one(text: str) -> int:
+    """--clients, --rounds, the token counts: a whole number of at least 1."""
+    try:
+        number = int(text)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return number
 
 
 def cpu_list(text: str) -> set[int]:
@@ -151,10 +166,12 @@ def generate_rate(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=["6x384", "124M"], choices=list(SHAPES))
-    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--prompt-tokens", type=int, default=16)
-    parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=2, help="runs per number of clients")
+    parser.add_argument("--clients", type=at_least_one, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--prompt-tokens", type=at_least_one, default=16)
+    parser.add_argument("--new-tokens", type=at_least_one, default=128)
+    parser.add_argument(
+        "--rounds", type=at_least_one, default=3, help="runs per number of clients (odd: the median is one of them)"
+    )
     parser.add_argument("--threads", type=int, help="torch threads of the server and of `generate` (OMP_NUM_THREADS)")
     parser.add_argument(
         "--precision", default="auto", help="--precision of the server and of `generate` (int8, bf16, ...)"
@@ -224,7 +241,8 @@ def main() -> None:
             finally:
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(timeout=60)
-        print(f"\n{shape}: `generate` {statistics.median(baselines):.1f} tokens/s (median of {len(baselines)})")
+        print(f"\n{shape}: `generate` {statistics.median(baselines):.1f} tokens/s (median of {len(baselines)}: "
+              f"{', '.join(f'{rate:.1f}' for rate in baselines)})")  # fmt: skip
         print("| clients | aggregate tokens/s | per client | time to first token p50 / p99 (ms) |"
               " time between tokens p50 / p99 (ms) | clients' CPU per token (ms) |")  # fmt: skip
         print("|---:|---:|---:|---:|---:|---:|")

@@ -78,3 +78,25 @@ def test_linear_kernel_benchmark_times_every_kernel_it_finds():
     rows = {cells[1].strip(): [float(ms) for ms in cells[2:4]] for cells in lines}  # ms at 1 and 8 rows
     assert {"fp32 F.linear", "fp32 packed", "int8 weight-only", "int8 x int8 fbgemm"} <= rows.keys()
     assert all(ms > 0 for pair in rows.values() for ms in pair)
+
+
+@pytest.mark.parametrize(
+    "flags, named", [(["--rounds", "0"], "--rounds"), (["--clients", "1", "-1"], "--clients"),
+                     (["--new-tokens", "0"], "--new-tokens"), (["--prompt-tokens", "x"], "--prompt-tokens")],
+)  # fmt: skip
+def test_serve_benchmark_refuses_counts_below_one_in_one_line(flags, named):
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_serve.py"), *flags],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    expected = f"argument {named}: expected a whole number of at least 1, got {flags[-1]!r}"
+    assert proc.stderr.strip().splitlines()[-1].endswith(expected)
+
+
+def test_serve_benchmark_without_aiohttp_says_how_to_install_it():
+    hide_aiohttp = ("import runpy, sys; sys.modules['aiohttp'] = None; sys.path.insert(0, 'benchmarks'); "
+                    "runpy.run_path('benchmarks/bench_serve.py', run_name='__main__')")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", hide_aiohttp], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "bench_serve.py reads the streams with aiohttp, which is not installed: pip install -e '.[dev]'"
+    ]
