@@ -16,7 +16,7 @@ thread, as `generate` does; its start-up line says where packed weights were fou
 The clients run in this process and, unless --server-cpus keeps them apart, on the cores the server
 decodes on; their own CPU time per token is reported, since on a small machine it is taken from the
 server's cores. They read the stream with aiohttp, as vLLM's and SGLang's serving benchmarks do: its C
-parser spends half the CPU per token of httpx's (which the `openai` client uses), so the figures are
+parser spends less CPU per token than httpx's (which the `openai` client uses), so the figures are
 the server's more than the client's.
 
     python benchmarks/bench_serve.py                       # 6 layers x 384, then the 124M shape

@@ -104,9 +104,8 @@ def prepare_for_inference(model: nn.Module, precision: str, device: torch.device
 
         quantize_int8(model)
     if chosen in NATIVE_FLAGS and device.type == "cpu" and not cpu_has_native(chosen):
-        name = str(DTYPES[chosen]).removeprefix("torch.")
         print(
-            f"note: this CPU has no native {name} ({' or '.join(NATIVE_FLAGS[chosen])}): PyTorch converts each {chosen} "
+            f"note: this CPU has no native {chosen} ({' or '.join(NATIVE_FLAGS[chosen])}): PyTorch converts each {chosen} "
             f"product to float32 and back here, so {chosen} evaluates several times slower than fp32 and decodes "
             "batches slower; one sequence at a time it can still decode faster, reading half the bytes",
             file=sys.stderr,

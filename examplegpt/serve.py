@@ -408,7 +408,7 @@ class ServerState:
 
     def start_draining(self, loop: asyncio.AbstractEventLoop) -> None:
         """Stop taking requests; let those in flight finish for drain_seconds, then cut them short.
-        Called again (a second Ctrl+C), cut them short now."""
+        Called again (a second SIGTERM or Ctrl+C), cut them short now."""
         if self.draining:
             self.cut_in_flight()
             return
@@ -598,15 +598,18 @@ class GracefulServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None]) -> None:
         super().__init__(config)
         self.on_exit = on_exit
-        self.signals = 0
+        self.signals_received = 0
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        self.signals += 1
-        self.on_exit()
         # uvicorn's own second Ctrl+C cancels the streams mid-write (tracebacks, no `data: [DONE]`): the
-        # app ends them itself instead, and only a third forces uvicorn out
-        if self.signals != 2:
+        # second signal of either kind has the app end them itself instead, and only a third forces the exit
+        self.signals_received += 1
+        if self.signals_received <= 2:
+            self.on_exit()
+        if self.signals_received == 1:
             super().handle_exit(sig, frame)
+        elif self.signals_received > 2:
+            self.force_exit = True
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -651,7 +654,12 @@ def serve_command(cfg: ServeConfig) -> int:
     # costs the loop a wake-up and a socket write, CPU that a small machine takes from the model's cores
     runner = asyncio.Runner(loop_factory=config.get_loop_factory())
     loop = runner.get_loop()
-    server = GracefulServer(config, on_exit=lambda: loop.call_soon_threadsafe(state.start_draining, loop))
+
+    def stop_taking_requests() -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the HTTP server has stopped already
+            loop.call_soon_threadsafe(state.start_draining, loop)
+
+    server = GracefulServer(config, on_exit=stop_taking_requests)
 
     def serve_http() -> None:
         with runner:
