@@ -591,25 +591,20 @@ BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 
 
 class GracefulServer(uvicorn.Server):
-    """uvicorn's server that tells the app when SIGTERM or SIGINT arrives (so it drains, or on a second
+    """uvicorn's server that tells the app when SIGTERM or SIGINT arrives (so it drains, or on a later
     signal cuts the drain short), and exits with status 0 after a clean shutdown, where uvicorn itself
     would re-raise the signal once stopped."""
 
     def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None]) -> None:
         super().__init__(config)
         self.on_exit = on_exit
-        self.signals_received = 0
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        # uvicorn's own second Ctrl+C cancels the streams mid-write (tracebacks, no `data: [DONE]`): the
-        # second signal of either kind has the app end them itself instead, and only a third forces the exit
-        self.signals_received += 1
-        if self.signals_received <= 2:
-            self.on_exit()
-        if self.signals_received == 1:
+        self.on_exit()
+        # uvicorn's own second Ctrl+C forces the exit, cancelling streams mid-write (tracebacks, no
+        # `data: [DONE]`): a later signal of either kind only has the app cut what is in flight itself
+        if not self.should_exit:
             super().handle_exit(sig, frame)
-        elif self.signals_received > 2:
-            self.force_exit = True
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
