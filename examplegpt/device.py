@@ -45,7 +45,8 @@ def cpu_flags() -> set[str]:
 
 
 def cpu_has_native(precision: str, flags: set[str] | None = None) -> bool:
-    """Whether the CPU multiplies `precision` ("bf16" or "fp16") matrices natively (AVX-512 or AMX); `flags`: read when None."""
+    """Whether the CPU multiplies `precision` ("bf16" or "fp16") matrices natively (AVX-512 or AMX);
+    `flags`: read when None."""
     return any(f in (cpu_flags() if flags is None else flags) for f in NATIVE_FLAGS[precision])
 
 
