@@ -660,6 +660,31 @@ def test_serve_benchmark_runs():
         assert f"server on CPUs [{cpus[0]}], clients on {cpus[1:]}" in proc.stdout
 
 
+def test_the_server_pays_its_one_time_costs_before_the_first_request(model_file):
+    """Building the tokenizer and importing anyio's backend took the first request about 0.4 s; the app's
+    start-up pays them. In a fresh process, where nothing has paid them yet (TestClient would import anyio)."""
+    code = f"""
+import asyncio, sys
+from examplegpt.batching import BatchEngine
+from examplegpt.config import ServeConfig
+from examplegpt.serve import create_app
+from examplegpt.tokenizer import get_tokenizer
+from examplegpt.weights import load_model
+model = load_model({str(model_file)!r})
+app = create_app(BatchEngine(model, max_batch=1, max_queue=1), ServeConfig(), "tiny", model.config)
+def paid():
+    return get_tokenizer.cache_info().currsize == 1, "anyio._backends._asyncio" in sys.modules
+async def start_and_stop():
+    async with app.router.lifespan_context(app):
+        print("after start-up", paid())
+print("before", paid())
+asyncio.run(start_and_stop())
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "before (False, False)" in out.stdout and "after start-up (True, True)" in out.stdout, out.stdout
+
+
 def test_after_the_model_fails_health_says_error_and_requests_get_500(model):
     """In process (a failure cannot be provoked from outside): not a 503 "busy" that retrying would never cure."""
     from fastapi.testclient import TestClient
