@@ -68,7 +68,7 @@ def child_env(threads: int | None) -> dict[str, str]:
 
 
 def at_least_one(text: str) -> int:
-    """--clients, --rounds, the token counts: a whole number of at least 1."""
+    """--clients, --rounds, --threads, the token counts: a whole number of at least 1."""
     try:
         number = int(text)
     except ValueError:
@@ -172,7 +172,9 @@ def main() -> None:
     parser.add_argument(
         "--rounds", type=at_least_one, default=3, help="runs per number of clients (odd: the median is one of them)"
     )
-    parser.add_argument("--threads", type=int, help="torch threads of the server and of `generate` (OMP_NUM_THREADS)")
+    parser.add_argument(
+        "--threads", type=at_least_one, help="torch threads of the server and of `generate` (OMP_NUM_THREADS)"
+    )
     parser.add_argument(
         "--precision", default="auto", help="--precision of the server and of `generate` (int8, bf16, ...)"
     )

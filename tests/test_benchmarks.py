@@ -81,7 +81,12 @@ def test_linear_kernel_benchmark_times_every_kernel_it_finds():
 
 
 @pytest.mark.parametrize(
-    "flags, named", [(["--clients", "1", "-1"], "--clients"), (["--prompt-tokens", "x"], "--prompt-tokens")]
+    "flags, named",
+    [
+        (["--clients", "1", "-1"], "--clients"),
+        (["--prompt-tokens", "x"], "--prompt-tokens"),
+        (["--threads", "0"], "--threads"),
+    ],
 )
 def test_serve_benchmark_refuses_counts_below_one_in_one_line(flags, named):
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_serve.py"), *flags],
