@@ -145,8 +145,22 @@ def flag_help(f: dataclasses.Field, doc: str) -> str:
     return f"{doc} (default: {default})"
 
 
-def read_config_file(path: str) -> dict:
-    """Settings from a TOML or YAML file, flat or in [model] / [data] / [train] / [generate] sections."""
+# The sections a config file may hold, and the settings of each; one file can serve every command.
+SECTIONS: dict[str, type] = {
+    "model": GPTConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "generate": GenerateConfig,
+    "evaluate": EvaluateConfig,
+    "serve": ServeConfig,
+}
+
+
+def read_config_file(path: str, classes: dict[str, type]) -> dict:
+    """The settings a command of these config `classes` takes from a TOML or YAML file: those of its
+    settings that sit flat at the top or in one of its own sections ([model], [data], [train] for train).
+    Other commands' settings and sections are skipped, so that one file can serve every command; a
+    setting or a section that no command has is an error."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"config file not found: {path}")
@@ -167,13 +181,19 @@ def read_config_file(path: str) -> dict:
         raise
     if not isinstance(values, dict):
         raise UserError(f"{path} must hold a table of settings")
-    flat = {}
+    every = {f.name for cls in SECTIONS.values() for f in dataclasses.fields(cls)} | set(RENAMED) | {"preset"}
+    mine = {f.name for cls in classes.values() for f in dataclasses.fields(cls)} | set(RENAMED) | {"preset"}
+    taken = {}
     for key, value in values.items():
-        if key in ("model", "data", "train", "generate", "serve") and isinstance(value, dict):
-            flat.update(value)
-        else:
-            flat[key] = value
-    return flat
+        section = key in SECTIONS and isinstance(value, dict)
+        if isinstance(value, dict) and not section:
+            raise UserError(f"{path}: unknown section [{key}]; the sections are {', '.join(SECTIONS)}")
+        for name, setting in value.items() if section else [(key, value)]:
+            if name not in every:
+                raise UserError(f"{path}: unknown setting '{name}'")
+            if name in mine and (not section or key in classes):
+                taken[name] = setting
+    return taken
 
 
 def resolve(
@@ -183,15 +203,11 @@ def resolve(
     `check(name, values)` sees each config's values before they are validated (train: the shape a resumed
     checkpoint or an --init-from model fixes)."""
     given = {k: v for k, v in vars(args).items() if k not in ("run", "command", "config", "preset")}
-    from_file = read_config_file(args.config) if getattr(args, "config", None) else {}
+    from_file = read_config_file(args.config, classes) if getattr(args, "config", None) else {}
     from_file = {RENAMED.get(k, k): v for k, v in from_file.items()}  # earlier names of settings still read
     if "preset" in from_file and getattr(args, "preset", None) is None:
         args.preset = from_file["preset"]
     from_file.pop("preset", None)
-    known = {f.name for cls in classes.values() for f in dataclasses.fields(cls)}
-    unknown = sorted(set(from_file) - known)
-    if unknown:
-        raise UserError(f"{args.config}: unknown setting '{unknown[0]}'")
     resolved = {}
     for name, cls in classes.items():
         names = {f.name for f in dataclasses.fields(cls)}
@@ -233,7 +249,8 @@ def given_setting(args: argparse.Namespace, cls: type, name: str) -> object:
     if name in vars(args):
         return vars(args)[name]
     field = next(f for f in dataclasses.fields(cls) if f.name == name)
-    value = read_config_file(args.config).get(name, field.default) if getattr(args, "config", None) else field.default
+    from_file = read_config_file(args.config, {"train": TrainConfig}) if getattr(args, "config", None) else {}
+    value = from_file.get(name, field.default)
     check_type(name, value, field.type)
     return value
 

@@ -465,6 +465,8 @@ def check_type(name: str, value: object, hint: str) -> None:
     }
     if not any(ok[kind](value) for kind in allowed):
         raise UserError(f"{name} must be {' or '.join(allowed)}, got {value!r}")
+    if isinstance(value, float) and math.isnan(value):  # every comparison with NaN is false: range checks miss it
+        raise UserError(f"{name} must be a number, got nan")
 
 
 def describe(configs: dict[str, dict]) -> str:

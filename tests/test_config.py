@@ -8,7 +8,7 @@ from examplegpt.cli import build_parser, resolve
 from examplegpt.config import DataConfig, GenerateConfig, GPTConfig, TrainConfig, field_docs
 from examplegpt.errors import UserError
 
-from .conftest import assert_one_line_error
+from .conftest import REPO, assert_one_line_error
 
 CLASSES = {"model": GPTConfig, "data": DataConfig, "train": TrainConfig}
 
@@ -76,6 +76,81 @@ def test_config_file_errors(tmp_path, content, message):
     path.write_text(content)
     with pytest.raises(UserError, match=message):
         parse("--config", str(path))
+
+
+SHARED_FILE = """
+checkpoint = "runs/x/gpt_model.pt"  # flat: generate's, evaluate's and serve's
+[model]
+d_model = 64
+num_heads = 2
+[data]
+data = "shakespeare"
+[train]
+batch_size = 6
+[generate]
+temperature = 0.5
+[evaluate]
+stride = 32
+[serve]
+port = 9000
+"""
+
+
+def resolved(command: str, classes: dict, path) -> dict:
+    args = build_parser().parse_args([command, "--config", str(path)])
+    return {name: vars(config) for name, config in resolve(args, classes).items()}
+
+
+def test_one_config_file_serves_every_command_each_taking_its_own_settings(tmp_path):
+    """prepare, train, evaluate, generate and serve read one file: each takes its own sections and flat
+    settings and skips the others' (before, the shipped quick-start file was refused by prepare)."""
+    from examplegpt.config import EvaluateConfig, ServeConfig
+
+    path = tmp_path / "shared.toml"
+    path.write_text(SHARED_FILE)
+    train = resolved("train", {"model": GPTConfig, "data": DataConfig, "train": TrainConfig}, path)
+    assert train["model"]["d_model"] == 64 and train["train"]["batch_size"] == 6
+    prepare = resolved("prepare", {"model": GPTConfig, "data": DataConfig}, path)
+    assert prepare["data"]["data"] == "shakespeare"
+    evaluate = resolved("evaluate", {"evaluate": EvaluateConfig, "data": DataConfig}, path)
+    assert evaluate["evaluate"]["stride"] == 32 and evaluate["evaluate"]["checkpoint"] == "runs/x/gpt_model.pt"
+    generate = resolved("generate", {"generate": GenerateConfig}, path)["generate"]
+    assert generate["temperature"] == 0.5 and generate["checkpoint"] == "runs/x/gpt_model.pt"
+    serve = resolved("serve", {"serve": ServeConfig}, path)["serve"]
+    assert serve["port"] == 9000 and serve["checkpoint"] == "runs/x/gpt_model.pt"
+
+
+def test_the_shipped_quick_start_file_prepares_its_data(cli, tmp_path):
+    proc = cli("prepare", "--config", str(REPO / "configs" / "shakespeare.toml"), "--cache-dir", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("[generate]\ntemprature = 0.5\n", "unknown setting 'temprature'"),  # in a section this command skips
+        ("[evaluation]\nstride = 32\n", "unknown section \\[evaluation\\]"),
+    ],
+)
+def test_what_no_command_takes_is_still_an_error(tmp_path, content, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(content)
+    with pytest.raises(UserError, match=message):
+        resolved("train", {"model": GPTConfig, "data": DataConfig, "train": TrainConfig}, path)
+
+
+def test_nan_is_refused_in_a_config_file(tmp_path):
+    from examplegpt.config import ServeConfig
+
+    path = tmp_path / "serve.yaml"
+    path.write_text("checkpoint: m.pt\nserve:\n  drain_seconds: .nan\n")
+    with pytest.raises(UserError, match="drain_seconds must be a number, got nan"):
+        resolved("serve", {"serve": ServeConfig}, path)
+
+
+def test_nan_is_refused_in_one_line_on_the_command_line(cli):
+    """--drain-seconds nan passed the `< 0` check; on SIGTERM the drain then failed with a traceback."""
+    assert_one_line_error(cli("serve", "-c", "none.pt", "--drain-seconds", "nan"), "drain_seconds must be a number")
 
 
 def test_config_file_errors_reach_the_user_as_one_line(cli, tmp_path):
