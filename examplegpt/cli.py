@@ -16,6 +16,8 @@ import tomllib
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
 from .config import (
     PRESETS,
     RENAMED,
@@ -370,6 +372,20 @@ def build_parser() -> Parser:
     return parser
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    """Python's MemoryError, a GPU's torch.OutOfMemoryError, or torch's CPU allocator (a plain RuntimeError)."""
+    return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(error)
+
+
+def tried_to_allocate(error: BaseException) -> str:
+    """' (tried to allocate 8.0 GB)' where torch says how much, else ''."""
+    found = re.search(r"tried to allocate (\d+) bytes", str(error), re.IGNORECASE)
+    if found:
+        return f" (tried to allocate {int(found[1]) / 1e9:,.1f} GB)"
+    found = re.search(r"tried to allocate ([\d.]+ [KMGT]iB)", str(error), re.IGNORECASE)
+    return f" (tried to allocate {found[1]})" if found else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     pin_cpu_arithmetic()  # before any matrix product: same bits in every process
     parser = build_parser()
@@ -382,6 +398,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except (MemoryError, RuntimeError) as e:
+        if not is_out_of_memory(e):
+            raise
+        print(f"error: out of memory{tried_to_allocate(e)}: ask for less (fewer new tokens or samples, a smaller "
+              "batch, context or model)", file=sys.stderr)  # fmt: skip
+        return 1
     except BrokenPipeError:  # `examplegpt generate | head`: the reader left, nothing to report
         sys.stderr.close()
         return 0

@@ -88,6 +88,16 @@ def test_export_without_a_folder_is_one_line(cli, model_file):
 
 
 @pytest.mark.parametrize(
+    "flags",
+    [["-n", "100000000000000"], ["-n", "2", "--num-samples", "100000000000"]],
+    ids=["new tokens", "samples"],
+)
+def test_asking_for_more_memory_than_there_is_is_one_line(cli, model_file, flags):
+    """torch's CPU allocator raises a RuntimeError, Python a MemoryError: both were tracebacks."""
+    assert_one_line_error(cli("generate", "-c", str(model_file), "-p", "hi", *flags), "out of memory")
+
+
+@pytest.mark.parametrize(
     "argv, suggestion",
     [
         (["train", "--max-step", "5"], "--max-steps"),
