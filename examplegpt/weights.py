@@ -9,6 +9,7 @@ Hugging Face weights through safetensors (or `weights_only=True` for pytorch_mod
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -17,9 +18,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import GPTConfig, build
+from .config import GPTConfig, build, check_type
 from .errors import UserError
 from .model import GPT
 
@@ -57,6 +59,12 @@ def read_torch_file(path: str | Path, map_location: str | torch.device = "cpu") 
     if path.is_dir():
         raise UserError(f"{path} is a directory, not a model file")
     try:
+        if not looks_like_torch_file(path):  # a text file, say: torch.load would only report its first byte
+            if path.suffix == ".safetensors":
+                raise UserError(f"{path} is a safetensors file: pass the Hugging Face GPT-2 folder that holds it")
+            raise UserError(
+                f"{path} is not a model file (neither a PyTorch checkpoint nor a Hugging Face GPT-2 folder)"
+            )
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         reason = "it holds Python objects that could run code; refused" if "Weights only" in str(e) else "corrupt"
@@ -69,7 +77,25 @@ def read_torch_file(path: str | Path, map_location: str | torch.device = "cpu") 
         raise UserError(f"cannot read {path}: {e.strerror or e}") from None
     if not isinstance(obj, dict) or "model" not in obj or "model_config" not in obj:
         raise UserError(f"{path} is not a valid ExampleGPT checkpoint or model file (no model weights in it)")
+    if not isinstance(obj["model_config"], dict):
+        kind = type(obj["model_config"]).__name__
+        raise UserError(
+            f"{path} is not a valid ExampleGPT checkpoint or model file (its model_config is a {kind}, not a dict)"
+        )
+    weights = obj["model"]
+    if not isinstance(weights, dict) or not all(isinstance(t, torch.Tensor) for t in weights.values()):
+        raise UserError(
+            f"{path} is not a valid ExampleGPT checkpoint or model file (its model weights are not a dict of tensors)"
+        )
     return obj
+
+
+def looks_like_torch_file(path: Path) -> bool:
+    """Whether the file starts as torch.save writes one: a zip archive, or (before PyTorch 1.6) a pickle.
+    An empty file passes, to be reported as truncated."""
+    with open(path, "rb") as f:
+        start = f.read(4)
+    return not start or start.startswith(b"PK\x03\x04") or start.startswith(b"\x80")
 
 
 def model_from_state(state: dict, path: str | Path) -> GPT:
@@ -144,6 +170,17 @@ SUPPORTED_HF_VALUES: dict[str, tuple] = {
     "add_cross_attention": (False,),
     "reorder_and_upcast_attn": (False, True),
 }
+# What transformers' GPT2Config takes for a field config.json leaves out (the hub's own gpt2 config.json,
+# and folders saved by transformers 4.x, have no tie_word_embeddings).
+HF_DEFAULTS: dict[str, object] = {
+    "activation_function": "gelu_new",
+    "layer_norm_epsilon": 1e-5,
+    "scale_attn_weights": True,
+    "scale_attn_by_inverse_layer_idx": False,
+    "tie_word_embeddings": True,
+    "add_cross_attention": False,
+    "reorder_and_upcast_attn": False,
+}
 
 
 def config_from_hf(hf: dict) -> GPTConfig:
@@ -151,14 +188,16 @@ def config_from_hf(hf: dict) -> GPTConfig:
     (a vocab_size below the tokenizer's is refused by GPTConfig itself)."""
     if hf.get("model_type", "gpt2") != "gpt2":
         raise UserError(f"model_type is {hf.get('model_type')!r}: only GPT-2 folders can be loaded")
-    defaults = {"activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "scale_attn_weights": True}
     for name, supported in SUPPORTED_HF_VALUES.items():
-        value = hf.get(name, defaults.get(name, False))
+        value = hf.get(name, HF_DEFAULTS[name])
         if value not in supported:
             raise UserError(
                 f"{name}={json.dumps(value)} is not supported (this GPT-2 computes only {name}="
                 f"{' or '.join(json.dumps(v) for v in supported)})"
             )
+    for name in ("vocab_size", "n_embd", "n_head", "n_layer", "n_positions"):
+        check_type(name, hf[name], "int")
+    check_type("n_inner", hf.get("n_inner"), "int | None")
     d_model = hf["n_embd"]
     return GPTConfig(
         vocab_size=hf["vocab_size"],
@@ -198,11 +237,7 @@ def load_hf_folder(folder: Path) -> GPT:
     config_file = folder / "config.json"
     if not config_file.exists():
         raise UserError(f"{folder} is not a Hugging Face GPT-2 folder (no config.json)")
-    try:
-        hf_config = json.loads(config_file.read_text())
-        config = config_from_hf(hf_config)
-    except (json.JSONDecodeError, KeyError) as e:
-        raise UserError(f"{config_file} is not a GPT-2 config ({type(e).__name__}: {e})") from None
+    config = read_hf_config(config_file)
     safetensors, pickled = folder / "model.safetensors", folder / "pytorch_model.bin"
     if not safetensors.exists() and not pickled.exists():
         raise UserError(f"{folder} has no model.safetensors or pytorch_model.bin")
@@ -217,6 +252,27 @@ def load_hf_folder(folder: Path) -> GPT:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
         raise UserError(f"{folder}: the weights cannot be loaded as GPT-2 ({reason})") from None
     return model
+
+
+def read_hf_config(config_file: Path) -> GPTConfig:
+    """Our GPTConfig from a config.json; a file that is unreadable, not a GPT-2 config or a variant our
+    model does not compute is one line naming the file."""
+    try:
+        hf_config = json.loads(config_file.read_text(encoding="utf-8"))  # JSON is UTF-8, as transformers reads it
+    except UnicodeDecodeError:
+        raise UserError(f"{config_file} is not a GPT-2 config (not UTF-8 text)") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{config_file} is not a GPT-2 config (invalid JSON: {e})") from None
+    except OSError as e:
+        raise UserError(f"cannot read {config_file}: {e.strerror or e}") from None
+    if not isinstance(hf_config, dict):
+        raise UserError(f"{config_file} is not a GPT-2 config (it holds {json.dumps(hf_config)[:40]}, not an object)")
+    try:
+        return config_from_hf(hf_config)
+    except KeyError as e:
+        raise UserError(f"{config_file} is not a GPT-2 config (no {e} in it)") from None
+    except UserError as e:
+        raise UserError(f"{config_file}: {e}") from None
 
 
 def state_from_hf(hf_state: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
@@ -253,8 +309,14 @@ def state_to_hf(model: GPT) -> dict[str, torch.Tensor]:
 
 def save_hf_folder(model: GPT, folder: Path) -> None:
     """Write config.json + model.safetensors that transformers' GPT2LMHeadModel.from_pretrained reads."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(config_to_hf(model.config), indent=2) + "\n")
     tmp = folder / "model.safetensors.tmp"
-    save_file(state_to_hf(model), str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, folder / "model.safetensors")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text(json.dumps(config_to_hf(model.config), indent=2) + "\n")
+        save_file(state_to_hf(model), str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, folder / "model.safetensors")
+    except (OSError, SafetensorError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write to the output folder {folder}: {reason}") from None

@@ -1,5 +1,7 @@
 """Our GPT computes exactly what Hugging Face's GPT2LMHeadModel computes, on the same weights."""
 
+import json
+
 import pytest
 import torch
 
@@ -136,3 +138,17 @@ def test_unsupported_config_fields_are_refused_in_one_line_naming_the_field(over
         load_model(str(tmp_path))
     message = str(refused.value)
     assert "\n" not in message and next(iter(overrides)) in message
+
+
+def test_a_config_without_tie_word_embeddings_is_tied_as_transformers_reads_it(tmp_path):
+    """The hub's own gpt2 config.json and transformers 4.x folders leave the key out: GPT2Config's default is True."""
+    tiny_hf_folder(tmp_path)
+    config_file = tmp_path / "config.json"
+    hf_config = json.loads(config_file.read_text())
+    del hf_config["tie_word_embeddings"]
+    config_file.write_text(json.dumps(hf_config))
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    ours = load_model(str(tmp_path)).eval()
+    idx = torch.randint(0, 50257, (2, 32), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert (ours(idx)[0] - hf(idx).logits).abs().max().item() < 1e-4
