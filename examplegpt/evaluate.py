@@ -265,8 +265,12 @@ def evaluate_command(cfg: EvaluateConfig, data: DataConfig) -> int:
         result["words"] = stats["words"]
         result["word_perplexity"] = exp_or_inf(total / stats["words"])
         result["bits_per_byte"] = total / math.log(2) / stats["bytes"]
-    if cfg.json:  # JSON has no infinity: null
-        print(json.dumps({key: None if value == math.inf else value for key, value in result.items()}))
+    if cfg.json:  # JSON has no infinity and no NaN (a diverged model's loss): null
+        finite = {
+            key: None if isinstance(value, float) and not math.isfinite(value) else value
+            for key, value in result.items()
+        }
+        print(json.dumps(finite, allow_nan=False))
     else:
         for key, value in result.items():
             print(f"{key:>18}  {value:,.4f}" if isinstance(value, float) else f"{key:>18}  {value}")

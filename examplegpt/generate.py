@@ -14,7 +14,7 @@ import contextlib
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -112,18 +112,32 @@ def generate(
 def read_prompt(prompt: str) -> str:
     """The prompt text: '-', or no --prompt with a piped stdin, reads stdin. Either way it must be UTF-8."""
     if prompt == "-" or (not prompt and not sys.stdin.isatty()):
-        data, source = sys.stdin.buffer.read(), "on stdin"
+        prompt = decode_prompt(sys.stdin.buffer.read(), "on stdin")
     else:
         # Python hands on command-line bytes that are not UTF-8 as lone surrogates (PEP 383): encoded back,
         # the first of them is where decoding fails
-        data, source = prompt.encode("utf-8", "surrogatepass"), "given by --prompt"
-    try:
-        prompt = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"the prompt {source} is not valid UTF-8 (byte {e.start})") from None
+        prompt = decode_prompt(prompt.encode("utf-8", "surrogatepass"), "given by --prompt")
     if not prompt:
         raise UserError("the prompt is empty: pass --prompt TEXT (or pipe text on stdin)")
     return prompt
+
+
+def decode_prompt(data: bytes, source: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"the prompt {source} is not valid UTF-8 (byte {e.start})") from None
+
+
+def interactive_prompts() -> Iterator[str | None]:
+    """Each line of stdin as a prompt, its newline dropped. A line that is not UTF-8 is refused in one
+    line on stderr and yields None: the session goes on with the next line."""
+    for number, line in enumerate(iter(sys.stdin.buffer.readline, b""), start=1):
+        try:
+            yield decode_prompt(line, f"on line {number} of stdin").rstrip("\n")
+        except UserError as e:
+            print(f"error: {e}; skipped", file=sys.stderr, flush=True)
+            yield None
 
 
 def generate_command(cfg: GenerateConfig) -> int:
@@ -131,15 +145,17 @@ def generate_command(cfg: GenerateConfig) -> int:
     model = prepare_for_inference(load_model(cfg.checkpoint, map_location="cpu"), cfg.precision, device)
     if cfg.compile and device.type == "cuda":
         model.hidden_states = torch.compile(model.hidden_states, dynamic=True)
-    prompts = iter(sys.stdin.readline, "") if cfg.interactive else [read_prompt(cfg.prompt)]
+    prompts = interactive_prompts() if cfg.interactive else [read_prompt(cfg.prompt)]
+    refused = 0
     with fast_cpu_inference(model) if cfg.fast_cpu else contextlib.nullcontext():  # packed once per command
         for prompt in prompts:
-            prompt = prompt.rstrip("\n") if cfg.interactive else prompt
-            if prompt:
+            if prompt is None:
+                refused += 1
+            elif prompt:  # an empty line asks for nothing
                 run_prompt(model, prompt, cfg, device)
     if cfg.verbose:
         print("\n".join(f"cpu_inference: {line}" for line in packing_report()), file=sys.stderr)
-    return 0
+    return 1 if refused else 0  # each refused line has had its error line
 
 
 def run_prompt(model: GPT, prompt: str, cfg: GenerateConfig, device: torch.device) -> None:

@@ -2,7 +2,10 @@
 text), streaming in blocks, WikiText exactly as published, the bundled Tiny Shakespeare."""
 
 import gzip
+import json
+import random
 import re
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +18,7 @@ from examplegpt.data import check_cache, corpus, open_split, prepare, token_cach
 from examplegpt.data.corpus import ReadReport, cut_pieces, text_file_pieces
 from examplegpt.tokenizer import EOT_ID, get_tokenizer
 
-from .conftest import examples
+from .conftest import assert_one_line_error, examples, make_text
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 WIKITEXT_TEST = SHARED / "wikitext-2" / "test.txt"
@@ -222,3 +225,36 @@ def test_a_megabyte_of_whitespace_before_text_is_cut_into_pieces_the_tokenizer_c
     pieces = [piece for piece, _ in text_file_pieces([path], report)]
     assert "".join(pieces) == path.read_text()
     assert len(tokens_of_pieces(pieces)) > 0  # raises (PanicException) on pieces too long for tiktoken
+
+
+def safetensors_like() -> bytes:
+    """What a safetensors file holds: an 8-byte header length, a JSON header, then raw float32 weights."""
+    weights = np.random.default_rng(0).normal(0, 0.02, 64 * 64).astype(np.float32).tobytes()
+    entry = {"dtype": "F32", "shape": [64, 64], "data_offsets": [0, len(weights)]}
+    header = json.dumps({"__metadata__": {"format": "pt"}, "wte.weight": entry}).encode()
+    return struct.pack("<Q", len(header)) + header + weights
+
+
+BINARIES = {
+    "notes.txt": lambda: gzip.compress(make_text(20000, 4).encode()),  # gzip output without a .gz name
+    "random.txt": lambda: random.Random(0).randbytes(1 << 16),
+    "model.safetensors": safetensors_like,
+}
+
+
+@pytest.mark.parametrize("name", BINARIES)
+def test_binary_files_are_refused_in_one_line(cli, tmp_path, name):
+    (tmp_path / name).write_bytes(BINARIES[name]())
+    proc = cli("prepare", "--data", str(tmp_path / name), "--max-seq-len", "32", "--cache-dir", str(tmp_path / "cache"))
+    assert_one_line_error(proc, str(tmp_path / name), "not UTF-8 text", "binary file")
+    assert not any((tmp_path / "cache").glob("*"))
+
+
+def test_messy_text_passes_with_its_undecodable_bytes_counted(cli, tmp_path):
+    """Latin-1 accents, a terminal escape, a form feed and a bell: text, though not clean UTF-8."""
+    text = make_text(3000, 6).encode().replace(b" the ", b" th\xe9 ").replace(b" of ", b" \x1b[1mof\x1b[0m \x0c\x07")
+    (tmp_path / "messy.txt").write_bytes(text)
+    proc = cli("prepare", "--data", str(tmp_path / "messy.txt"), "--max-seq-len", "32",
+               "--cache-dir", str(tmp_path / "cache"))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert f"warning: {text.count(0xE9):,} bytes of {tmp_path / 'messy.txt'} were not valid UTF-8" in proc.stderr

@@ -1,6 +1,7 @@
 """Evaluation: the sliding-window protocol against brute force, the command, export to Hugging Face."""
 
 import copy
+import gzip
 import json
 import math
 import re
@@ -146,15 +147,46 @@ def test_evaluate_counts_the_files_bytes_and_warns_of_undecodable_ones(cli, tmp_
     assert total_bits / result["bits_per_byte"] == pytest.approx(len(raw))  # the file's bytes, not U+FFFD's
 
 
+def strict_json(line: str) -> dict:
+    """json.loads, refusing the NaN and Infinity that Python's json writes and reads by default."""
+
+    def refuse(constant: str):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(line, parse_constant=refuse)
+
+
 def test_a_word_perplexity_past_floats_range_is_infinite_not_a_crash(cli, tmp_path, model_file):
     (tmp_path / "long.txt").write_text("abc123" * 300)  # one word of hundreds of tokens
     table = cli("evaluate", "-c", str(model_file), "--data", str(tmp_path / "long.txt"), "--stride", "8")
     assert table.returncode == 0, table.stderr
     assert re.search(r"word_perplexity\s+inf", table.stdout)
     proc = cli("evaluate", "-c", str(model_file), "--data", str(tmp_path / "long.txt"), "--stride", "8", "--json")
-    result = json.loads(proc.stdout.splitlines()[-1])  # strict JSON: no Infinity
+    result = strict_json(proc.stdout.splitlines()[-1])  # no Infinity
     assert result["words"] == 1 and result["word_perplexity"] is None and result["loss"] > 0
     assert exp_or_inf(709.5) == math.exp(709.5) < math.inf  # finite up to float64's edge
+
+
+def test_a_diverged_models_nan_loss_is_null_in_json(cli, tmp_path, small_model):
+    huge = copy.deepcopy(small_model)
+    with torch.no_grad():
+        for weight in huge.parameters():
+            weight.mul_(1e30)  # activations overflow float32: the loss is NaN
+    save_model_file(huge, tmp_path / "huge.pt")
+    (tmp_path / "eval.txt").write_text(make_text(200, 9))
+    args = ["evaluate", "-c", str(tmp_path / "huge.pt"), "--data", str(tmp_path / "eval.txt")]
+    table = cli(*args)
+    assert table.returncode == 0, table.stderr
+    assert re.search(r"loss\s+nan\n", table.stdout)
+    result = strict_json(cli(*args, "--json").stdout.splitlines()[-1])
+    assert result["loss"] is None and result["perplexity"] is None and result["bits_per_byte"] is None
+    assert result["tokens_scored"] > 0
+
+
+def test_evaluate_refuses_a_binary_file_in_one_line(cli, tmp_path, model_file):
+    (tmp_path / "eval.txt").write_bytes(gzip.compress(make_text(2000, 9).encode()))  # gzip named .txt
+    proc = cli("evaluate", "-c", str(model_file), "--data", str(tmp_path / "eval.txt"))
+    assert_one_line_error(proc, "eval.txt is not UTF-8 text", "binary file")
 
 
 def test_evaluate_bad_input(cli, tmp_path, model_file, small_model):

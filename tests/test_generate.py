@@ -171,6 +171,13 @@ def test_cli_reads_the_prompt_from_stdin_and_interactively(cli, model_file):
     assert chat.stdout.count("one") >= 1 and "two" in chat.stdout
 
 
+def test_interactive_refuses_a_line_that_is_not_utf8_and_goes_on(cli, model_file):
+    chat = cli("generate", "-c", str(model_file), "--interactive", "-n", "3", "-t", "0", stdin=b"caf\xe9\nnext\n")
+    assert chat.returncode == 1  # as a bad prompt without --interactive, though the session went on
+    assert chat.stderr.splitlines() == ["error: the prompt on line 1 of stdin is not valid UTF-8 (byte 3); skipped"]
+    assert chat.stdout.startswith("next") and "caf" not in chat.stdout
+
+
 def test_cli_long_prompt_is_cut_from_the_left_with_a_warning(cli, model_file):
     proc = cli("generate", "-c", str(model_file), "-p", "word " * 400, "-n", "2", "-t", "0")
     assert proc.returncode == 0

@@ -212,29 +212,27 @@ def open_text_file(path: Path):
 
 
 READ_ERRORS = (OSError, EOFError, zlib.error)  # zlib.error: a damaged gzip stream
-# control characters that text does not hold (tab, newline, vertical tab, form feed, return, and the
-# separators U+001C..U+001F aside), but UTF-16 and UTF-32 (NUL, and the high byte of Cyrillic, Greek,
-# ...) and binary files do
-CONTROL_BYTES = bytes([*range(0, 9), *range(14, 28)])
+# A NUL byte in the first 8 KB marks a file as not text, as git and grep decide: text never holds one,
+# while compressed data, random bytes, model weights and UTF-16 or UTF-32 (ASCII's zero high byte) all but always do.
+SNIFF_BYTES = 8192
 
 
 def check_text_files(files: list[Path]) -> None:
-    """Refuse files in another encoding, which UTF-8 decoding would turn into other characters
-    without complaint: a UTF-16 or UTF-32 byte-order mark, or control bytes in more than a tenth of
-    the first 4 KB (UTF-16 or UTF-32 without a mark, or a binary file)."""
+    """Refuse files that are not UTF-8 text, which decoding would turn into other characters or into
+    U+FFFD: a UTF-16 or UTF-32 byte-order mark, or a NUL byte in the first SNIFF_BYTES (a binary
+    file, or UTF-16 or UTF-32 without a mark)."""
     for path in files:
         try:
             with open_text_file(path) as f:
-                start = f.read(4096)
+                start = f.read(SNIFF_BYTES)
         except READ_ERRORS as e:
             raise UserError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
         if start.startswith((b"\xff\xfe", b"\xfe\xff", b"\x00\x00\xfe\xff")):
             raise UserError(f"{path} is UTF-16 or UTF-32 text; convert it to UTF-8 (e.g. iconv -f UTF-16 -t UTF-8)")
-        controls = len(start) - len(start.translate(None, CONTROL_BYTES))
-        if controls >= 2 and controls > len(start) // 10:
+        if (nul := start.find(0)) >= 0:
             raise UserError(
-                f"{path} is not UTF-8 text: {controls:,} of its first {len(start):,} bytes are control "
-                "characters (UTF-16 or UTF-32 without a byte-order mark, or a binary file)"
+                f"{path} is not UTF-8 text: its byte {nul:,} is NUL, a control character text never holds "
+                "(a binary file, or UTF-16 or UTF-32 without a byte-order mark)"
             )
 
 
