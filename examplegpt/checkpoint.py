@@ -1,5 +1,6 @@
-"""Checkpoints: the original README's file names, finding the newest, pruning old ones, refusing model files;
-and where a run starts: a checkpoint it resumes, or a model it is initialised from.
+"""Checkpoints: the original README's file names, finding the newest, pruning old ones, refusing model files
+and damaged ones; and where a run starts: a checkpoint it resumes (with the settings it fixes), or a model it
+is initialised from.
 
 A checkpoint is a plain dict of tensors and Python data (loadable with `weights_only=True`):
 model, optimizer, gradient scaler, step, data-loader position, RNG states, the resolved config
@@ -10,6 +11,7 @@ files, which `weights.atomic_torch_save` writes (a kill leaves the old file or t
 from __future__ import annotations
 
 import re
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,7 +33,11 @@ def checkpoint_path(out_dir: str | Path, epoch: int, batch: int) -> Path:
 
 def list_checkpoints(out_dir: str | Path) -> list[Path]:
     """Complete checkpoints in out_dir/checkpoints, oldest first (by epoch, then batch)."""
-    folder = Path(out_dir) / "checkpoints"
+    return checkpoints_in(Path(out_dir) / "checkpoints")
+
+
+def checkpoints_in(folder: Path) -> list[Path]:
+    """The checkpoint files in `folder`, oldest first (by epoch, then batch)."""
     if not folder.is_dir():
         return []
     by_position = {}
@@ -70,6 +76,26 @@ def resolve_resume(resume: str, out_dir: str | Path) -> Path:
 
 
 def load_checkpoint(path: str | Path) -> dict:
+    """The state of the checkpoint at `path`. One that cannot be resumed is refused in one line that says why
+    (damaged: truncated or corrupt) and names the newest earlier checkpoint beside it that can be: going back
+    to it redoes the steps after it, so that is the user's choice, never made for them."""
+    try:
+        return read_checkpoint(path)
+    except UserError as e:
+        path = Path(path)
+        if not CHECKPOINT_NAME.match(path.name):
+            raise
+        problem = damage(path) or str(e)
+        earlier = newest_readable_before(path)
+        if earlier is None:
+            raise UserError(problem) from None
+        raise UserError(
+            f"{problem}; the newest complete checkpoint before it is {earlier}: to continue from there,"
+            f" pass --resume {earlier}"
+        ) from None
+
+
+def read_checkpoint(path: str | Path) -> dict:
     state = read_torch_file(path)
     if state.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path} is a model file, not a training checkpoint: it cannot be resumed")
@@ -77,6 +103,39 @@ def load_checkpoint(path: str | Path) -> dict:
     if missing:
         raise UserError(f"{path} is not a complete training checkpoint (no {missing[0]})")
     return state
+
+
+def damage(path: Path) -> str | None:
+    """What is wrong with a checkpoint file that does not read, when the file itself is damaged: a torch file
+    is a zip archive whose index sits at its end, so a file cut short has none. None when the archive is whole."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if not head:
+            return f"{path} is damaged (truncated: it is empty) and cannot be resumed"
+        if not zipfile.is_zipfile(path):
+            if head == b"PK\x03\x04":  # a zip archive's start without its end
+                return f"{path} is damaged (truncated) and cannot be resumed"
+            return f"{path} is damaged (corrupt: not a checkpoint's format) and cannot be resumed"
+        with zipfile.ZipFile(path) as archive:
+            failed = archive.testzip()  # the first entry whose checksum fails
+    except (OSError, zipfile.BadZipFile):
+        return None  # unreadable for another reason (permissions, ...): the reader's message says it
+    if failed is not None:
+        return f"{path} is damaged (corrupt: {failed} fails its checksum) and cannot be resumed"
+    return None
+
+
+def newest_readable_before(path: Path) -> Path | None:
+    """The newest checkpoint beside `path` and earlier than it that reads as a complete checkpoint."""
+    earlier = [p for p in checkpoints_in(path.parent) if position_of(p) < position_of(path)]
+    for candidate in reversed(earlier):
+        try:
+            read_checkpoint(candidate)
+        except UserError:
+            continue
+        return candidate
+    return None
 
 
 def prune_checkpoints(out_dir: str | Path, keep_last: int) -> None:
@@ -99,7 +158,17 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 
 # Saved settings a resumed run does not inherit: they said how that run started, not how this one does.
 NOT_INHERITED = ("resume", "init_from", "eval_batches")  # eval_batches: older runs' name, now eval_windows
-SCHEDULE = ("num_epochs", "max_steps", "learning_rate", "warmup_steps", "min_lr_ratio")  # what shapes the LR schedule
+# What a resumed run keeps from its checkpoint (with the model's shape and the optimizer), by config: the batches
+# and the seed that orders them, the text they come from and the validation windows. Another value of one of
+# these would not continue the run: it would start another one from the checkpoint's weights.
+FIXED = {
+    "data": ("data", "data_config", "text_column", "train_split", "val_split", "val_fraction"),
+    "train": ("batch_size", "seed", "eval_windows"),
+}
+# What a resumed run may change, each named in a warning: the learning-rate schedule, then the optimizer's
+# other settings. The rest (device, precision, micro-batch, intervals, ...) says how it runs, not what it learns.
+SCHEDULE = ("num_epochs", "max_steps", "learning_rate", "warmup_steps", "min_lr_ratio", "muon_learning_rate")
+OPTIMIZER_SETTINGS = ("weight_decay", "beta1", "beta2", "grad_clip", "muon_momentum", "muon_weight_decay")
 
 
 @dataclass
@@ -122,9 +191,34 @@ class Start:
         return None
 
     def check(self, name: str, values: dict) -> None:
-        """`cli.resolve`'s check: the model settings, before they are validated."""
+        """Refuse the settings of config `name` (model, data or train) that the start fixes: the shape of the
+        checkpoint or the --init-from model, and what else a resumed checkpoint fixes. `cli.resolve` calls it
+        before the settings are validated (a refusal names the cause, not its consequence)."""
         if name == "model":
             self.check_model_shape(values)
+        elif self.resume_state is not None:
+            self.check_fixed_settings(name, values)
+
+    def check_fixed_settings(self, name: str, values: dict) -> None:
+        """Refuse a data or train setting that a resumed run cannot change (FIXED, the optimizer): one line
+        with the flag, the checkpoint's value and this run's."""
+        saved = self.resume_state["config"].get(name, {})
+        if name == "train":
+            optimizer = saved.get("optimizer", "adamw")
+            if values.get("optimizer", "adamw") != optimizer:
+                raise UserError(f"the checkpoint was trained with --optimizer {optimizer}: resume with that one")
+        differ = [
+            f"--{k.replace('_', '-')} {saved[k]} (this run: {values[k]})"
+            for k in FIXED.get(name, ())
+            if k in saved and k in values and saved[k] != values[k]
+        ]
+        if differ:
+            raise UserError(
+                f"the checkpoint was trained with {', '.join(differ)}: a resume keeps the checkpoint's data, data"
+                " order and validation windows (it may change only the schedule and the optimizer's settings);"
+                f" leave {'that flag' if len(differ) == 1 else 'those flags'} out, or start a new run in another"
+                " --out-dir"
+            )
 
     def check_model_shape(self, model: dict) -> None:
         """Refuse a shape (model settings) that the checkpoint being resumed, or the --init-from model, does
@@ -145,13 +239,21 @@ class Start:
 
     def schedule_changes(self, cfg: TrainConfig) -> str | None:
         """What a resumed run changes of the checkpoint's learning-rate schedule, in one line (None: nothing)."""
+        changed = self.changes(cfg, SCHEDULE)
+        return changed and f"resumed with another learning-rate schedule than the checkpoint's: {changed}"
+
+    def optimizer_changes(self, cfg: TrainConfig) -> str | None:
+        """What a resumed run changes of the optimizer's other settings, in one line (None: nothing)."""
+        changed = self.changes(cfg, OPTIMIZER_SETTINGS)
+        return changed and f"resumed with other optimizer settings than the checkpoint's: {changed}"
+
+    def changes(self, cfg: TrainConfig, names: tuple[str, ...]) -> str | None:
+        """'name saved -> now' for each of the train settings `names` that cfg changes, or None (Muon's only
+        when it trains with Muon)."""
         saved = self.resume_state["config"]["train"] if self.resume_state is not None else {}
-        changed = [
-            f"{k} {saved[k]} -> {getattr(cfg, k)}" for k in SCHEDULE if k in saved and saved[k] != getattr(cfg, k)
-        ]
-        if not changed:
-            return None
-        return f"resumed with another learning-rate schedule than the checkpoint's: {', '.join(changed)}"
+        used = [k for k in names if cfg.optimizer == "muon" or not k.startswith("muon_")]
+        changed = [f"{k} {saved[k]} -> {getattr(cfg, k)}" for k in used if k in saved and saved[k] != getattr(cfg, k)]
+        return ", ".join(changed) or None
 
 
 def load_start(resume: str | None, init_from: str | None, out_dir: str | Path) -> Start:
@@ -165,11 +267,6 @@ def load_start(resume: str | None, init_from: str | None, out_dir: str | Path) -
         )
     if resume:
         return Start(resume_state=load_checkpoint(resolve_resume(resume, out_dir)))
-    if list_checkpoints(out_dir):  # a new run here would mix its files with those of the run before it
-        raise UserError(
-            f"{out_dir} already holds a run's checkpoints: continue it with --resume, or start the new run"
-            " in another --out-dir"
-        )
     if init_from:
         return Start(pretrained=load_model(init_from), init_from=init_from)
     return Start()

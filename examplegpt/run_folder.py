@@ -1,7 +1,8 @@
 """A run's folder (--out-dir): one run writes it at a time, and a resume from an earlier checkpoint never mixes two timelines.
 
 The folder holds checkpoints/, gpt_model.pt, metrics.jsonl and loss.png; `train` claims it for the
-whole run with a lock the operating system drops when the process ends, kill -9 included.
+whole run with a lock the operating system drops when the process ends, kill -9 included, and a new run
+never writes over an earlier run's files.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import shutil
 import time
 from pathlib import Path
 
-from .checkpoint import later_checkpoints
+from .checkpoint import later_checkpoints, list_checkpoints
 from .errors import UserError
 
 
@@ -73,6 +74,28 @@ def remove_if_empty(folders: list[Path]) -> None:
     for folder in folders:
         with contextlib.suppress(OSError):
             folder.rmdir()
+
+
+# What a run writes in its folder besides checkpoints/ that a new run would overwrite: its weights and its history.
+RUN_OUTPUTS = ("gpt_model.pt", "metrics.jsonl")
+
+
+def refuse_an_earlier_run(out_dir: str | Path) -> None:
+    """A new run in out_dir would overwrite an earlier run's files or mix its checkpoints with them: refuse
+    (the default out_dir is the current folder, where `generate` looks for gpt_model.pt). Checked while holding
+    the folder's claim, so that a folder in use is refused as such."""
+    folder = "the current folder (--out-dir .)" if Path(out_dir) == Path(".") else str(out_dir)
+    if list_checkpoints(out_dir):  # a later --resume would pick up the run before's checkpoints
+        raise UserError(
+            f"{folder} already holds a run's checkpoints: continue it with --resume, or start the new run"
+            " in another --out-dir"
+        )
+    outputs = [name for name in RUN_OUTPUTS if (Path(out_dir) / name).exists()]
+    if outputs:
+        raise UserError(
+            f"{folder} already holds an earlier run's {' and '.join(outputs)} (and no checkpoint to --resume):"
+            " a new run would overwrite them; start it in another --out-dir, or move them away to start over here"
+        )
 
 
 def set_aside_abandoned_branch(out_dir: Path, position: tuple[int, int]) -> str | None:

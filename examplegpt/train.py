@@ -45,7 +45,7 @@ from .evaluate import evaluate_loss
 from .metrics import MetricsLog, TrainingLog
 from .optim import lr_at, set_learning_rates
 from .reproducibility import make_cuda_deterministic
-from .run_folder import claim_out_dir
+from .run_folder import claim_out_dir, refuse_an_earlier_run
 from .tokenizer import TOKENIZER_ID
 from .trainer import Trainer, build_trainer
 from .weights import atomic_torch_save, save_model_file
@@ -64,6 +64,8 @@ def train(model_cfg: GPTConfig, data_cfg: DataConfig, cfg: TrainConfig, start: S
     world = init_world(device.type)
     try:
         with claim_out_dir(Path(cfg.out_dir)) if world.is_main else contextlib.nullcontext():
+            if not cfg.resume:
+                refuse_an_earlier_run(cfg.out_dir)  # every rank: none goes on to wait for a rank 0 that stopped
             start = start or load_start(cfg.resume, cfg.init_from, cfg.out_dir)
             trainer = build_trainer(model_cfg, data_cfg, cfg, start, world, device)
             status = fit(trainer, resumed=start.resume_state is not None)

@@ -74,11 +74,8 @@ def build_trainer(
 ) -> Trainer:
     """The model, the data, the optimizer; then the checkpoint's state put back, when resuming."""
     device, dtype = set_up(cfg, world, device, model_cfg.d_model)
-    start.check_model_shape(asdict(model_cfg))
-    if start.resume_state is not None:
-        saved_optimizer = start.resume_state["config"]["train"].get("optimizer", "adamw")
-        if saved_optimizer != cfg.optimizer:
-            raise UserError(f"the checkpoint was trained with --optimizer {saved_optimizer}: resume with that one")
+    for name, settings in (("model", model_cfg), ("data", data_cfg), ("train", cfg)):
+        start.check(name, asdict(settings))  # what the checkpoint fixes (the CLI checked it; a Python caller not)
     torch.manual_seed(cfg.seed)
     model = initial_model(model_cfg, start, world)
     loader, val_windows = training_data(data_cfg, cfg, model_cfg.max_seq_len, world)
@@ -158,7 +155,7 @@ def set_up(cfg: TrainConfig, world: World, device: torch.device, d_model: int) -
 
 def restore(trainer: Trainer, start: Start) -> None:
     """Put the checkpoint's weights, optimizer, scaler, RNG and counters back; set aside the checkpoints of a
-    branch this resume abandons, and say if the learning-rate schedule changed."""
+    branch this resume abandons, and say if the learning-rate schedule or the optimizer's settings changed."""
     resume_state, world = start.resume_state, trainer.world
     steps_done = resume_state["step"]
     if steps_done > trainer.total_steps:
@@ -169,8 +166,9 @@ def restore(trainer: Trainer, start: Start) -> None:
     position = checkpoint_position(steps_done, trainer.loader.batches_per_epoch)
     if world.is_main and (moved := set_aside_abandoned_branch(trainer.out_dir, position)):
         print(moved)
-    if world.is_main and (changed := start.schedule_changes(trainer.cfg)):
-        print(f"warning: {changed}", file=sys.stderr)
+    for changed in (start.schedule_changes(trainer.cfg), start.optimizer_changes(trainer.cfg)):
+        if world.is_main and changed:
+            print(f"warning: {changed}", file=sys.stderr)
     load_states(trainer.model, trainer.optimizer, resume_state, trainer.world, trainer.cfg.fsdp)
     trainer.scaler.load_state_dict(resume_state["scaler"])
     set_rng_state(resume_state["rng"], trainer.device)

@@ -79,3 +79,34 @@ def test_a_resumed_run_names_what_it_changes_of_the_schedule():
     assert "max_steps 40 -> 60" in changed and "learning_rate 0.0001 -> 0.0002" in changed
     with pytest.raises(UserError, match="another model configuration: num_heads=12"):
         start.check_model_shape({**vars(GPTConfig()), "num_heads": 6})
+
+
+def test_a_resumed_checkpoint_fixes_the_batch_seed_and_data_but_not_how_the_run_computes():
+    state = resume_state(batch_size=8, seed=3)
+    state["config"]["data"] = {"data": "notes.txt"}
+    start = Start(resume_state=state)
+    start.check("train", {**vars(TrainConfig()), "batch_size": 8, "seed": 3, "device": "cpu", "log_interval": 1})
+    with pytest.raises(UserError) as refused:
+        start.check("train", {**vars(TrainConfig()), "batch_size": 64, "seed": 3})
+    assert "--batch-size 8 (this run: 64)" in str(refused.value) and "seed" not in str(refused.value)
+    with pytest.raises(UserError, match="--data notes.txt"):
+        start.check("data", {"data": "other.txt", "cache_dir": "elsewhere"})
+    start.check("data", {"data": "notes.txt", "cache_dir": "elsewhere"})  # where the tokens are cached is free
+
+
+def test_a_truncated_newest_checkpoint_says_so_and_names_the_one_before_it(tmp_path, corpus, cli):
+    from .conftest import assert_one_line_error, train_args
+
+    out = tmp_path / "run"
+    run = train_args(corpus, out, "--max-steps", "4", "--checkpoint-interval", "2")
+    assert cli(*run).returncode == 0
+    newest, before = (out / "checkpoints" / f"checkpoint_epoch1_batch{b}.pt" for b in (4, 2))
+    with open(newest, "r+b") as f:
+        f.truncate(newest.stat().st_size // 2)  # a copy cut short
+    cut = newest.read_bytes()
+    proc = cli(*run, "--max-steps", "6", "--resume", "auto")
+    assert_one_line_error(proc, str(newest), "damaged (truncated)", f"--resume {before}")
+    assert newest.read_bytes() == cut  # left as it is: the user decides
+    back = cli(*run, "--max-steps", "6", "--resume", str(before))  # what the line suggests
+    assert back.returncode == 0, back.stderr
+    assert "resumed from step 2" in back.stdout

@@ -89,3 +89,28 @@ def test_plot_into_a_missing_folder_is_one_line(corpus, tmp_path, cli):
     assert cli(*train_args(corpus, out, "--max-steps", "1")).returncode == 0
     proc = cli("plot", str(out), "--out", str(tmp_path / "nonexistent" / "x.png"))
     assert_one_line_error(proc, "no such folder")
+
+
+def test_a_new_run_in_a_folder_holding_an_earlier_runs_model_and_metrics_is_refused(corpus, tmp_path, cli):
+    """Without checkpoints (deleted, or a kill before the first), a new run would overwrite gpt_model.pt and
+    cut metrics.jsonl back to nothing."""
+    import shutil
+
+    out = tmp_path / "run"
+    assert cli(*train_args(corpus, out, "--max-steps", "1")).returncode == 0
+    shutil.rmtree(out / "checkpoints")
+    model, metrics = (out / "gpt_model.pt").read_bytes(), (out / "metrics.jsonl").read_text()
+    again = cli(*train_args(corpus, out, "--max-steps", "1"))
+    assert_one_line_error(again, str(out), "gpt_model.pt and metrics.jsonl", "another --out-dir")
+    assert (out / "gpt_model.pt").read_bytes() == model and (out / "metrics.jsonl").read_text() == metrics
+
+
+def test_a_new_run_in_the_current_folder_keeps_the_model_generate_reads_there(corpus, tmp_path, cli, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "gpt_model.pt").write_bytes(b"a model the user keeps here")
+    args = train_args(corpus, tmp_path / "unused", "--max-steps", "1")
+    at = args.index("--out-dir")
+    del args[at : at + 2]  # the default --out-dir: the current folder
+    assert_one_line_error(cli(*args), "the current folder", "gpt_model.pt")
+    assert (tmp_path / "gpt_model.pt").read_bytes() == b"a model the user keeps here"
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "metrics.jsonl").exists()

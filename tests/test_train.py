@@ -491,3 +491,32 @@ def test_the_logged_train_loss_is_the_mean_over_the_log_interval(cli, corpus, tm
     logged = {s: loss for s, loss, _ in losses(mean) if loss is not None}
     assert logged == pytest.approx({2: (per_step[1] + per_step[2]) / 2, 4: (per_step[3] + per_step[4]) / 2,
                                     5: per_step[5]}, rel=1e-6)  # fmt: skip
+
+
+def test_resume_refuses_what_would_change_the_data_order_naming_the_checkpoints_value(cli, corpus, tmp_path):
+    out = tmp_path / "run"
+    assert cli(*train_args(corpus, out, "--max-steps", "2")).returncode == 0
+    other = tmp_path / "other.txt"
+    other.write_text(corpus.read_text().upper())
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    refused = {
+        ("--batch-size", "8"): "--batch-size 4 (this run: 8)",
+        ("--seed", "5"): "--seed 1337 (this run: 5)",
+        ("--data", str(other)): f"--data {corpus} (this run: {other})",
+        ("--val-fraction", "0.1"): "--val-fraction 0.005 (this run: 0.1)",
+        ("--eval-windows", "8"): "--eval-windows 4 (this run: 8)",
+    }
+    for flag, named in refused.items():
+        proc = cli(*train_args(corpus, out, "--max-steps", "4", "--resume"), *flag)
+        assert_one_line_error(proc, named, "data order", "another --out-dir")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # refused before anything was written
+
+
+def test_resume_names_each_optimizer_setting_it_changes_and_trains_on(cli, corpus, tmp_path):
+    out = tmp_path / "run"
+    assert cli(*train_args(corpus, out, "--max-steps", "2")).returncode == 0
+    proc = cli(*train_args(corpus, out, "--max-steps", "3", "--resume", "--weight-decay", "0", "--grad-clip", "0.5"))
+    assert proc.returncode == 0, proc.stderr
+    (changed,) = [line for line in proc.stderr.splitlines() if "optimizer settings" in line]
+    assert changed.startswith("warning:") and "weight_decay 0.1 -> 0.0" in changed and "grad_clip 1.0 -> 0.5" in changed
+    assert "muon" not in changed and "resumed from step 2" in proc.stdout
