@@ -96,6 +96,10 @@ def load_checkpoint(path: str | Path) -> dict:
 
 
 def read_checkpoint(path: str | Path) -> dict:
+    # torch.load does not check the archive's checksums: damage inside a tensor would be resumed from silently
+    problem = damage(Path(path)) if Path(path).is_file() else None
+    if problem:
+        raise UserError(problem)
     state = read_torch_file(path)
     if state.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path} is a model file, not a training checkpoint: it cannot be resumed")

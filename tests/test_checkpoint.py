@@ -110,3 +110,25 @@ def test_a_truncated_newest_checkpoint_says_so_and_names_the_one_before_it(tmp_p
     back = cli(*run, "--max-steps", "6", "--resume", str(before))  # what the line suggests
     assert back.returncode == 0, back.stderr
     assert "resumed from step 2" in back.stdout
+
+
+def test_a_checkpoint_damaged_inside_a_tensor_is_refused_not_resumed(tmp_path, corpus, cli):
+    """torch.load does not check the zip's checksums: zeros written over a tensor's bytes loaded fine, the run
+    resumed from the damaged weights, and --keep-last then deleted the last intact checkpoint."""
+    import zipfile
+
+    from .conftest import assert_one_line_error, train_args
+
+    out = tmp_path / "run"
+    run = train_args(corpus, out, "--max-steps", "4", "--checkpoint-interval", "2", "--keep-last", "2")
+    assert cli(*run).returncode == 0
+    newest, before = (out / "checkpoints" / f"checkpoint_epoch1_batch{b}.pt" for b in (4, 2))
+    with zipfile.ZipFile(newest) as archive:  # the largest entry: a weight or optimizer tensor's bytes
+        entry = max(archive.infolist(), key=lambda info: info.file_size)
+        offset = entry.header_offset + 30 + len(entry.filename.encode()) + len(entry.extra) + entry.file_size // 2
+    with open(newest, "r+b") as f:
+        f.seek(offset)
+        f.write(bytes(64))
+    proc = cli(*run, "--max-steps", "6", "--resume", "auto")
+    assert_one_line_error(proc, str(newest), "damaged (corrupt", f"--resume {before}")
+    assert before.exists()
