@@ -10,6 +10,8 @@ files, which `weights.atomic_torch_save` writes (a kill leaves the old file or t
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import zipfile
 from dataclasses import asdict, dataclass
@@ -214,7 +216,7 @@ class Start:
         differ = [
             f"--{k.replace('_', '-')} {saved[k]} (this run: {values[k]})"
             for k in FIXED.get(name, ())
-            if k in saved and k in values and saved[k] != values[k]
+            if k in saved and k in values and not same_setting(k, saved[k], values[k])
         ]
         if differ:
             raise UserError(
@@ -258,6 +260,17 @@ class Start:
         used = [k for k in names if cfg.optimizer == "muon" or not k.startswith("muon_")]
         changed = [f"{k} {saved[k]} -> {getattr(cfg, k)}" for k in used if k in saved and saved[k] != getattr(cfg, k)]
         return ", ".join(changed) or None
+
+
+def same_setting(name: str, saved: object, given: object) -> bool:
+    """Whether a resumed run's setting is the checkpoint's: equal, or for --data two spellings of one file
+    (ts.txt and ./ts.txt)."""
+    if saved == given:
+        return True
+    if name == "data" and isinstance(saved, str) and isinstance(given, str):
+        with contextlib.suppress(OSError):
+            return os.path.samefile(saved, given)
+    return False
 
 
 def load_start(resume: str | None, init_from: str | None, out_dir: str | Path) -> Start:

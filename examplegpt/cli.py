@@ -215,7 +215,7 @@ def resolve(
         names = {f.name for f in dataclasses.fields(cls)}
         values = dict((base or {}).get(name, {}))
         if cls is GPTConfig and getattr(args, "preset", None):
-            if args.preset not in PRESETS:
+            if not isinstance(args.preset, str) or args.preset not in PRESETS:
                 raise UserError(f"unknown preset {args.preset!r}; choose from {', '.join(PRESETS)}")
             values.update(PRESETS[args.preset])
         values.update({k: v for k, v in from_file.items() if k in names})
@@ -287,13 +287,20 @@ def run_export(args: argparse.Namespace) -> int:
 
     cfg = resolve(args, {"export": ExportConfig})["export"]
     out = Path(cfg.out_dir)
-    if out.exists() and not cfg.force:
+    try:
+        exists = out.exists()
+    except OSError as e:  # a name too long, say: exists() reports only a missing path as False
+        raise UserError(f"cannot write to the output folder {out}: {e.strerror or e}") from None
+    if exists and not cfg.force:
         raise UserError(f"{out} already exists: pass --force to overwrite it")
-    if out.exists() and not out.is_dir():
+    if exists and not out.is_dir():
         raise UserError(f"{out} is a file, not a folder")
     model = load_model(cfg.checkpoint)
     save_hf_folder(model, out)
-    write_hf_tokenizer_files(out)
+    try:
+        write_hf_tokenizer_files(out)
+    except OSError as e:
+        raise UserError(f"cannot write to the output folder {out}: {e.strerror or e}") from None
     print(f"wrote {out}: config.json, model.safetensors, vocab.json, merges.txt, tokenizer_config.json")
     return 0
 

@@ -94,6 +94,22 @@ def test_a_resumed_checkpoint_fixes_the_batch_seed_and_data_but_not_how_the_run_
     start.check("data", {"data": "notes.txt", "cache_dir": "elsewhere"})  # where the tokens are cached is free
 
 
+def test_a_resume_may_name_the_same_text_file_another_way(tmp_path, monkeypatch):
+    """--data ./notes.txt is the checkpoint's notes.txt: it was refused as another data setting."""
+    from examplegpt.checkpoint import Start
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("some text")
+    (tmp_path / "other.txt").write_text("other text")
+    state = resume_state(batch_size=8, seed=3)
+    state["config"]["data"] = {"data": "notes.txt"}
+    start = Start(resume_state=state)
+    start.check("data", {"data": "./notes.txt"})
+    start.check("data", {"data": str(tmp_path / "notes.txt")})
+    with pytest.raises(UserError, match="--data notes.txt"):
+        start.check("data", {"data": "./other.txt"})
+
+
 def test_a_truncated_newest_checkpoint_says_so_and_names_the_one_before_it(tmp_path, corpus, cli):
     from .conftest import assert_one_line_error, train_args
 

@@ -97,6 +97,16 @@ def test_asking_for_more_memory_than_there_is_is_one_line(cli, model_file, flags
     assert_one_line_error(cli("generate", "-c", str(model_file), "-p", "hi", *flags), "out of memory")
 
 
+def test_export_to_a_name_too_long_is_one_line(cli, model_file, tmp_path):
+    assert_one_line_error(cli("export", "-c", str(model_file), "--out", str(tmp_path / ("a" * 300))), "cannot write")
+
+
+def test_a_preset_that_is_not_a_name_is_one_line(cli, tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("preset: [a]\n")
+    assert_one_line_error(cli("prepare", "--config", str(path)), "unknown preset")
+
+
 @pytest.mark.parametrize(
     "argv, suggestion",
     [
