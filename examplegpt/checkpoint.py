@@ -87,7 +87,7 @@ def load_checkpoint(path: str | Path) -> dict:
         path = Path(path)
         if not CHECKPOINT_NAME.match(path.name):
             raise
-        problem = damage(path) or str(e)
+        problem = str(e)  # read_checkpoint's: damage it found, or why the file does not read
         earlier = newest_readable_before(path)
         if earlier is None:
             raise UserError(problem) from None
@@ -99,7 +99,7 @@ def load_checkpoint(path: str | Path) -> dict:
 
 def read_checkpoint(path: str | Path) -> dict:
     # torch.load does not check the archive's checksums: damage inside a tensor would be resumed from silently
-    problem = damage(Path(path)) if Path(path).is_file() else None
+    problem = damage(Path(path))
     if problem:
         raise UserError(problem)
     state = read_torch_file(path)
@@ -112,8 +112,9 @@ def read_checkpoint(path: str | Path) -> dict:
 
 
 def damage(path: Path) -> str | None:
-    """What is wrong with a checkpoint file that does not read, when the file itself is damaged: a torch file
-    is a zip archive whose index sits at its end, so a file cut short has none. None when the archive is whole."""
+    """What is wrong with a checkpoint file itself, if it is damaged: a torch file is a zip archive whose index
+    sits at its end (a file cut short has none) and whose entries carry checksums. None when the archive is
+    whole, or when the file cannot be opened (the reader then says why)."""
     try:
         with open(path, "rb") as f:
             head = f.read(4)

@@ -91,8 +91,8 @@ def refuse_an_earlier_run(out_dir: str | Path) -> None:
             " in another --out-dir"
         )
     outputs = [name for name in RUN_OUTPUTS if (Path(out_dir) / name).exists()]
-    them = "it" if len(outputs) == 1 else "them"
     if outputs:
+        them = "it" if len(outputs) == 1 else "them"
         raise UserError(
             f"{folder} already holds an earlier run's {' and '.join(outputs)} (and no checkpoint to --resume):"
             f" a new run would overwrite {them}; start it in another --out-dir, or move {them} away to start over here"
