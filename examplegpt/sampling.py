@@ -6,9 +6,12 @@ field's metadata) and its help (the docstring under it). The `generate` command'
 made from it, so a new setting is written here and used in the filters below, nowhere else.
 
 The filters work on a batch of logits (B, V) in transformers' order: repetition penalty,
-temperature, top-k, top-p, min-p; then one draw per row. The sampler avoids PyTorch's CPU sort and
-multinomial (see `sort_descending` and `sample_from`), which do more work than sampling needs: a
-decode step of a small model is short enough that they would cost as much as the model itself.
+temperature, top-k, top-p, min-p; then one draw per row. A decode step of a small model is short
+enough that PyTorch's CPU kernels for these row-wide ops would cost as much as the model itself,
+so on CPU the sampler avoids the slow ones: its sort ranks values without indices and only as many
+as top-p needs (`largest_first`), its draw inverts the cumulative distribution (`sample_from`), and
+argmax, comparisons and masking run in NumPy (`greedy`, `drop_below`). Each gives exactly what the
+plain PyTorch op gives; the tests compare them.
 """
 
 from __future__ import annotations
@@ -111,8 +114,14 @@ def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
     """Keep the k largest logits per row (and any tied with the k-th); the rest become -inf. k = 0 keeps all."""
     if k <= 0 or k >= logits.shape[-1]:
         return logits
-    kth = torch.topk(logits, k, dim=-1).values[..., -1:]  # (B, 1)
-    return logits.masked_fill(logits < kth, float("-inf"))
+    kth = largest_first(logits, k)[..., -1:]  # (B, 1)
+    return drop_below(logits, logits, kth)
+
+
+# top-p on CPU ranks this many of the most likely tokens first (see ranked_sizes)
+NUCLEUS_CANDIDATES = 1024
+# float32 rounding of a cumulative sum near 1 is below 1e-7: a margin well above it
+ROUNDING_MARGIN = 1e-6
 
 
 def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
@@ -123,22 +132,54 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     if p >= 1.0:
         return logits
     probs = torch.softmax(logits.float(), dim=-1)  # (B, V)
-    sorted_probs = sort_descending(probs)  # (B, V)
-    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # probability of the tokens ranked above
-    needed = mass_before < p  # (B, V): this token is needed to reach p
+    vocab = probs.shape[-1]
+    for size in ranked_sizes(probs, p):
+        ranked = largest_first(probs, size)  # (B, size)
+        cumulative = ranked.cumsum(dim=-1)  # (B, size)
+        # every token past the ranked ones has at least their mass before it (less rounding): none is needed
+        if size == vocab or bool((cumulative[:, -1] >= p + ROUNDING_MARGIN).all()):
+            break
+    mass_before = cumulative - ranked  # probability of the tokens ranked above
+    needed = mass_before < p  # (B, size): this token is needed to reach p
     # the most likely token is always needed, even for a p that is 0 in float32 (mass_before is never < 0)
-    last_needed = (needed.sum(dim=-1, keepdim=True) - 1).clamp_(min=0)  # (B, 1), index into the sorted order
-    threshold = sorted_probs.gather(-1, last_needed)  # (B, 1)
-    return logits.masked_fill(probs < threshold, float("-inf"))
+    last_needed = (needed.sum(dim=-1, keepdim=True) - 1).clamp_(min=0)  # (B, 1), index into the ranked order
+    threshold = ranked.gather(-1, last_needed)  # (B, 1)
+    return drop_below(logits, probs, threshold)
 
 
-def sort_descending(values: torch.Tensor) -> torch.Tensor:
-    """The values of each row (B, V), largest first, without their indices."""
-    if values.device.type == "cpu":
-        # torch.sort also sorts the indices, which top-p does not need; NumPy sorts the values alone,
-        # with SIMD, many times faster for a row of the vocabulary (BENCHMARKS.md).
-        return torch.from_numpy(np.flip(np.sort(values.detach().numpy(), axis=-1), axis=-1).copy())
-    return torch.sort(values, dim=-1, descending=True).values
+def ranked_sizes(probs: torch.Tensor, p: float) -> tuple[int, ...]:
+    """How many of the most likely tokens top-p ranks, in turn, until their mass reaches p: the whole row, or on
+    CPU NUCLEUS_CANDIDATES first, since the nucleus is usually a small part of the vocabulary. Both give the
+    same threshold: the ranked values are the same, and PyTorch's CPU cumsum adds each row in order, in float64."""
+    vocab = probs.shape[-1]
+    if probs.device.type != "cpu" or NUCLEUS_CANDIDATES >= vocab:
+        return (vocab,)
+    # a nearly flat row (a random model's): so few tokens cannot hold p, however likely the first
+    if bool((probs.amax(dim=-1) * NUCLEUS_CANDIDATES < p).any()):
+        return (vocab,)
+    return (NUCLEUS_CANDIDATES, vocab)
+
+
+def largest_first(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The k largest of each row of values (B, V), largest first: (B, k), without their indices (NaN ranks first)."""
+    if values.device.type != "cpu" or values.dtype != torch.float32:
+        return torch.topk(values, k, dim=-1).values
+    # torch.sort and torch.topk also rank the indices, which the filters do not need; NumPy partitions
+    # and sorts the values alone, with SIMD, many times faster for a row of the vocabulary (BENCHMARKS.md)
+    rows = values.detach().numpy()
+    vocab = rows.shape[-1]
+    top = rows if k == vocab else np.partition(rows, vocab - k, axis=-1)[..., vocab - k :]
+    return torch.from_numpy(np.flip(np.sort(top, axis=-1), axis=-1).copy())
+
+
+def drop_below(logits: torch.Tensor, values: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """logits (B, V) with -inf where values (B, V) are below threshold (B, 1): the tokens a filter drops."""
+    if values.device.type == "cpu" and values.dtype == threshold.dtype == torch.float32:
+        # PyTorch's CPU comparison is several times slower than NumPy's (BENCHMARKS.md)
+        below = torch.from_numpy(values.detach().numpy() < threshold.detach().numpy())  # (B, V)
+    else:
+        below = values < threshold
+    return torch.where(below, float("-inf"), logits)
 
 
 def sample_from(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -156,7 +197,7 @@ def sample_from(probs: torch.Tensor, generator: torch.Generator | None = None) -
 def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
     """Drop tokens whose probability is below min_p times the most likely token's."""
     probs = torch.softmax(logits.float(), dim=-1)  # (B, V)
-    return logits.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, float("-inf"))
+    return drop_below(logits, probs, min_p * probs.amax(dim=-1, keepdim=True))
 
 
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -170,7 +211,8 @@ def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     logits = logits.float()
     temperature = max(temperature, torch.finfo(torch.float32).tiny)
     scaled = logits / temperature
-    if torch.isinf(scaled).sum() == torch.isinf(logits).sum():  # nothing overflowed
+    # nothing overflowed: seen at once when the largest magnitude is finite (a reduction PyTorch does fast)
+    if torch.isfinite(scaled.abs().amax()) or torch.isinf(scaled).sum() == torch.isinf(logits).sum():
         return scaled
     return (logits - logits.max(dim=-1, keepdim=True).values) / temperature
 
@@ -193,8 +235,12 @@ def next_token_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tens
 
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:
-    """The most likely token of each row of logits (B, V): (B,)."""
-    return logits.float().argmax(dim=-1)  # on CPU a bfloat16 argmax is several times slower than a float32 copy's
+    """The most likely token of each row of logits (B, V): (B,); of tied tokens the first, and NaN ranks first."""
+    logits = logits.float()  # on CPU a bfloat16 argmax is several times slower than a float32 copy's
+    if logits.device.type == "cpu":
+        # NumPy's argmax is vectorised, PyTorch's CPU argmax is not (BENCHMARKS.md); they agree on ties and NaN
+        return torch.from_numpy(logits.detach().numpy().argmax(axis=-1))
+    return logits.argmax(dim=-1)
 
 
 def choose_next(

@@ -14,7 +14,6 @@ from examplegpt.sampling import (
     min_p_filter,
     next_token_probs,
     sample_from,
-    sort_descending,
     top_k_filter,
     top_p_filter,
 )
@@ -243,13 +242,6 @@ def test_cli_refuses_files_that_are_not_models(cli, tmp_path, kind):
     proc = cli("generate", "-c", str(path), "-p", "hi")
     assert_one_line_error(proc, str(path))
     assert not (tmp_path / "pwned").exists()
-
-
-def test_sorting_values_largest_first_matches_torch_sort():
-    values = torch.tensor([[0.1, 0.4, 0.1, 0.3, 0.1], [0.0, 0.0, 1.0, 0.0, 0.0]])
-    assert torch.equal(sort_descending(values), torch.sort(values, dim=-1, descending=True).values)
-    wide = torch.softmax(torch.randn(3, 50257), dim=-1)
-    assert torch.equal(sort_descending(wide), torch.sort(wide, dim=-1, descending=True).values)
 
 
 def test_sampling_follows_the_distribution_and_never_draws_a_zero():

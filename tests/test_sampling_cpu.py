@@ -1,0 +1,101 @@
+"""The sampler's CPU paths against PyTorch's own ops, which nobody here wrote.
+
+On CPU the sampler ranks, compares and picks with NumPy, and top-p ranks only the most likely tokens
+first (`sampling.py`): each must give exactly, bit for bit, what the plain PyTorch op gives, on ties,
+infinities and NaN as well."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from examplegpt import sampling
+from examplegpt.sampling import SamplingParams, choose_next, drop_below, greedy, largest_first, top_p_filter
+
+from .conftest import examples
+
+INF = float("inf")
+# A small pool of values makes ties common; NaN and infinities are what a broken model can give.
+POOL = st.sampled_from([-INF, INF, math.nan, -7.5, -1.0, 0.0, 0.5, 1.0, 3.25, 9.0])
+VALUE = st.one_of(POOL, st.floats(-30, 30, allow_nan=False, width=32))
+
+
+@st.composite
+def rows(draw, finite: bool = False) -> torch.Tensor:
+    """(B, V) float32 logits."""
+    vocab = draw(st.integers(1, 40))
+    count = draw(st.integers(1, 5))
+    value = st.floats(-30, 30, allow_nan=False, width=32) if finite else VALUE
+    values = draw(st.lists(st.lists(value, min_size=vocab, max_size=vocab), min_size=count, max_size=count))
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def plain_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """The nucleus rule in plain PyTorch: the whole row sorted, the last token needed to reach p, and its ties."""
+    if p >= 1.0:
+        return logits
+    probs = torch.softmax(logits.float(), dim=-1)
+    ranked = torch.sort(probs, dim=-1, descending=True).values
+    mass_before = ranked.cumsum(dim=-1) - ranked
+    last_needed = ((mass_before < p).sum(dim=-1, keepdim=True) - 1).clamp(min=0)
+    return logits.masked_fill(probs < ranked.gather(-1, last_needed), -INF)
+
+
+def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bit for bit, NaN included."""
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+@settings(max_examples=examples(300), deadline=None)
+@given(logits=rows(), bfloat16=st.booleans())
+def test_greedy_picks_what_torch_argmax_picks(logits, bfloat16):
+    if bfloat16:
+        logits = logits.to(torch.bfloat16)
+    assert torch.equal(greedy(logits), logits.float().argmax(dim=-1))
+
+
+@settings(max_examples=examples(300), deadline=None)
+@given(values=rows(), data=st.data())
+def test_largest_first_gives_torch_sorts_first_values(values, data):
+    k = data.draw(st.integers(1, values.shape[-1]))
+    ours = largest_first(values, k)
+    # equal values (0.0 and -0.0 too, which the filters' comparisons cannot tell apart), NaN where NaN is
+    exactly = {"rtol": 0, "atol": 0, "equal_nan": True}
+    torch.testing.assert_close(ours, torch.sort(values, dim=-1, descending=True).values[:, :k], **exactly)
+    torch.testing.assert_close(ours, torch.topk(values, k, dim=-1).values, **exactly)
+
+
+@settings(max_examples=examples(300), deadline=None)
+@given(values=rows(), data=st.data())
+def test_drop_below_is_masked_fill(values, data):
+    threshold = torch.tensor([[data.draw(VALUE)] for _ in range(values.shape[0])], dtype=torch.float32)
+    logits = torch.randn(values.shape)
+    assert same(drop_below(logits, values, threshold), logits.masked_fill(values < threshold, -INF))
+
+
+@settings(max_examples=examples(400), deadline=None)
+@given(logits=rows(finite=True), p=st.one_of(st.floats(0.0, 1.0), st.sampled_from([0.5, 0.9, 0.95])), data=st.data())
+def test_top_p_ranking_a_few_candidates_first_keeps_what_the_whole_sort_keeps(logits, p, data):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sampling, "NUCLEUS_CANDIDATES", data.draw(st.integers(1, logits.shape[-1])))
+        assert same(top_p_filter(logits, p), plain_top_p(logits, p))
+
+
+# spread 0.3 is ranked whole at once; 3.0 at p 0.9 ranks the candidates, then the whole row; 10.0 the candidates only
+@pytest.mark.parametrize("spread", [0.3, 1.0, 3.0, 10.0])
+@pytest.mark.parametrize("p", [0.1, 0.9, 0.999])
+def test_top_p_on_a_real_sized_vocabulary_matches_the_whole_sort(spread, p):
+    logits = torch.randn(8, 50257, generator=torch.Generator().manual_seed(0)) * spread
+    logits[::3, ::11] = -INF
+    assert same(top_p_filter(logits, p), plain_top_p(logits, p))
+
+
+def test_seeded_draws_at_the_generate_defaults_are_those_of_the_plain_ops():
+    """The whole step: the same seed draws the same tokens as the filters written in plain PyTorch."""
+    logits = torch.randn(64, 50257, generator=torch.Generator().manual_seed(1)) * 4
+    params = SamplingParams(temperature=0.8, top_p=0.9)
+    ours = choose_next(logits, params, generator=torch.Generator().manual_seed(7))
+    probs = torch.softmax(plain_top_p(logits / 0.8, 0.9), dim=-1)
+    assert torch.equal(ours, sampling.sample_from(probs, torch.Generator().manual_seed(7)))
