@@ -183,14 +183,18 @@ def read_config_file(path: str, classes: dict[str, type]) -> dict:
         raise
     if not isinstance(values, dict):
         raise UserError(f"{path} must hold a table of settings")
+    table = "table" if p.suffix == ".toml" else "mapping"  # what the file's own format calls one
     every = {f.name for cls in SECTIONS.values() for f in dataclasses.fields(cls)} | set(RENAMED) | {"preset"}
     mine = {f.name for cls in classes.values() for f in dataclasses.fields(cls)} | set(RENAMED) | {"preset"}
     taken = {}
     for key, value in values.items():
-        section = key in SECTIONS and isinstance(value, dict)
+        # YAML reads an empty section (`train:`) as None; `data` is also a setting: a table or nothing is its section
+        section = key in SECTIONS and (isinstance(value, dict) or value is None or key not in every)
+        if section and not isinstance(value, dict | None):
+            raise UserError(f"{path}: the section [{key}] must be a {table} of settings, got {value!r}")
         if isinstance(value, dict) and not section:
             raise UserError(f"{path}: unknown section [{key}]; the sections are {', '.join(SECTIONS)}")
-        for name, setting in value.items() if section else [(key, value)]:
+        for name, setting in (value or {}).items() if section else [(key, value)]:
             if name not in every:
                 raise UserError(f"{path}: unknown setting '{name}'")
             if name in mine and (not section or key in classes):

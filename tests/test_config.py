@@ -139,6 +139,24 @@ def test_what_no_command_takes_is_still_an_error(tmp_path, content, message):
         resolved("train", {"model": GPTConfig, "data": DataConfig, "train": TrainConfig}, path)
 
 
+@pytest.mark.parametrize("content, batch_size", [("train:\n", 64), ("model:\ndata:\ntrain:\n  batch_size: 16\n", 16)])
+def test_an_empty_yaml_section_sets_nothing(tmp_path, content, batch_size):
+    """YAML reads `train:` with nothing under it as None: it was refused as "unknown setting 'train'"."""
+    path = tmp_path / "run.yaml"
+    path.write_text(content)
+    configs = resolved("train", {"model": GPTConfig, "data": DataConfig, "train": TrainConfig}, path)
+    assert configs["model"] == vars(GPTConfig()) and configs["data"] == vars(DataConfig())
+    assert configs["train"] == vars(TrainConfig(batch_size=batch_size))
+
+
+@pytest.mark.parametrize("suffix, value", [(".yaml", "[]"), (".yaml", "3"), (".toml", "3")])
+def test_a_section_that_is_not_a_table_is_one_line(cli, tmp_path, suffix, value):
+    path = tmp_path / f"run{suffix}"
+    path.write_text(f"train: {value}\n" if suffix == ".yaml" else f"train = {value}\n")
+    table = "mapping" if suffix == ".yaml" else "table"
+    assert_one_line_error(cli("train", "--config", str(path)), f"the section [train] must be a {table} of settings")
+
+
 def test_nan_is_refused_in_a_config_file(tmp_path):
     from examplegpt.config import ServeConfig
 
