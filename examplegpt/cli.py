@@ -32,6 +32,7 @@ from .config import (
     build,
     check_type,
     field_docs,
+    type_words,
 )
 from .errors import UserError
 from .reproducibility import pin_cpu_arithmetic
@@ -162,7 +163,7 @@ def read_config_file(path: str, classes: dict[str, type]) -> dict:
     """The settings a command of these config `classes` takes from a TOML or YAML file: those of its
     settings that sit flat at the top or in one of its own sections ([model], [data], [train] for train).
     Other commands' settings and sections are skipped, so that one file can serve every command; a
-    setting or a section that no command has is an error."""
+    setting or a section that no command has is an error, and so is a table under a setting's name."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"config file not found: {path}")
@@ -184,7 +185,9 @@ def read_config_file(path: str, classes: dict[str, type]) -> dict:
     if not isinstance(values, dict):
         raise UserError(f"{path} must hold a table of settings")
     table = "table" if p.suffix == ".toml" else "mapping"  # what the file's own format calls one
-    every = {f.name for cls in SECTIONS.values() for f in dataclasses.fields(cls)} | set(RENAMED) | {"preset"}
+    # every setting's type, by name; where two commands' differ, this command's (seed: generate's may be none)
+    every = {f.name: f.type for cls in (*SECTIONS.values(), *classes.values()) for f in dataclasses.fields(cls)}
+    every |= {old: every[new] for old, new in RENAMED.items()} | {"preset": "str"}
     mine = {f.name for cls in classes.values() for f in dataclasses.fields(cls)} | set(RENAMED) | {"preset"}
     taken = {}
     for key, value in values.items():
@@ -192,11 +195,15 @@ def read_config_file(path: str, classes: dict[str, type]) -> dict:
         section = key in SECTIONS and (isinstance(value, dict) or value is None or key not in every)
         if section and not isinstance(value, dict | None):
             raise UserError(f"{path}: the section [{key}] must be a {table} of settings, got {value!r}")
-        if isinstance(value, dict) and not section:
+        if isinstance(value, dict) and not section and key not in every:
             raise UserError(f"{path}: unknown section [{key}]; the sections are {', '.join(SECTIONS)}")
         for name, setting in (value or {}).items() if section else [(key, value)]:
             if name not in every:
                 raise UserError(f"{path}: unknown setting '{name}'")
+            if isinstance(setting, dict):
+                raise UserError(
+                    f"{path}: {name} is a setting, not a section: it takes {type_words(every[name])}, not a {table}"
+                )
             if name in mine and (not section or key in classes):
                 taken[name] = setting
     return taken

@@ -464,9 +464,14 @@ def check_type(name: str, value: object, hint: str) -> None:
         "list[str]": lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v),
     }
     if not any(ok[kind](value) for kind in allowed):
-        raise UserError(f"{name} must be {' or '.join(allowed)}, got {value!r}")
+        raise UserError(f"{name} must be {type_words(hint)}, got {value!r}")
     if isinstance(value, float) and math.isnan(value):  # every comparison with NaN is false: range checks miss it
         raise UserError(f"{name} must be a number, got nan")
+
+
+def type_words(hint: str) -> str:
+    """An annotation as written ('int | None') in words: 'int or None'."""
+    return " or ".join(part.strip() for part in hint.split("|"))
 
 
 def describe(configs: dict[str, dict]) -> str:

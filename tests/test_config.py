@@ -157,6 +157,22 @@ def test_a_section_that_is_not_a_table_is_one_line(cli, tmp_path, suffix, value)
     assert_one_line_error(cli("train", "--config", str(path)), f"the section [train] must be a {table} of settings")
 
 
+@pytest.mark.parametrize(
+    "command, file, content, words",
+    [
+        ("generate", "run.yaml", "stop:\n  a: 1\n", "stop is a setting, not a section: it takes list[str], not a mapping"),
+        ("generate", "run.toml", "[temperature]\na = 1\n", "temperature is a setting, not a section: it takes float, not a table"),
+        ("train", "run.yaml", "train:\n  max_steps: {a: 1}\n", "max_steps is a setting, not a section: it takes int or None"),
+        ("train", "run.yaml", "max_tokens: {a: 1}\n", "max_tokens is a setting"),  # an earlier name, another command's
+    ],
+)  # fmt: skip
+def test_a_table_under_a_settings_name_says_the_setting_takes_a_value(cli, tmp_path, command, file, content, words):
+    """`stop:` with a mapping under it was called an unknown section [stop], though stop is a setting."""
+    path = tmp_path / file
+    path.write_text(content)
+    assert_one_line_error(cli(command, "--config", str(path)), words)
+
+
 def test_nan_is_refused_in_a_config_file(tmp_path):
     from examplegpt.config import ServeConfig
 
