@@ -182,7 +182,12 @@ def run_prompt(model: GPT, prompt: str, cfg: GenerateConfig, device: torch.devic
 
     start = time.perf_counter()
     settings = {name: getattr(cfg, name) for name in TOKEN_SETTINGS}
-    generate(model, idx, cfg.max_new_tokens, eos_id=None if cfg.ignore_eos else EOT_ID, on_step=on_step, **settings)
+    try:
+        generate(model, idx, cfg.max_new_tokens, eos_id=None if cfg.ignore_eos else EOT_ID, on_step=on_step, **settings)
+    except BaseException:
+        if stream_live:  # end the streamed line: the error (stderr, often the same terminal) starts on its own
+            print(flush=True)
+        raise
     seconds = time.perf_counter() - start
     for text in texts:
         text.finish()

@@ -1,6 +1,7 @@
 """One command line: help generated from one place, the same names everywhere, and what the commands say."""
 
 import argparse
+import importlib
 import json
 import re
 
@@ -94,7 +95,28 @@ def test_export_without_a_folder_is_one_line(cli, model_file):
 )
 def test_asking_for_more_memory_than_there_is_is_one_line(cli, model_file, flags):
     """torch's CPU allocator raises a RuntimeError, Python a MemoryError: both were tracebacks."""
-    assert_one_line_error(cli("generate", "-c", str(model_file), "-p", "hi", *flags), "out of memory")
+    proc = cli("generate", "-c", str(model_file), "-p", "hi", *flags)
+    assert_one_line_error(proc, "out of memory")
+    assert not proc.stdout or proc.stdout.endswith("\n")  # the echoed prompt's line is ended: see the next test
+
+
+@pytest.mark.parametrize("error", [MemoryError, KeyboardInterrupt])
+def test_an_error_while_streaming_starts_its_own_line(cli, model_file, monkeypatch, error):
+    """generate echoes the prompt, then each token: the error's line (stderr, often the same terminal) was
+    printed on the end of the streamed one."""
+    generate_module = importlib.import_module("examplegpt.generate")  # the package's `generate` is the function
+
+    def step_then_fail(logits, *args):
+        if step_then_fail.calls:
+            raise error
+        step_then_fail.calls += 1
+        return logits.argmax(-1)
+
+    step_then_fail.calls = 0
+    monkeypatch.setattr(generate_module, "choose_next", step_then_fail)
+    proc = cli("generate", "-c", str(model_file), "-p", "hi", "-n", "5", "--ignore-eos")
+    assert proc.returncode != 0 and proc.stderr.count("\n") == 1
+    assert proc.stdout.startswith("hi") and proc.stdout.endswith("\n") and proc.stdout.count("\n") == 1
 
 
 def test_export_to_a_name_too_long_is_one_line(cli, model_file, tmp_path):
