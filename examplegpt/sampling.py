@@ -137,7 +137,7 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
         ranked = largest_first(probs, size)  # (B, size)
         cumulative = ranked.cumsum(dim=-1)  # (B, size)
         # every token past the ranked ones has at least their mass before it (less rounding): none is needed
-        if size == vocab or bool((cumulative[:, -1] >= p + ROUNDING_MARGIN).all()):
+        if size == vocab or bool((cumulative[..., -1] >= p + ROUNDING_MARGIN).all()):
             break
     mass_before = cumulative - ranked  # probability of the tokens ranked above
     needed = mass_before < p  # (B, size): this token is needed to reach p
@@ -166,7 +166,7 @@ def largest_first(values: torch.Tensor, k: int) -> torch.Tensor:
         return torch.topk(values, k, dim=-1).values
     # torch.sort and torch.topk also rank the indices, which the filters do not need; NumPy partitions
     # and sorts the values alone, with SIMD, many times faster for a row of the vocabulary (BENCHMARKS.md)
-    rows = values.detach().numpy()
+    rows = values.numpy(force=True)  # a view; force: also of a tensor that requires grad or is a negated view
     vocab = rows.shape[-1]
     top = rows if k == vocab else np.partition(rows, vocab - k, axis=-1)[..., vocab - k :]
     return torch.from_numpy(np.flip(np.sort(top, axis=-1), axis=-1).copy())
@@ -176,7 +176,7 @@ def drop_below(logits: torch.Tensor, values: torch.Tensor, threshold: torch.Tens
     """logits (B, V) with -inf where values (B, V) are below threshold (B, 1): the tokens a filter drops."""
     if values.device.type == "cpu" and values.dtype == threshold.dtype == torch.float32:
         # PyTorch's CPU comparison is several times slower than NumPy's (BENCHMARKS.md)
-        below = torch.from_numpy(values.detach().numpy() < threshold.detach().numpy())  # (B, V)
+        below = torch.from_numpy(values.numpy(force=True) < threshold.numpy(force=True))  # (B, V)
     else:
         below = values < threshold
     return torch.where(below, float("-inf"), logits)
@@ -212,7 +212,11 @@ def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     temperature = max(temperature, torch.finfo(torch.float32).tiny)
     scaled = logits / temperature
     # nothing overflowed: seen at once when the largest magnitude is finite (a reduction PyTorch does fast)
-    if torch.isfinite(scaled.abs().amax()) or torch.isinf(scaled).sum() == torch.isinf(logits).sum():
+    if (
+        scaled.numel() == 0
+        or torch.isfinite(scaled.abs().amax())
+        or torch.isinf(scaled).sum() == torch.isinf(logits).sum()
+    ):
         return scaled
     return (logits - logits.max(dim=-1, keepdim=True).values) / temperature
 
@@ -239,7 +243,9 @@ def greedy(logits: torch.Tensor) -> torch.Tensor:
     logits = logits.float()  # on CPU a bfloat16 argmax is several times slower than a float32 copy's
     if logits.device.type == "cpu":
         # NumPy's argmax is vectorised, PyTorch's CPU argmax is not (BENCHMARKS.md); they agree on ties and NaN
-        return torch.from_numpy(logits.detach().numpy().argmax(axis=-1))
+        return torch.from_numpy(
+            np.asarray(logits.numpy(force=True).argmax(axis=-1))
+        )  # asarray: a 1-D row's is a scalar
     return logits.argmax(dim=-1)
 
 

@@ -99,3 +99,24 @@ def test_seeded_draws_at_the_generate_defaults_are_those_of_the_plain_ops():
     ours = choose_next(logits, params, generator=torch.Generator().manual_seed(7))
     probs = torch.softmax(plain_top_p(logits / 0.8, 0.9), dim=-1)
     assert torch.equal(ours, sampling.sample_from(probs, torch.Generator().manual_seed(7)))
+
+
+def test_rows_of_any_rank_or_none_are_taken_as_plain_pytorch_takes_them():
+    """Found by an audit: what the NumPy paths first refused or read along the wrong axis."""
+    peaked = torch.randn(5000, generator=torch.Generator().manual_seed(0)) * 8
+    assert torch.equal(greedy(peaked), peaked.argmax())  # one row, (V,): a 0-d index
+    assert same(top_p_filter(peaked, 0.5), plain_top_p(peaked[None], 0.5)[0])
+    # (1, 2, V): one row needs more than the candidates, the other a single token
+    wide = torch.randn(50257, generator=torch.Generator().manual_seed(1)) * 0.5
+    wide[0] += 8
+    narrow = torch.full((50257,), -20.0)
+    narrow[3] = 10.0
+    stacked = torch.stack([wide, narrow])[None]
+    assert same(top_p_filter(stacked, 0.5), plain_top_p(stacked[0], 0.5)[None])
+    for empty in (torch.empty(0, 5000), torch.empty(2, 0)):  # no rows, or no vocabulary: nothing to choose
+        assert choose_next(empty, SamplingParams(temperature=0.8)).numel() == 0
+    negated = torch._neg_view(torch.randn(2, 7))  # a lazy view, which .numpy() refuses
+    assert torch.equal(greedy(negated), negated.argmax(dim=-1))
+    assert same(sampling.top_k_filter(negated, 2), negated.masked_fill(negated < negated.topk(2).values[:, -1:], -INF))
+    grad = torch.randn(3, 9, requires_grad=True)
+    assert torch.equal(greedy(grad), grad.argmax(dim=-1))
