@@ -144,7 +144,8 @@ class BatchEngine:
         a first step at a size costs (`cpu_inference`'s trials of packed weights, oneDNN's kernels and the memory
         they keep) is paid here, not by the first requests. Every row count: a full batch meets the others only
         as it drains, and with packed weights each new one keeps 1-2 MB for good. A decoding size runs again
-        until its packing trials have decided (the LM head's takes a dozen passes)."""
+        until its packing trials have decided (the LM head's takes a dozen passes, more where the machine's other
+        work made a trial start again)."""
         chunk = min(self.prefill_chunk, self.model.config.max_seq_len)
         shapes = [(rows, 1) for rows in range(1, self.max_batch + 1)]
         shapes += [(1, tokens) for tokens in powers_of_two_up_to(chunk) if tokens > 1]

@@ -42,13 +42,13 @@ ROWS_HINT = 64
 # (past it the products are bound by arithmetic, not by streaming the weights: one trial stands for every size).
 PROBE_ROWS = 128
 PROBE_SAMPLES = 5  # timed products of each way, after the first of each (which builds its kernel)
-# Passes of the model that settle every trial at one number of rows: a group of one weight (the LM head)
-# runs one product a pass; a block's group of 12 weights settles in one.
-PASSES_TO_DECIDE = 2 * (PROBE_SAMPLES + 1)
 # A trial whose ratio falls outside these bounds timed the machine's other work, not the products (measured
 # ratios run from about 0.6 to 2.5): it starts again, at most RETRIES times, before its result stands.
 PLAUSIBLE_SPEEDUPS = (0.2, 5.0)
 RETRIES = 2
+# Passes of the model that settle every trial at one number of rows, on a busy machine too (every retry
+# taken): a group of one weight (the LM head) runs one product a pass; a block's group of 12 weights, 12.
+PASSES_TO_DECIDE = (RETRIES + 1) * 2 * (PROBE_SAMPLES + 1)
 PACKED_MARGIN = 1.05  # packed must be at least 5% faster to be used: a tie, within noise, stays plain PyTorch
 
 # (out, in, dtype, bias, weights in the group, rows measured) -> plain time / packed time, for the process
