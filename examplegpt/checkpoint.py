@@ -264,13 +264,11 @@ class Start:
 
 
 def same_setting(name: str, saved: object, given: object) -> bool:
-    """Whether a resumed run's setting is the checkpoint's: equal, or for --data two spellings of one file,
-    folder or glob (ts.txt, ./ts.txt and the absolute path a run saves)."""
+    """Whether a resumed run's setting is the checkpoint's: equal, or for --data two spellings of one file
+    (ts.txt and ./ts.txt)."""
     if saved == given:
         return True
     if name == "data" and isinstance(saved, str) and isinstance(given, str):
-        if os.path.abspath(saved) == os.path.abspath(given):  # a glob is no one file that samefile could compare
-            return True
         with contextlib.suppress(OSError):
             return os.path.samefile(saved, given)
     return False

@@ -7,7 +7,6 @@ since the last log line, the non-finite steps skipped). `train.py` drives it; no
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,7 +17,6 @@ import torch
 from .checkpoint import Start, checkpoint_position, set_rng_state
 from .config import DataConfig, GPTConfig, TrainConfig, describe, save_config
 from .data import TokenWindows, open_split, prepare
-from .data.corpus import recorded_source
 from .device import find_micro_batch, peak_flops, pick_dtype
 from .distributed import World, apply_activation_checkpointing, barrier, load_states, wrap_data_parallel
 from .errors import UserError
@@ -103,7 +101,7 @@ def build_trainer(
         world=world,
         device=device,
         dtype=dtype,
-        full_config=recorded_config(model_cfg, data_cfg, cfg),
+        full_config={"model": asdict(model_cfg), "data": asdict(data_cfg), "train": asdict(cfg)},
         model=model,
         step_model=step_model,
         optimizer=make_optimizer(model, cfg, device),
@@ -120,13 +118,6 @@ def build_trainer(
         restore(trainer, start)
     announce(trainer)
     return trainer
-
-
-def recorded_config(model_cfg: GPTConfig, data_cfg: DataConfig, cfg: TrainConfig) -> dict:
-    """The resolved settings as the run saves them, its paths absolute: a resume started in another folder
-    (which takes them from the checkpoint) finds the same text, token cache and run folder."""
-    data = {**asdict(data_cfg), "data": recorded_source(data_cfg), "cache_dir": os.path.abspath(data_cfg.cache_dir)}
-    return {"model": asdict(model_cfg), "data": data, "train": {**asdict(cfg), "out_dir": os.path.abspath(cfg.out_dir)}}
 
 
 def initial_model(model_cfg: GPTConfig, start: Start, world: World) -> GPT:

@@ -207,20 +207,6 @@ def test_a_name_that_could_be_a_hub_id_says_both_when_offline(cli, monkeypatch, 
     assert_one_line_error(cli("prepare", "--data", "", "--cache-dir", str(tmp_path / "cache")), "--data is empty")
 
 
-def test_a_run_records_a_local_source_by_its_absolute_path_and_a_name_as_it_is(monkeypatch, tmp_path):
-    """A resume may start in another folder: the path the run saves must not depend on where it started."""
-    from examplegpt.data.corpus import recorded_source
-
-    (tmp_path / "books").mkdir()
-    (tmp_path / "books" / "a.txt").write_text("text")
-    (tmp_path / "wikitext-2").mkdir()  # a folder named like a corpus: --data wikitext-2 still names the corpus
-    monkeypatch.chdir(tmp_path)
-    for local in ("books/a.txt", "./books", "books/*.txt"):
-        assert recorded_source(DataConfig(data=local)) == os.path.abspath(local)
-    for name in ("shakespeare", "wikitext-2", "someone/dataset"):
-        assert recorded_source(DataConfig(data=name)) == name
-
-
 def test_a_folder_skips_hidden_files_and_reads_any_letter_case(tmp_path):
     docs = tmp_path / "docs"
     (docs / ".ipynb_checkpoints").mkdir(parents=True)

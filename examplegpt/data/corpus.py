@@ -81,13 +81,6 @@ class Source:
     def is_wikitext(self) -> bool:
         return self.kind == "hf" and "wikitext" in self.dataset.lower()
 
-    @property
-    def is_local(self) -> bool:
-        """Named by a path on this machine (a file, folder or glob), not by a corpus's or a hub dataset's name."""
-        if self.name in HUB_DATASETS or self.name in BUNDLED:
-            return False
-        return self.kind == "text" or Path(self.name).is_dir()
-
 
 def resolve_source(cfg: DataConfig) -> Source:
     name = cfg.data
@@ -121,12 +114,6 @@ def resolve_source(cfg: DataConfig) -> Source:
     if path_like or path.suffix.lower() in FILE_SUFFIXES or local_folder:
         raise UserError(f"no such file or folder: {name}")
     return Source("hf", name, dataset=name, dataset_config=cfg.data_config)
-
-
-def recorded_source(cfg: DataConfig) -> str:
-    """--data as a run saves it: a path made absolute, so that a resume started in another folder reads the same
-    text; a corpus's or a hub dataset's name as it is."""
-    return os.path.abspath(cfg.data) if resolve_source(cfg).is_local else cfg.data
 
 
 def is_text_file(path: Path) -> bool:
