@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -520,3 +521,24 @@ def test_resume_names_each_optimizer_setting_it_changes_and_trains_on(cli, corpu
     (changed,) = [line for line in proc.stderr.splitlines() if "optimizer settings" in line]
     assert changed.startswith("warning:") and "weight_decay 0.1 -> 0.0" in changed and "grad_clip 1.0 -> 0.5" in changed
     assert "muon" not in changed and "resumed from step 2" in proc.stdout
+
+
+def test_a_copied_run_folder_resumes_into_the_copy_and_leaves_the_original_alone(corpus, tmp_path):
+    """Found by an audit of a change (reverted) that saved the run's paths absolute: the copy's resume
+    wrote into the original folder, over its model and metrics."""
+    original, copy = tmp_path / "exp1", tmp_path / "exp2"
+    original.mkdir()
+    args = train_args(corpus, original / "run", "--checkpoint-interval", "4")
+    out = args.index("--out-dir")
+    del args[out : out + 2]  # the default output folder, in the working folder
+    relative = {str(tmp_path / "cache"): "../cache", str(corpus): "../corpus.txt"}
+    args = [relative.get(arg, arg) for arg in args]  # the paths as a user in exp1 writes them
+    first = run_cli(*args, "--max-steps", "4", cwd=original)
+    assert first.returncode == 0, first.stderr
+    shutil.copytree(original, copy)
+    before = {p: p.read_bytes() for p in original.rglob("*") if p.is_file()}
+
+    resumed = run_cli(*args, "--max-steps", "8", "--resume", "auto", cwd=copy)
+    assert resumed.returncode == 0, resumed.stderr
+    assert list(copy.rglob("checkpoint_epoch1_batch8.pt"))
+    assert {p: p.read_bytes() for p in original.rglob("*") if p.is_file()} == before
