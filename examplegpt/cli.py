@@ -391,8 +391,11 @@ def build_parser() -> Parser:
 
 
 def is_out_of_memory(error: BaseException) -> bool:
-    """Python's MemoryError, a GPU's torch.OutOfMemoryError, or torch's CPU allocator (a plain RuntimeError)."""
-    return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(error)
+    """Python's MemoryError, a GPU's torch.OutOfMemoryError, or torch's CPU allocator (a plain RuntimeError,
+    also where the size asked for overflows 64 bits)."""
+    if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    return "can't allocate memory" in str(error) or "Storage size calculation overflowed" in str(error)
 
 
 def tried_to_allocate(error: BaseException) -> str:

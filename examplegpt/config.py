@@ -329,6 +329,9 @@ class GenerateConfig:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise UserError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        for name in ("max_new_tokens", "num_samples"):  # past 2**62 PyTorch cannot even count the memory asked for
+            if getattr(self, name) > 2**62:
+                raise UserError(f"{name} must be at most 2**62 (no machine holds more), got {getattr(self, name)}")
         problem = out_of_range(self)  # the sampling settings' ranges
         if problem:
             raise UserError(problem)

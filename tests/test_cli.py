@@ -90,14 +90,19 @@ def test_export_without_a_folder_is_one_line(cli, model_file):
 
 @pytest.mark.parametrize(
     "flags",
-    [["-n", "100000000000000"], ["-n", "2", "--num-samples", "100000000000"]],
-    ids=["new tokens", "samples"],
+    [["-n", "100000000000000"], ["-n", "2", "--num-samples", "100000000000"], ["-n", str(2**60)]],
+    ids=["new tokens", "samples", "a size past 64 bits"],
 )
 def test_asking_for_more_memory_than_there_is_is_one_line(cli, model_file, flags):
     """torch's CPU allocator raises a RuntimeError, Python a MemoryError: both were tracebacks."""
     proc = cli("generate", "-c", str(model_file), "-p", "hi", *flags)
     assert_one_line_error(proc, "out of memory")
     assert not proc.stdout or proc.stdout.endswith("\n")  # the echoed prompt's line is ended: see the next test
+
+
+@pytest.mark.parametrize("flags", [["-n", str(10**19)], ["-n", str(2**62 + 1)], ["--num-samples", str(2**63)]])
+def test_more_tokens_than_64_bits_count_is_refused_in_one_line(cli, model_file, flags):
+    assert_one_line_error(cli("generate", "-c", str(model_file), "-p", "hi", *flags), "at most 2**62")
 
 
 @pytest.mark.parametrize("error", [MemoryError, KeyboardInterrupt])
