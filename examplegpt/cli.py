@@ -191,13 +191,16 @@ def read_config_file(path: str, classes: dict[str, type]) -> dict:
     mine = {f.name for cls in classes.values() for f in dataclasses.fields(cls)} | set(RENAMED) | {"preset"}
     taken = {}
     for key, value in values.items():
-        # YAML reads an empty section (`train:`) as None; `data` is also a setting: a table or nothing is its section
-        section = key in SECTIONS and (isinstance(value, dict) or value is None or key not in every)
+        # YAML reads an empty section (`train:`) as None; `data` is also a setting (a name): a table, a list
+        # (TOML's [[data]]) or nothing is its section
+        section = key in SECTIONS and (isinstance(value, dict | list) or value is None or key not in every)
         if section and not isinstance(value, dict | None):
             raise UserError(f"{path}: the section [{key}] must be a {table} of settings, got {value!r}")
         if isinstance(value, dict) and not section and key not in every:
             raise UserError(f"{path}: unknown section [{key}]; the sections are {', '.join(SECTIONS)}")
         for name, setting in (value or {}).items() if section else [(key, value)]:
+            if section and name in SECTIONS and isinstance(setting, dict):
+                raise UserError(f"{path}: the section [{name}] is inside [{key}]: sections sit at the top of the file")
             if name not in every:
                 raise UserError(f"{path}: unknown setting '{name}'")
             if isinstance(setting, dict):

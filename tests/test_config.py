@@ -149,12 +149,37 @@ def test_an_empty_yaml_section_sets_nothing(tmp_path, content, batch_size):
     assert configs["train"] == vars(TrainConfig(batch_size=batch_size))
 
 
-@pytest.mark.parametrize("suffix, value", [(".yaml", "[]"), (".yaml", "3"), (".toml", "3")])
-def test_a_section_that_is_not_a_table_is_one_line(cli, tmp_path, suffix, value):
+# `data` is also a setting (a name): `data: 3` is that setting, of the wrong type, but a list is never a name
+@pytest.mark.parametrize(
+    "section, suffix, value",
+    [("train", ".yaml", "[]"), ("train", ".yaml", "3"), ("train", ".toml", "3"), ("data", ".yaml", "[]")],
+)
+@pytest.mark.parametrize("command", ["train", "generate"])  # generate has no [data]: still the same error
+def test_a_section_that_is_not_a_table_is_one_line(cli, tmp_path, suffix, value, section, command):
     path = tmp_path / f"run{suffix}"
-    path.write_text(f"train: {value}\n" if suffix == ".yaml" else f"train = {value}\n")
+    path.write_text(f"{section}: {value}\n" if suffix == ".yaml" else f"{section} = {value}\n")
     table = "mapping" if suffix == ".yaml" else "table"
-    assert_one_line_error(cli("train", "--config", str(path)), f"the section [train] must be a {table} of settings")
+    proc = cli(command, "--config", str(path))
+    assert_one_line_error(proc, f"the section [{section}] must be a {table} of settings")
+
+
+@pytest.mark.parametrize(
+    "file, content",
+    [("run.yaml", "model:\n  train:\n    max_steps: 3\n"), ("run.toml", "[train.model]\nd_model = 64\n")],
+)
+def test_a_section_inside_a_section_is_one_line(cli, tmp_path, file, content):
+    path = tmp_path / file
+    path.write_text(content)
+    assert_one_line_error(cli("train", "--config", str(path)), "is inside [")
+
+
+def test_a_list_of_tables_for_data_is_refused_by_every_command(cli, tmp_path):
+    """TOML's [[data]] was read as the setting data = [{...}]: a type error without the file's name for
+    train and evaluate, and taken silently by generate and serve."""
+    path = tmp_path / "run.toml"
+    path.write_text("[[data]]\nval_fraction = 0.1\n")
+    for command in ("train", "evaluate", "generate"):
+        assert_one_line_error(cli(command, "--config", str(path)), "the section [data] must be a table of settings")
 
 
 @pytest.mark.parametrize(
