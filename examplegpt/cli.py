@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import errno
 import inspect
+import os
 import re
 import sys
 import tomllib
@@ -431,6 +433,12 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `examplegpt generate | head`: the reader left, nothing to report
         sys.stderr.close()
         return 0
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        print(f"error: no space left on the device to write {e.filename or 'the output'}", file=sys.stderr)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # what stdout still holds cannot go out either
+        return 1
 
 
 if __name__ == "__main__":

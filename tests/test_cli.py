@@ -3,7 +3,10 @@
 import argparse
 import importlib
 import json
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -16,7 +19,7 @@ from examplegpt.generate import generate
 from examplegpt.sampling import SamplingParams, filter_logits
 from examplegpt.weights import save_model_file
 
-from .conftest import MICRO_MODEL, assert_one_line_error, make_text, peaked_model
+from .conftest import MICRO_MODEL, REPO, assert_one_line_error, make_text, peaked_model
 
 COMMANDS = build_parser()._subparsers._group_actions[0].choices  # name -> the command's parser
 
@@ -103,6 +106,17 @@ def test_asking_for_more_memory_than_there_is_is_one_line(cli, model_file, flags
 @pytest.mark.parametrize("flags", [["-n", str(10**19)], ["-n", str(2**62 + 1)], ["--num-samples", str(2**63)]])
 def test_more_tokens_than_64_bits_count_is_refused_in_one_line(cli, model_file, flags):
     assert_one_line_error(cli("generate", "-c", str(model_file), "-p", "hi", *flags), "at most 2**62")
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="Linux's always-full device")
+def test_output_to_a_full_device_is_one_line(model_file):
+    """`generate > /dev/full` (a full disk) was a traceback."""
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([sys.executable, "-m", "examplegpt", "generate", "-c", str(model_file), "-p", "hi", "-n", "3"],
+                              stdout=full, stderr=subprocess.PIPE, text=True, timeout=120,
+                              env=dict(os.environ, PYTHONPATH=str(REPO)))  # fmt: skip
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == ["error: no space left on the device to write the output"]
 
 
 @pytest.mark.parametrize("error", [MemoryError, KeyboardInterrupt])
