@@ -7,6 +7,7 @@ same fields, and flags win over the file. Every user error ends as one line on s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import errno
@@ -437,7 +438,9 @@ def main(argv: list[str] | None = None) -> int:
         if e.errno != errno.ENOSPC:
             raise
         print(f"error: no space left on the device to write {e.filename or 'the output'}", file=sys.stderr)
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # what stdout still holds cannot go out either
+        # what stdout still holds cannot go out either: drop it, or the interpreter's exit reports it again
+        with contextlib.suppress(OSError, ValueError):  # a stdout with no file descriptor holds nothing to drop
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
 
 

@@ -243,9 +243,8 @@ def greedy(logits: torch.Tensor) -> torch.Tensor:
     logits = logits.float()  # on CPU a bfloat16 argmax is several times slower than a float32 copy's
     if logits.device.type == "cpu":
         # NumPy's argmax is vectorised, PyTorch's CPU argmax is not (BENCHMARKS.md); they agree on ties and NaN
-        return torch.from_numpy(
-            np.asarray(logits.numpy(force=True).argmax(axis=-1))
-        )  # asarray: a 1-D row's is a scalar
+        best = logits.numpy(force=True).argmax(axis=-1)  # a NumPy scalar for one row (V,)
+        return torch.from_numpy(np.asarray(best))
     return logits.argmax(dim=-1)
 
 
