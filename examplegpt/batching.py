@@ -117,7 +117,7 @@ class BatchEngine:
         # shared with the submitting threads, under self.lock
         self.lock = threading.Condition()
         self.waiting: collections.deque[Request] = collections.deque()
-        self.live = 0  # requests submitted and not finished
+        self.live: set[Request] = set()  # submitted and not finished
         self.accepting = True
         self.draining = True  # what to do with live requests once shutdown() is called
         self.thread: threading.Thread | None = None  # the one that runs the loop, once `run` or `start` is called
@@ -125,10 +125,17 @@ class BatchEngine:
 
     @property
     def stats(self) -> dict[str, int]:
-        """Requests holding a row ("running": decoding or prefilling) and requests waiting for one ("queued")."""
+        """Requests holding a row ("running": decoding or prefilling) and requests waiting for one ("queued");
+        a cancelled request counts in neither, though the engine frees it only at its next step."""
         with self.lock:
-            queued = len(self.waiting)
-            return {"running": self.live - queued, "queued": queued}
+            queued = sum(not r.cancelled for r in self.waiting)
+            return {"running": self.active() - queued, "queued": queued}
+
+    def active(self) -> int:
+        """Live requests not cancelled: what fills the engine's max_batch + max_queue (under self.lock).
+        A cancelled one does not: its row is freed at the next step, before any waiting request is admitted,
+        so a client whose answer ended at a stop string may send its next request at once."""
+        return sum(not r.cancelled for r in self.live)
 
     def start(self) -> None:
         """Run the engine on a thread of its own (once; nothing if a thread runs it already)."""
@@ -185,10 +192,10 @@ class BatchEngine:
         with self.lock:
             if not self.accepting:
                 raise QueueFull("the engine is shutting down")
-            if self.live >= self.max_batch + self.max_queue:
-                raise QueueFull(f"{self.live - len(self.waiting)} requests running and {len(self.waiting)} waiting")
+            if self.active() >= self.max_batch + self.max_queue:
+                raise QueueFull(f"{self.max_batch + self.max_queue} requests are live")
             self.waiting.append(request)
-            self.live += 1
+            self.live.add(request)
             self.lock.notify()
         return request
 
@@ -237,7 +244,7 @@ class BatchEngine:
                     request.cancelled = True
                 for request in self.decoding + [r for job in self.prefilling for r in job.requests]:
                     request.cancelled = True
-            return self.live > 0 or self.accepting
+            return bool(self.live) or self.accepting
 
     def step(self) -> None:
         self.drop_cancelled()
@@ -392,7 +399,7 @@ class BatchEngine:
             return
         request.finished = True
         with self.lock:
-            self.live -= 1
+            self.live.discard(request)
         self.send(request, event)
 
 

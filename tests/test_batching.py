@@ -196,6 +196,25 @@ def test_queue_full_past_max_batch_plus_max_queue_then_all_are_served(model, eng
     engine.submit(prompt_of(4, 13), SamplingParams(max_tokens=3), Collector()).cancel()  # room again
 
 
+def test_a_cancelled_request_makes_room_at_once(model, engine_of):
+    # A client whose answer ended at a stop string cancels it and may send its next request before the
+    # engine's next step frees the row: that request must not be refused as if the server were full.
+    engine = engine_of(model, max_batch=1, max_queue=1)
+    first, second, third = Collector(), Collector(), Collector()
+    cancelled = engine.submit(prompt_of(4, 13), SamplingParams(max_tokens=3, temperature=0), first)
+    engine.submit(prompt_of(4, 14), SamplingParams(max_tokens=3, temperature=0), second)
+    with pytest.raises(QueueFull):
+        engine.submit(prompt_of(4, 15), SamplingParams(max_tokens=3), Collector())
+    cancelled.cancel()
+    assert engine.stats == {"running": 0, "queued": 1}
+    engine.submit(prompt_of(4, 15), SamplingParams(max_tokens=3, temperature=0), third)
+    with pytest.raises(QueueFull):  # the cancelled one makes room for one request, not more
+        engine.submit(prompt_of(4, 16), SamplingParams(max_tokens=3), Collector())
+    engine.start()
+    assert first.wait().finish_reason == "cancelled"
+    assert len(second.wait().tokens) == 3 and len(third.wait().tokens) == 3
+
+
 def test_shutdown_with_drain_finishes_everything_and_refuses_new_work(model, engine_of):
     engine = engine_of(model, max_batch=2, max_queue=4)
     collectors = [Collector() for _ in range(4)]
