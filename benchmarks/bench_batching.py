@@ -1,8 +1,9 @@
 """The batching engine alone (no HTTP): 1, 4 and 16 concurrent requests against `generate` on the same model.
 
 Each round, `generate` runs one prompt on the main thread, then for each number of clients that many
-requests are submitted to a `BatchEngine` at once (16-token prompts, 128 new tokens each, greedy,
-<|endoftext|> ignored so every request runs its full length), and the time each token reaches its
+requests are submitted to a `BatchEngine` at once (16-token prompts, 128 new tokens each, greedy, or with
+`--sample` at `generate`'s defaults and a seed per request; <|endoftext|> ignored so every request runs
+its full length), and the time each token reaches its
 listener is noted. The engine runs on the main thread, as the `serve` command runs it (the clients
 submit from another); for contrast, one client also goes to an engine on a thread of its own
 (`BatchEngine.start`), which a process whose main thread has run the model runs at futex speed
@@ -39,14 +40,20 @@ from examplegpt.cpu_inference import fast_cpu_inference, packing_report
 from examplegpt.generate import generate
 from examplegpt.reproducibility import pin_cpu_arithmetic
 
+GREEDY = {"temperature": 0.0}
+SAMPLED = {"temperature": 0.8, "top_p": 0.9}
+
 
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
-def run_clients(engine: BatchEngine, prompts: list[list[int]], new_tokens: int) -> tuple[float, list, list]:
-    """Submit every prompt at once; (seconds to the last token, times to first token, times between tokens)."""
+def run_clients(
+    engine: BatchEngine, prompts: list[list[int]], new_tokens: int, settings: dict
+) -> tuple[float, list, list]:
+    """Submit every prompt at once (request i seeded with i when sampling); (seconds to the last token, times to
+    first token, times between tokens)."""
     times: list[list[float]] = [[] for _ in prompts]
     done = threading.Semaphore(0)
 
@@ -58,9 +65,10 @@ def run_clients(engine: BatchEngine, prompts: list[list[int]], new_tokens: int) 
 
         return on_event
 
-    params = SamplingParams(max_tokens=new_tokens, temperature=0, stop_at_eos=False)
+    seeded = settings["temperature"] > 0
     start = time.perf_counter()
     for i, prompt in enumerate(prompts):
+        params = SamplingParams(max_tokens=new_tokens, stop_at_eos=False, seed=i if seeded else None, **settings)
         engine.submit(prompt, params, listener(i))
     for _ in prompts:
         assert done.acquire(timeout=600), "a request did not finish"
@@ -85,9 +93,9 @@ def on_own_thread(engine: BatchEngine, clients: Callable[[BatchEngine], None]) -
         engine.join()
 
 
-def generate_rate(model: GPT, prompt: torch.Tensor, n: int) -> float:
+def generate_rate(model: GPT, prompt: torch.Tensor, n: int, settings: dict = GREEDY) -> float:
     start = time.perf_counter()
-    generate(model, prompt, n, temperature=0).tolist()  # .tolist(): waits for a GPU to finish
+    generate(model, prompt, n, **settings).tolist()  # .tolist(): waits for a GPU to finish
     return n * prompt.shape[0] / (time.perf_counter() - start)
 
 
@@ -134,6 +142,7 @@ def main() -> None:
         "--device", default="cpu", choices=["cpu", "cuda"], help="cpu or cuda (packed weights are for CPU only)"
     )
     parser.add_argument("--compare-packing", action="store_true", help="packed vs plain vs probed, at batch 1 and 8")
+    parser.add_argument("--sample", action="store_true", help="temperature 0.8, top-p 0.9 (generate's defaults)")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: this PyTorch sees no CUDA GPU")
@@ -145,13 +154,15 @@ def main() -> None:
     model = GPT(config).eval().requires_grad_(False).to(device)
     print(describe_machine(device))
     print(f"GPT-2 {args.layers} layers x {args.d_model}, {args.prompt_tokens}-token prompts, {args.new_tokens} new "
-          f"tokens each, greedy, {device}, float32, prefill chunk {args.prefill_chunk}")  # fmt: skip
+          f"tokens each, {'sampled at ' + str(SAMPLED) if args.sample else 'greedy'}, {device}, float32, "
+          f"prefill chunk {args.prefill_chunk}")  # fmt: skip
     if args.compare_packing:
         compare_packing(model, args)
         return
 
     gen = torch.Generator().manual_seed(0)
     n = args.new_tokens
+    settings = SAMPLED if args.sample else GREEDY
     prompt = torch.randint(0, config.vocab_size, (1, args.prompt_tokens), generator=gen).to(device)
     rates: dict[object, list[float]] = {}
     firsts: dict[int, list[float]] = {c: [] for c in args.clients}
@@ -162,13 +173,13 @@ def main() -> None:
 
     def every_number_of_clients(engine: BatchEngine) -> None:
         for clients in args.clients:
-            seconds, first, between = run_clients(engine, prompts[clients], n)
+            seconds, first, between = run_clients(engine, prompts[clients], n, settings)
             rates.setdefault(clients, []).append(clients * n / seconds)
             firsts[clients] += first
             betweens[clients] += between
 
     def one_client(engine: BatchEngine) -> None:
-        seconds, _, _ = run_clients(engine, prompts[1], n)
+        seconds, _, _ = run_clients(engine, prompts[1], n, settings)
         rates.setdefault("own thread", []).append(n / seconds)
 
     with fast_cpu_inference(model):  # as the commands apply it (off CPU it leaves the model as it is)
@@ -178,7 +189,7 @@ def main() -> None:
         for _ in range(args.rounds):
             prompts = {c: torch.randint(0, config.vocab_size, (c, args.prompt_tokens), generator=gen).tolist()
                        for c in set(args.clients) | {1}}  # fmt: skip
-            rates.setdefault("generate", []).append(generate_rate(model, prompt, n))
+            rates.setdefault("generate", []).append(generate_rate(model, prompt, n, settings))
             on_main_thread(engine_of(), every_number_of_clients)
             on_own_thread(engine_of(), one_client)
 

@@ -360,6 +360,15 @@ def step_serve(plan: Plan, work: Path, budget: float) -> dict:
             if sum(results) != clients * plan.serve_tokens:
                 raise RuntimeError(f"{clients} clients got {sum(results)} tokens, not {clients * plan.serve_tokens}")
             result[f"clients{clients}_tokens_per_sec"] = sum(results) / seconds
+        # sampled with a seed: drawn on the GPU from the request's own generator, the same text twice
+        seeded = {"prompt": [464] * 16, "max_tokens": 8, "temperature": 0.8, "top_p": 0.9, "seed": 1, "n": 2}
+        texts = []
+        for _ in range(2):
+            request = urllib.request.Request(url + "/v1/completions", json.dumps(seeded).encode(),
+                                             {"Content-Type": "application/json"})  # fmt: skip
+            with urllib.request.urlopen(request, timeout=budget) as response:
+                texts.append([c["text"] for c in json.loads(response.read())["choices"]])
+        result["seeded_sampling_repeats"] = texts[0] == texts[1]
         with urllib.request.urlopen(url + "/v1/models", timeout=30) as response:
             result["precision"] = json.loads(response.read())["data"][0].get("precision")
         return result

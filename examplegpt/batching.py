@@ -50,7 +50,7 @@ import torch
 from .cpu_inference import PASSES_TO_DECIDE, kv_cache_dtype, on_trial
 from .kv_cache import KVCache
 from .model import GPT
-from .sampling import SamplingParams, choose_next, greedy
+from .sampling import SamplingParams, choose_next, token_rule
 from .text import crop_prompt, logprobs_of, window_after_slide
 from .tokenizer import EOT_ID
 
@@ -70,14 +70,17 @@ class QueueFull(Exception):
 class Request:
     """One submitted prompt: the handle `submit` returns, and the engine's record of it."""
 
-    def __init__(self, prompt: list[int], params: SamplingParams, on_event: Callable[[TokenEvent], None]) -> None:
+    def __init__(
+        self, prompt: list[int], params: SamplingParams, on_event: Callable[[TokenEvent], None], device: torch.device
+    ) -> None:
         self.params = params
         self.on_event = on_event
         self.tokens = list(prompt)  # the prompt, then each new token: the window to run again after a slide
         self.new_tokens = 0
         self.cancelled = False  # set by any thread; read by the engine at its next step
         self.finished = False  # the final event was sent
-        self.generator = None if params.seed is None else torch.Generator().manual_seed(params.seed)
+        # on the engine's device, where the draws are made (as `generate` makes a seed's generator)
+        self.generator = None if params.seed is None else torch.Generator(device).manual_seed(params.seed)
         self.seen: torch.Tensor | None = None  # (1, V) bool: tokens the repetition penalty applies to
 
     def cancel(self) -> None:
@@ -188,7 +191,7 @@ class BatchEngine:
         vocab = self.model.config.vocab_size
         if any(not 0 <= t < vocab for t in prompt_ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
-        request = Request(crop_prompt(prompt_ids, self.model.config.max_seq_len), params, on_event)
+        request = Request(crop_prompt(prompt_ids, self.model.config.max_seq_len), params, on_event, self.device)
         with self.lock:
             if not self.accepting:
                 raise QueueFull("the engine is shutting down")
@@ -348,10 +351,14 @@ class BatchEngine:
 
     def next_tokens(self, requests: list[Request], logits: torch.Tensor) -> list[int]:
         """Sample each request's next token from its row of logits (k, V), send the events; returns the tokens."""
-        if all(r.params.temperature == 0 and r.seen is None for r in requests):
-            tokens = greedy(logits).tolist()  # one argmax for every row
-        else:
-            tokens = [self.sample(r, logits[i : i + 1]) for i, r in enumerate(requests)]
+        tokens = [0] * len(requests)
+        rows_of_rule: dict[tuple, list[int]] = {}
+        for i, request in enumerate(requests):
+            rows_of_rule.setdefault(token_rule(request.params), []).append(i)
+        for rows in rows_of_rule.values():
+            alike = logits if len(rows) == len(requests) else logits[torch.tensor(rows, device=logits.device)]
+            for i, token in zip(rows, self.choose([requests[i] for i in rows], alike)):
+                tokens[i] = token
         for i, (request, token) in enumerate(zip(requests, tokens)):
             request.tokens.append(token)
             request.new_tokens += 1
@@ -370,8 +377,12 @@ class BatchEngine:
                 self.send(request, event)
         return tokens
 
-    def sample(self, request: Request, logits: torch.Tensor) -> int:
-        return int(choose_next(logits, request.params, request.seen, request.generator)[0])
+    def choose(self, requests: list[Request], logits: torch.Tensor) -> list[int]:
+        """The next token of each of `requests`, which share one `token_rule`, from their rows of logits (k, V):
+        one call for them all, each row drawn from its request's own generator."""
+        params = requests[0].params
+        seen = None if params.repetition_penalty == 1.0 else torch.cat([r.seen for r in requests])  # (k, V)
+        return choose_next(logits, params, seen, [r.generator for r in requests]).tolist()
 
     def release_finished_rows(self, also: list[Request] = ()) -> None:
         """Free the rows of finished requests (and of `also`): the last row moves into each hole."""

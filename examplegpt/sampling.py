@@ -182,14 +182,23 @@ def drop_below(logits: torch.Tensor, values: torch.Tensor, threshold: torch.Tens
     return torch.where(below, float("-inf"), logits)
 
 
-def sample_from(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+# What draws a batch's random numbers: one generator (or None: PyTorch's default) for every row in turn,
+# or a list of one per row (the batching engine's requests, each with a seed of its own)
+Generators = torch.Generator | None | list[torch.Generator | None]
+
+
+def sample_from(probs: torch.Tensor, generator: Generators = None) -> torch.Tensor:
     """One index per row of probs (B, V), drawn by inverting the cumulative distribution: (B,).
 
     Same distribution as torch.multinomial(probs, 1), which draws a random variate per token of the
     vocabulary where one per row is enough (much faster on CPU: BENCHMARKS.md).
     """
     cdf = probs.cumsum(dim=-1)  # (B, V)
-    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device) * cdf[:, -1:]  # (B, 1)
+    if isinstance(generator, list):
+        u = torch.cat([torch.rand(1, 1, generator=g, device=probs.device) for g in generator])  # (B, 1)
+    else:
+        u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device)  # (B, 1)
+    u = u * cdf[:, -1:]
     # the first token whose cumulative probability passes u; a zero-probability token never is
     return torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1).squeeze(-1)
 
@@ -212,13 +221,13 @@ def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     temperature = max(temperature, torch.finfo(torch.float32).tiny)
     scaled = logits / temperature
     # nothing overflowed: seen at once when the largest magnitude is finite (a reduction PyTorch does fast)
-    if (
-        scaled.numel() == 0
-        or torch.isfinite(scaled.abs().amax())
-        or torch.isinf(scaled).sum() == torch.isinf(logits).sum()
-    ):
+    if scaled.numel() == 0 or torch.isfinite(scaled.abs().amax()):
         return scaled
-    return (logits - logits.max(dim=-1, keepdim=True).values) / temperature
+    # row by row, so that a row's result does not depend on the rows batched with it
+    overflowed = torch.isinf(scaled).sum(dim=-1, keepdim=True) != torch.isinf(logits).sum(dim=-1, keepdim=True)
+    if not overflowed.any():
+        return scaled
+    return torch.where(overflowed, (logits - logits.max(dim=-1, keepdim=True).values) / temperature, scaled)
 
 
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -252,12 +261,21 @@ def choose_next(
     logits: torch.Tensor,
     params: SamplingParams,
     seen: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
 ) -> torch.Tensor:
     """One token per row of logits (B, V) under `params`: greedy at temperature 0, else drawn after the
-    filters; `seen` (B, V bool): the tokens the repetition penalty applies to."""
+    filters; `seen` (B, V bool): the tokens the repetition penalty applies to. Each row is chosen as it
+    would be alone (with, for a list of generators, its own): batching rows changes no row's token."""
     if seen is not None and params.repetition_penalty != 1.0:
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.temperature == 0:
         return greedy(logits)
     return sample_from(next_token_probs(logits, params), generator)  # (B,)
+
+
+def token_rule(params: SamplingParams) -> tuple:
+    """What `choose_next` does with a row under `params`, less the seed: rows with equal rules (in the batching
+    engine, requests with different seeds, lengths or stop settings) can be chosen in one call."""
+    if params.temperature == 0:
+        return (0.0, params.repetition_penalty)  # greedy: the filters do not matter
+    return (params.temperature, params.top_k or 0, params.top_p, params.min_p, params.repetition_penalty)

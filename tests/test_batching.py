@@ -157,6 +157,21 @@ def test_seeded_sampling_is_reproducible_alone_and_in_company(model, engine_of):
     assert company[3].tokens != alone.tokens  # another seed, another sample
 
 
+def test_requests_sampled_alike_in_one_call_each_get_the_tokens_of_generate(model, engine_of):
+    """Rows with one sampling rule are chosen in one call (each from its own seed's generator, with its own
+    repetition penalty's tokens seen): each request's tokens are still those `generate` gives it alone."""
+    settings = dict(temperature=1.0, top_p=0.9, repetition_penalty=1.3)
+    prompts = [prompt_of(6, 20 + i) for i in range(3)] + [prompt_of(11, 23)]
+    engine = engine_of(model, max_batch=4)
+    collectors = [Collector() for _ in prompts]
+    for seed, (prompt, collector) in enumerate(zip(prompts, collectors)):
+        engine.submit(prompt, SamplingParams(max_tokens=12, seed=seed, stop_at_eos=False, **settings), collector)
+    engine.start()
+    for seed, (prompt, collector) in enumerate(zip(prompts, collectors)):
+        alone = generate(model, torch.tensor([prompt]), 12, generator=torch.Generator().manual_seed(seed), **settings)
+        assert collector.wait().tokens == alone[0, len(prompt) :].tolist()
+
+
 def test_per_request_repetition_penalty_equals_generate(model, engine_of):
     prompt = prompt_of(6, 10)
     engine = engine_of(model)
@@ -325,13 +340,13 @@ def test_a_failing_engine_ends_every_live_request_with_an_error(model, engine_of
     engine = engine_of(model, max_batch=2, max_queue=2)
     calls = []
 
-    def failing_sample(request, logits):
+    def failing_choose(requests, logits):
         calls.append(1)
         if len(calls) >= fail_at_call:
             raise RuntimeError("sampling broke")
-        return 0
+        return [0] * len(requests)
 
-    engine.sample = failing_sample  # an instance attribute: the engine's sampled path calls it per row
+    engine.choose = failing_choose  # an instance attribute: the engine calls it once a step for rows alike
     collectors = [Collector() for _ in range(3)]
     params = SamplingParams(max_tokens=5, temperature=1.0, seed=1)
     for collector in collectors:

@@ -91,7 +91,7 @@ def test_one_request_through_the_engine_runs_at_least_0_8x_generate():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [[], ["--compare-packing"]])
+@pytest.mark.parametrize("extra", [[], ["--sample"], ["--compare-packing"]])
 def test_the_batching_benchmark_runs(extra):
     command = [sys.executable, str(REPO / "benchmarks" / "bench_batching.py"), "--layers", "1", "--d-model", "64",
                "--heads", "2", "--clients", "1", "2", "--rounds", "1", "--new-tokens", "4", *extra]  # fmt: skip
@@ -99,4 +99,5 @@ def test_the_batching_benchmark_runs(extra):
     proc = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("CPU ")  # the machine first
-    assert ("packed / plain" if extra else "on a thread of its own") in proc.stdout
+    expected = {(): "on a thread of its own", ("--sample",): "sampled at", ("--compare-packing",): "packed / plain"}
+    assert expected[tuple(extra)] in proc.stdout

@@ -40,6 +40,7 @@ def test_gpu_check_smoke_runs_every_step(tmp_path):
     assert set(report["steps"]) == expected
     assert report["steps"]["fp16"]["losses_finite"]
     assert report["steps"]["serve"]["precision"] == "fp32"  # /v1/models names the precision it serves at
+    assert report["steps"]["serve"]["seeded_sampling_repeats"] is True
     assert "| train_default | ok |" in (tmp_path / "report.md").read_text()
 
 

@@ -120,3 +120,46 @@ def test_rows_of_any_rank_or_none_are_taken_as_plain_pytorch_takes_them():
     assert same(sampling.top_k_filter(negated, 2), negated.masked_fill(negated < negated.topk(2).values[:, -1:], -INF))
     grad = torch.randn(3, 9, requires_grad=True)
     assert torch.equal(greedy(grad), grad.argmax(dim=-1))
+
+
+PARAMS = st.builds(
+    SamplingParams,
+    temperature=st.sampled_from([0.0, 1e-30, 0.5, 1.0, 2.0]),
+    top_k=st.sampled_from([None, 0, 1, 3]),
+    top_p=st.sampled_from([0.0, 0.5, 0.9, 1.0]),
+    min_p=st.sampled_from([None, 0.0, 0.2]),
+    repetition_penalty=st.sampled_from([1.0, 1.3]),
+)
+
+
+@settings(max_examples=examples(300), deadline=None)
+@given(logits=rows(), params=PARAMS, data=st.data())
+def test_a_row_batched_with_others_gets_the_token_it_gets_alone(logits, params, data):
+    """The batching engine chooses the tokens of requests alike in one call, each drawn from its own generator."""
+    count, vocab = logits.shape
+    seen = torch.tensor(data.draw(st.lists(st.lists(st.booleans(), min_size=vocab, max_size=vocab),
+                                           min_size=count, max_size=count)))  # fmt: skip
+    seeds = data.draw(st.lists(st.integers(0, 2**32), min_size=count, max_size=count))
+    batched = choose_next(logits, params, seen, [torch.Generator().manual_seed(s) for s in seeds])
+    alone = [choose_next(logits[i : i + 1], params, seen[i : i + 1], torch.Generator().manual_seed(s))
+             for i, s in enumerate(seeds)]  # fmt: skip
+    assert torch.equal(batched, torch.cat(alone))
+
+
+def test_real_sized_rows_batched_flat_and_peaked_get_their_tokens_alone():
+    """At the `generate` defaults, a flat row in the batch sends every row down top-p's whole sort."""
+    spread = torch.tensor([[0.3], [9.0]]).repeat(3, 1)  # (6, 1): flat, peaked, flat, ...
+    logits = torch.randn(6, 50257, generator=torch.Generator().manual_seed(2)) * spread
+    params = SamplingParams(temperature=0.8, top_p=0.9)
+    batched = choose_next(logits, params, generator=[torch.Generator().manual_seed(i) for i in range(6)])
+    alone = [choose_next(logits[i : i + 1], params, generator=torch.Generator().manual_seed(i)) for i in range(6)]
+    assert torch.equal(batched, torch.cat(alone))
+
+
+def test_a_temperature_overflowing_one_row_leaves_the_others_as_they_are():
+    logits = torch.randn(3, 1000, generator=torch.Generator().manual_seed(3))
+    logits[1, 7] = 3e38  # / 0.01 overflows to inf in this row only
+    scaled = sampling.apply_temperature(logits, 0.01)
+    for i in range(3):
+        assert same(scaled[i : i + 1], sampling.apply_temperature(logits[i : i + 1], 0.01))
+    assert same(scaled[0], logits[0] / 0.01) and scaled[1, 7] == 0  # the overflowing row: greedy in the limit

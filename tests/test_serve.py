@@ -695,10 +695,10 @@ def test_after_the_model_fails_health_says_error_and_requests_get_500(model):
 
     engine = BatchEngine(model, max_batch=2, max_queue=2)
 
-    def failing_sample(request, logits):
+    def failing_choose(requests, logits):
         raise RuntimeError("sampling broke")
 
-    engine.sample = failing_sample
+    engine.choose = failing_choose
     app = create_app(engine, ServeConfig(), "tiny", model.config)
     with TestClient(app) as client:
         body = {"prompt": "Hello", "max_tokens": 3, "temperature": 1.0}
