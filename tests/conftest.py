@@ -175,6 +175,13 @@ def cli(capsys, monkeypatch):
     return run
 
 
+def why_workers_failed(stderr: str) -> str:
+    """What a failed torchrun printed that says why: its workers' own error lines (a worker killed by a signal
+    leaves them far above torchrun's closing summary), then the summary's end."""
+    said = [line for line in stderr.splitlines() if any(w in line for w in ("Error", "error", "what()", "terminate"))]
+    return "\n".join(said[:20]) + "\n...\n" + stderr[-1500:]
+
+
 def assert_one_line_error(proc, *words: str) -> None:
     """Non-zero exit, exactly one line on stderr, no traceback, mentioning `words`."""
     assert proc.returncode != 0, proc.stdout

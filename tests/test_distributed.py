@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .conftest import REPO, final_weights, losses, run_cli, train_args
+from .conftest import REPO, final_weights, losses, run_cli, train_args, why_workers_failed
 
 pytestmark = [
     pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built"),
@@ -67,7 +67,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(corpus, tmp_
     extra = ["--fsdp"] if mode == "fsdp" else []
     command, env = torchrun(*train_args(corpus, two, *STEPS, "--max-steps", "6", *extra))
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.returncode == 0, why_workers_failed(proc.stderr)
     assert "x2" in proc.stdout and proc.stdout.count("step 6/6") == 1  # only rank 0 prints
     assert max_difference(final_weights(one), final_weights(two)) < 1e-5
     for (s1, l1, v1), (s2, l2, v2) in zip(losses(one), losses(two)):

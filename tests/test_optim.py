@@ -24,6 +24,7 @@ from .conftest import (
     run_cli,
     tiny_config,
     train_args,
+    why_workers_failed,
 )
 
 MUON = ["--optimizer", "muon", "--muon-learning-rate", "0.02"]
@@ -192,7 +193,7 @@ def test_muon_under_two_processes_matches_one_process(corpus, tmp_path, mode):
     command += ["-m", "examplegpt", *train_args(corpus, two, *steps, *(["--fsdp"] if mode == "fsdp" else []))]
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.returncode == 0, why_workers_failed(proc.stderr)
     a, b = final_weights(one), final_weights(two)
     difference = max((a[k] - b[k]).abs().max().item() for k in a)
     assert difference < 1.5e-2, difference
