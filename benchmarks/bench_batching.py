@@ -7,15 +7,15 @@ its full length), and the time each token reaches its
 listener is noted. The engine runs on the main thread, as the `serve` command runs it (the clients
 submit from another); for contrast, one client also goes to an engine on a thread of its own
 (`BatchEngine.start`), which a process whose main thread has run the model runs at futex speed
-(batching.py says why). Everything runs inside `fast_cpu_inference` as the commands apply it (packed
-weights where the probe found them faster). Reported per number of clients, pooled over the rounds:
+(batching.py says why). Everything runs inside `fast_cpu_inference` as the commands apply it (each
+weight in the layout its trial found fastest). Reported per number of clients, pooled over the rounds:
 aggregate tokens/s (all tokens / time from the submissions to the last token; median of the rounds),
 time to first token and time between tokens (p50, p99).
 Goals (issue 24): one client >= 0.95x `generate`; 16 clients' aggregate >= 6x one client's;
 p99 time between tokens at 16 clients <= 5x one client's.
 
-`--compare-packing` instead times `generate` at batch 1 and 8 with every product packed, every product
-plain, and as the probe chose, alternating (the probe's choices are printed).
+`--compare-packing` instead times `generate` at batch 1 and 8 with every product plain, every product
+packed, every product transposed, and as the trials chose, alternating (their choices are printed).
 
     python benchmarks/bench_batching.py                   # 6 layers x 384, float32
     python benchmarks/bench_batching.py --layers 12 --d-model 768 --heads 12 --rounds 2
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import statistics
 import threading
 import time
@@ -36,7 +37,7 @@ from machine import describe_machine  # benchmarks/machine.py, beside this scrip
 
 from examplegpt import GPT, GPTConfig
 from examplegpt.batching import BatchEngine, SamplingParams, TokenEvent
-from examplegpt.cpu_inference import fast_cpu_inference, packing_report
+from examplegpt.cpu_inference import LAYOUTS, fast_cpu_inference, packing_report
 from examplegpt.generate import generate
 from examplegpt.reproducibility import pin_cpu_arithmetic
 
@@ -99,33 +100,31 @@ def generate_rate(model: GPT, prompt: torch.Tensor, n: int, settings: dict = GRE
     return n * prompt.shape[0] / (time.perf_counter() - start)
 
 
-def compare_packing(model: GPT, args: argparse.Namespace) -> None:
-    """generate's tokens/s at batch 1 and 8: every product packed, none, and as the probe chose."""
+def compare_packing(model: GPT, prompt_tokens: int, rounds: int, new_tokens: int) -> None:
+    """Print generate's tokens/s at batch 1 and 8: every product in each layout (plain, packed, transposed),
+    and as the trials chose; median of `rounds` alternating rounds."""
     gen = torch.Generator().manual_seed(0)
-    modes = {
-        "packed": lambda: fast_cpu_inference(model, probe=False),
-        "plain": contextlib.nullcontext,
-        "probed": lambda: fast_cpu_inference(model),
-    }
+    modes = {"plain": contextlib.nullcontext}  # PyTorch as it is, outside the block
+    modes |= {layout: functools.partial(fast_cpu_inference, model, layout) for layout in LAYOUTS if layout != "plain"}
+    modes["probed"] = functools.partial(fast_cpu_inference, model)
     rates: dict[tuple[int, str], list[float]] = {}
     for batch in (1, 8):
-        prompt = torch.randint(0, model.config.vocab_size, (batch, args.prompt_tokens), generator=gen)
+        prompt = torch.randint(0, model.config.vocab_size, (batch, prompt_tokens), generator=gen)
         for block in modes.values():
             with block():
-                generate(model, prompt, 4, temperature=0)  # packs, probes, builds the kernels
-        for _ in range(args.rounds):
+                generate(model, prompt, 4, temperature=0)  # makes the copies, starts the trials, builds the kernels
+        for _ in range(rounds):
             for mode, block in modes.items():
                 with block():
-                    rates.setdefault((batch, mode), []).append(generate_rate(model, prompt, args.new_tokens))
-    print(f"\n`generate` tokens/s (all rows), median of {args.rounds} alternating rounds:")
-    print("| batch | packed | plain | probed | packed / plain | probed / plain |")
-    print("|---:|---:|---:|---:|---:|---:|")
+                    generate(model, prompt, 2, temperature=0)  # untimed: each block makes its copies anew
+                    rates.setdefault((batch, mode), []).append(generate_rate(model, prompt, new_tokens))
+    print(f"\n`generate` tokens/s (all rows), median of {rounds} alternating rounds:")
+    print("| batch | " + " | ".join(modes) + " | " + " | ".join(f"{m} / plain" for m in modes if m != "plain") + " |")
+    print("|---:" * (2 * len(modes)) + "|")
     for batch in (1, 8):
-        packed, plain, probed = (statistics.median(rates[batch, mode]) for mode in modes)
-        print(
-            f"| {batch} | {packed:,.1f} | {plain:,.1f} | {probed:,.1f} | {packed / plain:.2f} | {probed / plain:.2f} |"
-        )
-    print("the probe's choices:\n  " + "\n  ".join(packing_report()))
+        rate = {mode: statistics.median(rates[batch, mode]) for mode in modes}
+        ratios = [f"{rate[m] / rate['plain']:.2f}" for m in modes if m != "plain"]
+        print(f"| {batch} | " + " | ".join(f"{r:,.1f}" for r in rate.values()) + " | " + " | ".join(ratios) + " |")
 
 
 def main() -> None:
@@ -157,7 +156,8 @@ def main() -> None:
           f"tokens each, {'sampled at ' + str(SAMPLED) if args.sample else 'greedy'}, {device}, float32, "
           f"prefill chunk {args.prefill_chunk}")  # fmt: skip
     if args.compare_packing:
-        compare_packing(model, args)
+        compare_packing(model, args.prompt_tokens, args.rounds, args.new_tokens)
+        print("the trials' choices:\n  " + "\n  ".join(packing_report()))
         return
 
     gen = torch.Generator().manual_seed(0)
@@ -216,7 +216,7 @@ def main() -> None:
         last = args.clients[-1]
         print(f"{last} clients / one: {statistics.median(rates[last]) / single:.2f}x aggregate (goal >= 6); "
               f"p99 between tokens {percentile(betweens[last], 99) / base_gap:.2f}x one client's (goal <= 5)")  # fmt: skip
-    print("packed weights:", "; ".join(packing_report()) or "none (no oneDNN)")
+    print("weight layouts:", "; ".join(packing_report()) or "none (no oneDNN)")
 
 
 if __name__ == "__main__":

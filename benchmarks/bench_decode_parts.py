@@ -58,7 +58,7 @@ def main() -> None:
             for rows in (1, 8):
                 x = torch.randn(rows, d_in, dtype=dtype)  # (rows, d_in)
                 default = median_ms(lambda: linear(x), args.repeats)
-                with fast_cpu_inference(linear):
+                with fast_cpu_inference(linear, layout="packed"):
                     packed = median_ms(lambda: linear(x), args.repeats)
                 row(f"{name} {d_in} x {d_out}, {rows} row(s), {str(dtype)[6:]}, packed weight", default, packed)
     # the layout oneDNN picks from its rows hint (cpu_inference.ROWS_HINT = 64) against a hint of 1

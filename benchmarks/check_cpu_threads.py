@@ -8,8 +8,9 @@ context switches, from /proc): GNU libgomp, PyTorch's OpenMP runtime on Linux, s
 ops, but makes every thread sleep instead once its pools hold more threads than there are CPUs (here:
 two pools of the torch thread count each, less one). Sleeping at every op is the slow path.
 
-Part 2 (GPT-2 124M's shape, then 6 x 384): `generate` at batch 1 and 8 with every product packed, every
-product plain, and as the probe chose; then the probe's choices.
+Part 2 (GPT-2 124M's shape, then 6 x 384): `generate` at batch 1 and 8 with every product in each weight
+layout (plain, packed, transposed) and as the trials chose (bench_batching.py's comparison); then the
+trials' choices.
 
     python benchmarks/check_cpu_threads.py            # about 20-50 s on a 16-core machine
 """
@@ -24,6 +25,7 @@ import threading
 import time
 
 import torch
+from bench_batching import compare_packing  # beside this script
 from machine import describe_machine  # benchmarks/machine.py, beside this script
 
 from examplegpt import GPT, GPTConfig
@@ -126,29 +128,8 @@ def threads_part(rounds: int, n: int) -> None:
 
 
 def packing_part(layers: int, d_model: int, rounds: int, n: int) -> None:
-    model = model_of(layers, d_model)
-    modes = {
-        "packed": lambda: fast_cpu_inference(model, probe=False),
-        "plain": contextlib.nullcontext,
-        "probed": lambda: fast_cpu_inference(model),
-    }
-    print(f"\n{layers} layers x {d_model}: `generate` tokens/s (all rows), {n} tokens, median of {rounds} rounds")
-    print("| batch | packed | plain | probed | packed / plain | probed / plain |")
-    print("|---:|---:|---:|---:|---:|---:|")
-    for batch in (1, 8):
-        prompt = torch.randint(0, 50257, (batch, 16))
-        rates: dict[str, list[float]] = {mode: [] for mode in modes}
-        for block in modes.values():
-            with block():
-                generate(model, prompt, 2, temperature=0)  # packs, probes, builds the kernels
-        for _ in range(rounds):
-            for mode, block in modes.items():
-                with block():
-                    rates[mode].append(timed_generate(model, prompt, n)[0])
-        packed, plain, probed = (statistics.median(rates[mode]) for mode in modes)
-        print(
-            f"| {batch} | {packed:,.1f} | {plain:,.1f} | {probed:,.1f} | {packed / plain:.2f} | {probed / plain:.2f} |"
-        )
+    print(f"\n{layers} layers x {d_model}, {n} tokens:", end="")
+    compare_packing(model_of(layers, d_model), 16, rounds, n)
 
 
 def main() -> None:
@@ -165,7 +146,7 @@ def main() -> None:
             print(f"\n(skipped {layers} x {d_model}: past {DEADLINE_S} s)")
             continue
         packing_part(layers, d_model, rounds=3, n=n)
-    print("\nthe probe's choices:\n  " + "\n  ".join(packing_report()))
+    print("\nthe trials' choices:\n  " + "\n  ".join(packing_report()))
     print(f"\n{time.perf_counter() - START:.0f} s in all")
 
 

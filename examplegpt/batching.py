@@ -151,22 +151,30 @@ class BatchEngine:
     def warm_up(self) -> None:
         """Run the model once at each size the engine's steps take (decoding 1, 2, 3, ... max_batch rows; a prompt
         chunk of 2, 4, ... prefill_chunk tokens), on the calling thread, the one that will `run` the engine: what
-        a first step at a size costs (`cpu_inference`'s trials of packed weights, oneDNN's kernels and the memory
+        a first step at a size costs (`cpu_inference`'s trials of weight layouts, oneDNN's kernels and the memory
         they keep) is paid here, not by the first requests. Every row count: a full batch meets the others only
         as it drains, and with packed weights each new one keeps 1-2 MB for good. A decoding size runs again
-        until its packing trials have decided (the LM head's takes a dozen passes, more where the machine's other
-        work made a trial start again)."""
+        until its layout trials have decided (the LM head's takes 18 passes, more where the machine's other
+        work made a trial start again), the sizes in turn: were one size's trials to finish before the next
+        size's begin, the copies they did not choose would be freed, and made again for the next."""
         chunk = min(self.prefill_chunk, self.model.config.max_seq_len)
-        shapes = [(rows, 1) for rows in range(1, self.max_batch + 1)]
-        shapes += [(1, tokens) for tokens in powers_of_two_up_to(chunk) if tokens > 1]
+        decoding = [(rows, 1) for rows in range(1, self.max_batch + 1)]
+        prompts = [(1, tokens) for tokens in powers_of_two_up_to(chunk) if tokens > 1]
         with torch.inference_mode():
-            for rows, tokens in shapes:
-                for _ in range(PASSES_TO_DECIDE if tokens == 1 else 1):
-                    cache = KVCache.allocate(self.model.config, rows, self.device, self.cache_dtype, max_len=tokens)
-                    ids = torch.zeros(rows, tokens, dtype=torch.long, device=self.device)  # (rows, tokens)
-                    self.model.logits(self.model.hidden_states(ids, cache)[:, -1])  # (rows, V)
-                    if not on_trial(rows * tokens):
-                        break
+            for rows, tokens in decoding + prompts:
+                self.run_once(rows, tokens)
+            for _ in range(PASSES_TO_DECIDE - 1):
+                undecided = [rows for rows, _ in decoding if on_trial(rows)]
+                if not undecided:
+                    break
+                for rows in undecided:
+                    self.run_once(rows, 1)
+
+    def run_once(self, rows: int, tokens: int) -> None:
+        """The model over `rows` rows of `tokens` tokens, into a cache of its own."""
+        cache = KVCache.allocate(self.model.config, rows, self.device, self.cache_dtype, max_len=tokens)
+        ids = torch.zeros(rows, tokens, dtype=torch.long, device=self.device)  # (rows, tokens)
+        self.model.logits(self.model.hidden_states(ids, cache)[:, -1])  # (rows, V)
 
     def run_beside(self, front: Callable[[], None]) -> None:
         """Run `front` (what submits the requests: the HTTP server, a benchmark's clients) on a thread of its own

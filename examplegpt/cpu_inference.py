@@ -1,24 +1,27 @@
-"""An optional accelerator for inference on CPU: Linear weights packed in oneDNN's layout, for one run.
+"""An optional accelerator for inference on CPU: Linear weights copied into faster layouts, for one run.
 
 A decode step multiplies one row per sequence by every weight matrix, so its speed is how fast the
 weights stream through the cores. PyTorch's default CPU product (MKL, on nn.Linear's row-major
-weight) streams them well below what the memory allows; oneDNN, with the weight reordered once into
-its own blocked layout, streams them several times faster (BENCHMARKS.md, "Packed weights"). The
-packed layout is the one PyTorch's compiler (Inductor, with freezing) gives Linear weights on CPU;
-here it is used in eager mode and applied from outside the model: the commands (`generate`,
-`evaluate`, `serve`) wrap their run in `fast_cpu_inference(model)` unless told `--no-fast-cpu`,
-and library functions never switch it on by themselves.
+(out, in) weight) streams them well below what the memory allows. Two copies of a weight can stream
+faster: oneDNN's blocked layout ("packed", the one PyTorch's compiler, Inductor with freezing, gives
+Linear weights on CPU), used here in eager mode; and the weight transposed to a contiguous (in, out)
+matrix ("transposed"), which MKL streams faster on some CPUs for weights with more outputs than inputs
+(BENCHMARKS.md, "Weight layouts"). It is applied from outside the
+model: the commands (`generate`, `evaluate`, `serve`) wrap their run in `fast_cpu_inference(model)`
+unless told `--no-fast-cpu`, and library functions never switch it on by themselves.
 
-Packing does not pay on every CPU at every batch size: on an AVX-512/AMX Xeon the packed product of
-one row is about 10% slower than PyTorch's own while 8 rows run 1.7x faster (issue 24), where other
-CPUs gain several times at one row (BENCHMARKS.md). So within the block each group of Linears that
-share a weight shape runs packed or plain per number of rows, as a trial inside the model's first
-passes at that number finds (`Trial`): the group's products alternate between the two ways, each
-timed where it runs, and packed is kept only where its median is clearly faster. The decisions are
-kept for the process, and `packing_summary` / `packing_report` say what was chosen.
+Which layout is fastest depends on the CPU, the weight's shape and the number of rows: on an
+AVX-512/AMX Xeon the packed product of one row is about 10% slower than PyTorch's own while 8 rows
+run 1.7x faster (issue 24), where other CPUs gain several times at one row (BENCHMARKS.md). So within
+the block each group of Linears that share a weight shape runs in one layout per number of rows, as a
+trial inside the model's first passes at that number finds (`Trial`): the group's products go round
+the layouts, each timed where it runs, and a copy is used only where its median is clearly faster
+than plain. The decisions are kept for the process, and `packing_summary` / `packing_report` say what
+was chosen.
 
-The packed copies cost as much memory as the weights, so they live only as long as the block that
-made them. The packed product has no gradient: the block refuses a model that autograd would train.
+A copy costs as much memory as the weight: it is made when a trial first needs it, dropped once the
+group's trials have all decided and none chose it, and lives at most as long as the block. The copies' products have
+no gradient: the block refuses a model that autograd would train.
 """
 
 from __future__ import annotations
@@ -38,6 +41,12 @@ import torch.nn.functional as F
 # 64 suits both one-row decode steps and batches (a hint of 1 picks a slower layout for both).
 ROWS_HINT = 64
 
+# The layouts a Linear's weight can be multiplied in. plain: nn.Linear's own (out, in) weight, PyTorch's
+# product (MKL); packed: a copy in oneDNN's blocked layout; transposed: a contiguous (in, out) copy, which
+# MKL streams as rows of the output (faster, where it is, for weights with more outputs than inputs)
+LAYOUTS = ("plain", "packed", "transposed")
+FASTER_MARGIN = 1.05  # a copy must be at least 5% faster than plain: a tie, within noise, stays plain PyTorch
+
 # The probe (a `Trial` per group and number of rows). Rows are measured in powers of two, up to PROBE_ROWS
 # (past it the products are bound by arithmetic, not by streaming the weights: one trial stands for every size).
 PROBE_ROWS = 128
@@ -48,11 +57,10 @@ PLAUSIBLE_SPEEDUPS = (0.2, 5.0)
 RETRIES = 2
 # Passes of the model that settle every trial at one number of rows, on a busy machine too (every retry
 # taken): a group of one weight (the LM head) runs one product a pass; a block's group of 12 weights, 12.
-PASSES_TO_DECIDE = (RETRIES + 1) * 2 * (PROBE_SAMPLES + 1)
-PACKED_MARGIN = 1.05  # packed must be at least 5% faster to be used: a tie, within noise, stays plain PyTorch
+PASSES_TO_DECIDE = (RETRIES + 1) * len(LAYOUTS) * (PROBE_SAMPLES + 1)
 
-# (out, in, dtype, bias, weights in the group, rows measured) -> plain time / packed time, for the process
-_speedups: dict[tuple, float] = {}
+# (out, in, dtype, bias, weights in the group, rows measured) -> {layout: plain time / its time}, for the process
+_speedups: dict[tuple, dict[str, float]] = {}
 _trials: dict[tuple, Trial] = {}  # the same keys, while undecided
 
 AUTOGRAD_REFUSED = (
@@ -106,6 +114,13 @@ def _packed_forward(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Te
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")  # (..., out)
 
 
+def _transposed_forward(weight_t: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """x (..., in) @ weight_t (in, out), contiguous, + bias: (..., out)."""
+    rows = x.reshape(-1, x.shape[-1])  # (N, in)
+    y = rows @ weight_t if bias is None else torch.addmm(bias, rows, weight_t)  # (N, out)
+    return y.view(*x.shape[:-1], weight_t.shape[1])
+
+
 def _weight_state(weight: torch.Tensor) -> tuple:
     """What the weight is: a change in place moves its version, a `.to(...)` its storage or dtype."""
     # a tensor made under torch.inference_mode has no version counter: only a replacement is seen
@@ -118,62 +133,81 @@ def rows_measured(rows: int) -> int:
     return min(1 << (rows - 1).bit_length(), PROBE_ROWS)
 
 
-class PackedGroup:
-    """The Linears of one block that share a weight shape, dtype and bias: packed or plain, per rows, together."""
+def chosen(speedups: dict[str, float]) -> str:
+    """The layout a trial's speed-ups (plain time / each layout's time) choose: the fastest, if FASTER_MARGIN
+    faster than plain."""
+    fastest = max(speedups, key=speedups.get)
+    return fastest if speedups[fastest] >= FASTER_MARGIN else "plain"
 
-    def __init__(self, forwards: list[PackedLinearForward], probe: bool) -> None:
+
+class LinearGroup:
+    """The Linears of one block that share a weight shape, dtype and bias: one layout per number of rows, for all."""
+
+    def __init__(self, forwards: list[FastLinearForward], layout: str | None) -> None:
         self.forwards = forwards
-        self.probe = probe  # False: packed at every size (benchmarks, tests)
+        self.layout = layout  # None: as the trials decide; else this layout at every size (benchmarks)
         weight = forwards[0].linear.weight
         # the count is part of the key: a dozen weights stream from memory where one may sit in the cache
         self.key = (*weight.shape, weight.dtype, forwards[0].linear.bias is not None, len(forwards))
 
-    def product(self, forward: PackedLinearForward, x: torch.Tensor) -> torch.Tensor:
-        """`forward`'s product: packed or plain as decided for this many rows or, until then, as the trial's turn says."""
-        if not self.probe:
-            return forward.packed_product(x)
+    def product(self, forward: FastLinearForward, x: torch.Tensor) -> torch.Tensor:
+        """`forward`'s product, in the layout decided for this many rows or, until then, the trial's turn."""
+        if self.layout is not None:
+            return forward.product(self.layout, x)
         key = (*self.key, rows_measured(x.numel() // x.shape[-1]))
-        speedup = self.speedup(key[-1])
-        if speedup is None:
+        speedups = self.speedups(key[-1])
+        if speedups is None:
             return _trials.setdefault(key, Trial(key)).run(forward, x)
-        return forward.packed_product(x) if speedup >= PACKED_MARGIN else forward.plain_product(x)
+        return forward.product(chosen(speedups), x)
 
-    def speedup(self, rows: int) -> float | None:
-        """Plain time / packed time of the group's products at `rows` rows (for the process); None while on trial."""
+    def speedups(self, rows: int) -> dict[str, float] | None:
+        """Each layout's speed-up over plain for the group's products at `rows` rows; None while on trial."""
         return _speedups.get((*self.key, rows))
+
+    def drop_unused_copies(self) -> None:
+        """Once none of the group's trials is running, free the copies of the layouts that no number of rows
+        chose (a trial at a number of rows not seen yet makes them again)."""
+        mine = [key for key in _trials.keys() | _speedups.keys() if key[:-1] == self.key]
+        if any(key not in _speedups for key in mine):
+            return
+        used = {chosen(_speedups[key]) for key in mine}
+        for forward in self.forwards:
+            forward.keep_only(used)
 
 
 class Trial:
-    """Packed against plain for one group at one number of rows, timed inside the model's own passes.
+    """The layouts against one another for one group at one number of rows, timed inside the model's own passes.
 
-    The products alternate, call by call, between the two ways until each has PROBE_SAMPLES timings
-    (the first call of each builds its kernel and is not counted); then the medians decide, for the
+    The products go round the layouts, call by call, until each has PROBE_SAMPLES timings (the first
+    call of each builds its copy and kernel and is not counted); then the medians decide, for the
     process. Timed in place, a product meets the caches as the rest of the model leaves them; timed
-    apart, a weight read again and again can stay in a large L3 cache and favour the wrong way.
+    apart, a weight read again and again can stay in a large L3 cache and favour the wrong layout.
     """
 
     def __init__(self, key: tuple) -> None:
         self.key = key
         self.calls = 0
         self.retries = 0
-        self.seconds: dict[bool, list[float]] = {True: [], False: []}  # packed? -> timings
+        self.seconds: dict[str, list[float]] = {layout: [] for layout in LAYOUTS}
 
-    def run(self, forward: PackedLinearForward, x: torch.Tensor) -> torch.Tensor:
-        packed = self.calls % 2 == 0
+    def run(self, forward: FastLinearForward, x: torch.Tensor) -> torch.Tensor:
+        layout = LAYOUTS[self.calls % len(LAYOUTS)]
         self.calls += 1
         start = _clock()
-        y = forward.packed_product(x) if packed else forward.plain_product(x)
+        y = forward.product(layout, x)
         elapsed = _clock() - start
-        if self.calls > 2:
-            self.seconds[packed].append(elapsed)
+        if self.calls > len(LAYOUTS):
+            self.seconds[layout].append(elapsed)
         if self.timings >= PROBE_SAMPLES:  # (once decided, the group no longer calls the trial)
-            speedup = statistics.median(self.seconds[False]) / statistics.median(self.seconds[True])
+            plain = statistics.median(self.seconds["plain"])
+            speedups = {layout: plain / statistics.median(seconds) for layout, seconds in self.seconds.items()}
             low, high = PLAUSIBLE_SPEEDUPS
-            if not low <= speedup <= high and self.retries < RETRIES:
+            if not all(low <= speedup <= high for speedup in speedups.values()) and self.retries < RETRIES:
                 self.retries += 1
-                self.seconds = {True: [], False: []}
+                self.seconds = {layout: [] for layout in LAYOUTS}
             else:
-                _speedups[self.key] = speedup
+                _speedups[self.key] = speedups
+                forward.group.drop_unused_copies()
         return y
 
     @property
@@ -190,43 +224,56 @@ def on_trial(rows: int) -> bool:
 _clock = time.perf_counter  # what trials time with (a test gives them a clock of its own)
 
 
-class PackedLinearForward:
-    """The forward an nn.Linear runs inside `fast_cpu_inference`: its packed weight (packed again if it
-    changes) where its group's trial found packing faster for this many rows, else the plain product."""
+class FastLinearForward:
+    """The forward an nn.Linear runs inside `fast_cpu_inference`: its product in the layout its group chose for
+    this many rows, on a copy of its weight in that layout (made when first needed, made again if the weight
+    changes)."""
 
     def __init__(self, linear: nn.Linear) -> None:
         self.linear = linear
         self.state = _weight_state(linear.weight)
-        self.packed: torch.Tensor | None = _pack(linear.weight)
-        self.group: PackedGroup | None = None  # set by fast_cpu_inference
+        self.copies: dict[str, torch.Tensor] = {}  # layout -> the weight in it (not plain: that is the weight)
+        self.copyable = True  # oneDNN takes the weight (fast_cpu_inference wraps only such Linears)
+        self.group: LinearGroup | None = None  # set by fast_cpu_inference
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.linear.weight, self.linear.bias
         if torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad):
-            raise RuntimeError(AUTOGRAD_REFUSED)  # the packed product would drop the gradient silently
+            raise RuntimeError(AUTOGRAD_REFUSED)  # the copies' products would drop the gradient silently
         state = _weight_state(weight)
         if state != self.state:
-            self.state, self.packed = state, _pack(weight) if can_pack(weight) else None
-        if self.packed is None:
+            self.state, self.copies, self.copyable = state, {}, can_pack(weight)
+        if not self.copyable:
             return F.linear(x, weight, bias)  # moved to a device or dtype oneDNN does not take
         return self.group.product(self, x)
 
-    def packed_product(self, x: torch.Tensor) -> torch.Tensor:
-        return _packed_forward(self.packed, self.linear.bias, x)
+    def product(self, layout: str, x: torch.Tensor) -> torch.Tensor:
+        """x (..., in) times the weight in `layout`, plus the bias: (..., out)."""
+        weight, bias = self.linear.weight, self.linear.bias
+        if layout == "plain":
+            return F.linear(x, weight, bias)
+        if layout not in self.copies:
+            self.copies[layout] = _pack(weight) if layout == "packed" else weight.detach().t().contiguous()
+        if layout == "packed":
+            return _packed_forward(self.copies[layout], bias, x)
+        return _transposed_forward(self.copies[layout], bias, x)
 
-    def plain_product(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.linear.weight, self.linear.bias)
+    def keep_only(self, layouts: set[str]) -> None:
+        self.copies = {layout: copy for layout, copy in self.copies.items() if layout in layouts}
 
 
 @contextlib.contextmanager
-def fast_cpu_inference(model: nn.Module, probe: bool = True) -> Iterator[None]:
-    """Within the block, each nn.Linear of `model` that oneDNN can take multiplies by its packed weight,
-    at the numbers of rows where its group's trial found that faster (`probe=False`: at every number).
+def fast_cpu_inference(model: nn.Module, layout: str | None = None) -> Iterator[None]:
+    """Within the block, each nn.Linear of `model` that oneDNN can take multiplies by a copy of its weight in
+    another layout (packed, transposed) at the numbers of rows where its group's trial found that faster
+    (`layout`: that one of LAYOUTS at every number instead, for comparisons).
 
     Where oneDNN cannot take the weights (CUDA, MPS, float16, a build without it) the model runs as
-    it is. Blocks nest: an inner block leaves the Linears an outer one packed to the outer one.
+    it is. Blocks nest: an inner block leaves the Linears an outer one wrapped to the outer one.
     Raises RuntimeError for a model autograd would train (grad mode on, parameters requiring grad).
     """
+    if layout not in (None, *LAYOUTS):
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, or None for the trials' choice")
     if torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters()):
         raise RuntimeError(AUTOGRAD_REFUSED)
     # a Linear whose forward is already shadowed belongs to an enclosing block (or to someone else)
@@ -234,29 +281,29 @@ def fast_cpu_inference(model: nn.Module, probe: bool = True) -> Iterator[None]:
         m for m in model.modules() if isinstance(m, nn.Linear) and "forward" not in vars(m) and can_pack(m.weight)
     ]
     try:
-        groups: dict[tuple, list[PackedLinearForward]] = {}
+        groups: dict[tuple, list[FastLinearForward]] = {}
         for linear in linears:
-            linear.forward = PackedLinearForward(linear)  # shadows the class's forward
+            linear.forward = FastLinearForward(linear)  # shadows the class's forward
             shape = (*linear.weight.shape, linear.weight.dtype, linear.bias is not None)
             groups.setdefault(shape, []).append(linear.forward)
         for forwards in groups.values():
-            group = PackedGroup(forwards, probe)
+            group = LinearGroup(forwards, layout)
             for forward in forwards:
                 forward.group = group
         yield
     finally:
-        for linear in linears:  # the packed copies go with the forwards that hold them
+        for linear in linears:  # the copies go with the forwards that hold them
             vars(linear).pop("forward", None)
 
 
-NONE_TRIED = "packed weights: none tried"  # the words of packing_summary and packing_report alike
+NONE_TRIED = "weight layouts: none tried"  # the words of packing_summary and packing_report alike
 
 
 def packing_report() -> list[str]:
     """One line per weight shape and number of rows tried in this process: the speed-up and the choice, or
     how far its trial has come; where none was tried (int8 or float16 weights, say), a line that says why."""
     if not _speedups.keys() | _trials.keys():
-        return [f"{NONE_TRIED}: only float32 weights on a CPU are packed, and bfloat16 ones on a CPU with AVX-512"]
+        return [f"{NONE_TRIED}: only float32 weights on a CPU are tried, and bfloat16 ones on a CPU with AVX-512"]
     lines = []
     keys = sorted(_speedups.keys() | _trials.keys(), key=lambda key: (key[-1], key[:2]))
     for key in keys:
@@ -265,8 +312,10 @@ def packing_report() -> list[str]:
             f"{rows}{'+' if rows == PROBE_ROWS else ''} rows"
         )
         if key in _speedups:
-            choice = "packed" if _speedups[key] >= PACKED_MARGIN else "plain"
-            lines.append(f"{where}: packed {_speedups[key]:.2f}x plain -> {choice}")
+            faster = ", ".join(
+                f"{layout} {speedup:.2f}x" for layout, speedup in _speedups[key].items() if layout != "plain"
+            )
+            lines.append(f"{where}: {faster} plain -> {chosen(_speedups[key])}")
         else:
             lines.append(f"{where}: on trial ({_trials[key].timings} of {PROBE_SAMPLES} timings each so far)")
     return lines
@@ -274,15 +323,15 @@ def packing_report() -> list[str]:
 
 def packing_summary() -> str:
     """The choices in this process, per number of rows, in a few words (for a start-up line): how many weight
-    shapes run packed of those tried, and how many are still on trial."""
+    shapes run in a layout other than plain of those tried, and how many are still on trial."""
     tried = collections.Counter(key[-1] for key in _speedups.keys() | _trials.keys())
-    packed = collections.Counter(key[-1] for key, speedup in _speedups.items() if speedup >= PACKED_MARGIN)
+    faster = collections.Counter(key[-1] for key, speedups in _speedups.items() if chosen(speedups) != "plain")
     pending = collections.Counter(key[-1] for key in _trials.keys() - _speedups.keys())
     if not tried:
         return NONE_TRIED
     parts = [
-        f"{rows}{'+' if rows == PROBE_ROWS else ''}: {packed[rows]}/{tried[rows]}"
+        f"{rows}{'+' if rows == PROBE_ROWS else ''}: {faster[rows]}/{tried[rows]}"
         + (f" ({pending[rows]} on trial)" if pending[rows] else "")
         for rows in sorted(tried)
     ]
-    return "packed weight shapes at rows " + ", ".join(parts)
+    return "weight shapes packed or transposed at rows " + ", ".join(parts)

@@ -147,7 +147,7 @@ def generate_command(cfg: GenerateConfig) -> int:
         model.hidden_states = torch.compile(model.hidden_states, dynamic=True)
     prompts = interactive_prompts() if cfg.interactive else [read_prompt(cfg.prompt)]
     refused = 0
-    with fast_cpu_inference(model) if cfg.fast_cpu else contextlib.nullcontext():  # packed once per command
+    with fast_cpu_inference(model) if cfg.fast_cpu else contextlib.nullcontext():  # copies made once per command
         for prompt in prompts:
             if prompt is None:
                 refused += 1

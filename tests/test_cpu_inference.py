@@ -1,6 +1,7 @@
-"""The CPU accelerator: nn.Linear's products on packed weights, fenced to inference runs that ask for it."""
+"""The CPU accelerator: nn.Linear's products on copies of the weights in faster layouts, fenced to inference runs that ask for it."""
 
 import gc
+import math
 import weakref
 
 import pytest
@@ -10,9 +11,10 @@ import torch.nn.functional as F
 from examplegpt import GPT, cpu_inference, generate
 from examplegpt.cpu_inference import (
     AUTOGRAD_REFUSED,
+    LAYOUTS,
     PROBE_SAMPLES,
-    PackedGroup,
-    PackedLinearForward,
+    FastLinearForward,
+    LinearGroup,
     can_pack,
     fast_cpu_inference,
     kv_cache_dtype,
@@ -26,7 +28,8 @@ from .conftest import peaked_model, tiny_config
 pytestmark = pytest.mark.skipif(not can_pack(torch.ones(1)), reason="this PyTorch build has no oneDNN")
 
 
-REAL_SPEEDUP = PackedGroup.speedup
+REAL_SPEEDUPS = LinearGroup.speedups
+PACKING_PAYS = {"plain": 1.0, "packed": 2.0, "transposed": 1.0}
 
 
 @pytest.fixture(autouse=True)
@@ -35,31 +38,30 @@ def packing_pays_everywhere(monkeypatch):
     monkeypatch.setattr(cpu_inference, "_speedups", {})  # a fresh process's decisions
     monkeypatch.setattr(cpu_inference, "_trials", {})
     monkeypatch.setattr(
-        PackedGroup, "speedup", lambda group, rows: cpu_inference._speedups.setdefault((*group.key, rows), 2.0)
+        LinearGroup,
+        "speedups",
+        lambda group, rows: cpu_inference._speedups.setdefault((*group.key, rows), PACKING_PAYS),
     )
 
 
-def clock_of_costs(monkeypatch, packed_cost, plain_cost) -> None:
-    """A CPU where a product of r rows takes packed_cost(r) seconds packed and plain_cost(r) plain (a clock, not a sleep)."""
-    monkeypatch.setattr(PackedGroup, "speedup", REAL_SPEEDUP)
+def clock_of_costs(monkeypatch, packed_cost, plain_cost, transposed_cost=None) -> None:
+    """A CPU where a product of r rows takes packed_cost(r) seconds packed, plain_cost(r) plain and
+    transposed_cost(r) transposed (by default as plain): a clock, not a sleep."""
+    monkeypatch.setattr(LinearGroup, "speedups", REAL_SPEEDUPS)
     now = [0.0]
-    real_packed, real_plain = PackedLinearForward.packed_product, PackedLinearForward.plain_product
+    costs = {"packed": packed_cost, "plain": plain_cost, "transposed": transposed_cost or plain_cost}
+    real = FastLinearForward.product
 
-    def packed(forward, x):
-        now[0] += packed_cost(x.numel() // x.shape[-1])
-        return real_packed(forward, x)
+    def product(forward, layout, x):
+        now[0] += costs[layout](x.numel() // x.shape[-1])
+        return real(forward, layout, x)
 
-    def plain(forward, x):
-        now[0] += plain_cost(x.numel() // x.shape[-1])
-        return real_plain(forward, x)
-
-    monkeypatch.setattr(PackedLinearForward, "packed_product", packed)
-    monkeypatch.setattr(PackedLinearForward, "plain_product", plain)
+    monkeypatch.setattr(FastLinearForward, "product", product)
     monkeypatch.setattr(cpu_inference, "_clock", lambda: now[0])
 
 
 def packed_linears(model: torch.nn.Module) -> list[torch.nn.Linear]:
-    return [m for m in model.modules() if isinstance(vars(m).get("forward"), PackedLinearForward)]
+    return [m for m in model.modules() if isinstance(vars(m).get("forward"), FastLinearForward)]
 
 
 @pytest.fixture
@@ -96,6 +98,29 @@ def test_a_packed_linear_computes_what_nn_linear_does(dtype, tolerance, bias, ro
     assert torch.equal(after, expected)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("rows", [(1,), (8,), (3, 5)])
+def test_every_layout_computes_what_nn_linear_does(layout, bias, rows):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 200, bias=bias)
+    x = torch.randn(*rows, 96)
+    with torch.inference_mode(), fast_cpu_inference(linear):
+        y = vars(linear)["forward"].product(layout, x)
+    assert y.shape == (*rows, 200)
+    assert torch.allclose(y, F.linear(x, linear.weight, linear.bias), atol=1e-5, rtol=1e-5)
+
+
+def test_a_layout_forced_for_a_comparison_runs_at_every_size_and_an_unknown_one_is_refused(tiny_model, packed_calls):
+    with torch.inference_mode(), fast_cpu_inference(tiny_model, layout="transposed"):
+        tiny_model(torch.randint(0, 50257, (1, 8)))
+        assert all(set(vars(m)["forward"].copies) == {"transposed"} for m in packed_linears(tiny_model))
+    assert packed_calls == [] and cpu_inference._trials == {}
+    with pytest.raises(ValueError, match="plain, packed, transposed"):
+        with fast_cpu_inference(tiny_model, layout="blocked"):
+            pass
+
+
 def test_a_weight_changed_within_the_run_is_packed_again():
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 32)
@@ -125,11 +150,12 @@ def test_weights_made_under_inference_mode_are_packed_afresh_by_each_run():
     assert not torch.allclose(after, before)
 
 
-def test_the_packed_copies_live_only_as_long_as_the_run(tiny_model):
+def test_the_copies_live_only_as_long_as_the_run(tiny_model):
     with torch.inference_mode(), fast_cpu_inference(tiny_model):
         linears = packed_linears(tiny_model)
         assert tiny_model.lm_head in linears and len(linears) == 1 + 4 * tiny_model.config.num_layers
-        copies = [weakref.ref(vars(m)["forward"].packed) for m in linears]
+        tiny_model(torch.randint(0, 50257, (1, 8)))
+        copies = [weakref.ref(vars(m)["forward"].copies["packed"]) for m in linears]
     gc.collect()
     assert packed_linears(tiny_model) == [] and all(copy() is None for copy in copies)  # nothing kept them
 
@@ -239,7 +265,7 @@ def test_the_probe_keeps_the_plain_product_where_packing_is_slower(tiny_model, p
         assert packed_calls  # on trial: some products packed
         assert rows_of(packing_summary()) == {"16": "0/5 (5 on trial)"}
         assert all("on trial" in line for line in packing_report())  # --verbose names the undecided too
-        for _ in range(2 * PROBE_SAMPLES + 1):  # the head, one product a pass, needs this many to decide
+        for _ in range(len(LAYOUTS) * (PROBE_SAMPLES + 1) - 1):  # the head, one product a pass, needs these to decide
             tiny_model(idx)
         packed_calls.clear()
         logits, _ = tiny_model(idx)
@@ -251,6 +277,32 @@ def test_the_probe_keeps_the_plain_product_where_packing_is_slower(tiny_model, p
     assert rows_of(packing_summary()) == {"16": "0/5"}  # 2 x 8 rows through the blocks' 4 shapes and the head
 
 
+def test_the_probe_takes_the_transposed_copy_where_it_is_fastest_and_frees_the_others(
+    tiny_model, packed_calls, monkeypatch
+):
+    clock_of_costs(
+        monkeypatch, packed_cost=lambda rows: 0.8, plain_cost=lambda rows: 1.0, transposed_cost=lambda rows: 0.5
+    )
+    head = tiny_model.lm_head
+    x = torch.randn(1, head.in_features)
+    with torch.inference_mode(), fast_cpu_inference(head):
+        forward = vars(head)["forward"]
+        for _ in range(len(LAYOUTS) * (PROBE_SAMPLES + 1)):  # one product a pass
+            head(x)
+        assert set(forward.copies) == {"transposed"}  # decided: the packed copy is freed
+        packed_calls.clear()
+        y = head(x)
+        assert packed_calls == [] and torch.equal(y, forward.product("transposed", x))
+        for _ in range(len(LAYOUTS)):  # a trial at another number of rows makes the copies it needs again
+            head(torch.randn(2, head.in_features))
+        assert set(forward.copies) == {"packed", "transposed"}
+    where = f"1 x Linear({head.in_features}, {head.out_features}, float32)"
+    assert packing_report() == [
+        f"{where}, 1 rows: packed 1.25x, transposed 2.00x plain -> transposed",
+        f"{where}, 2 rows: on trial (0 of 5 timings each so far)",
+    ]
+
+
 def test_the_probe_decides_per_number_of_rows_once_per_process(tiny_model, packed_calls, monkeypatch):
     # packing pays from 2 rows on
     clock_of_costs(monkeypatch, packed_cost=lambda rows: 1.0 if rows == 1 else 0.5, plain_cost=lambda rows: 0.9)
@@ -259,7 +311,8 @@ def test_the_probe_decides_per_number_of_rows_once_per_process(tiny_model, packe
     with torch.inference_mode():
         with fast_cpu_inference(tiny_model):
             for batch in (1, 3):
-                for _ in range(PROBE_SAMPLES + 1):  # each pass times `layers` products of each of the 4 shapes
+                # each pass times `layers` products of each of the 4 shapes
+                for _ in range(math.ceil(len(LAYOUTS) * (PROBE_SAMPLES + 1) / layers)):
                     tiny_model.hidden_states(
                         torch.zeros(batch, 1, dtype=torch.long), cpu_inference_cache(tiny_model, batch, cache_len)
                     )
@@ -275,12 +328,13 @@ def test_the_probe_decides_per_number_of_rows_once_per_process(tiny_model, packe
 
 
 def test_the_real_probe_measures_a_speedup(tiny_model, monkeypatch):
-    monkeypatch.setattr(PackedGroup, "speedup", REAL_SPEEDUP)
+    monkeypatch.setattr(LinearGroup, "speedups", REAL_SPEEDUPS)
     with torch.inference_mode(), fast_cpu_inference(tiny_model):
-        for _ in range(2 * PROBE_SAMPLES + 2):
+        for _ in range(len(LAYOUTS) * (PROBE_SAMPLES + 1)):
             tiny_model(torch.randint(0, 50257, (1, 4)))
     speedups = cpu_inference._speedups
-    assert len(speedups) == 5 and all(s > 0 for s in speedups.values())  # 4 rows through 5 weight shapes
+    assert len(speedups) == 5  # 4 rows through 5 weight shapes
+    assert all(set(s) == set(LAYOUTS) and s["plain"] == 1 and min(s.values()) > 0 for s in speedups.values())
 
 
 def test_a_trial_that_timed_a_stall_starts_again(tiny_model, monkeypatch):
@@ -293,22 +347,40 @@ def test_a_trial_that_timed_a_stall_starts_again(tiny_model, monkeypatch):
     clock_of_costs(monkeypatch, packed_cost=packed_cost, plain_cost=lambda rows: 1.0)
     head = tiny_model.lm_head
     with torch.inference_mode(), fast_cpu_inference(head):  # one weight: one product a pass
-        for _ in range(4 * (PROBE_SAMPLES + 1)):
+        for _ in range(2 * len(LAYOUTS) * (PROBE_SAMPLES + 1)):
             head(torch.zeros(1, head.in_features))
-    ((key, speedup),) = cpu_inference._speedups.items()
-    assert speedup == 2.0 and cpu_inference._trials[key].retries == 1
+    ((key, speedups),) = cpu_inference._speedups.items()
+    assert speedups["packed"] == 2.0 and cpu_inference._trials[key].retries == 1
 
 
 def test_the_engine_warm_up_settles_the_trials_of_every_decoding_size(tiny_model, monkeypatch):
     from examplegpt.batching import BatchEngine
 
-    monkeypatch.setattr(PackedGroup, "speedup", REAL_SPEEDUP)
+    monkeypatch.setattr(LinearGroup, "speedups", REAL_SPEEDUPS)
     with torch.inference_mode(), fast_cpu_inference(tiny_model):
         BatchEngine(tiny_model.requires_grad_(False), max_batch=3).warm_up()
         summary = rows_of(packing_summary())
     decoding = [summary[rows] for rows in ("1", "2", "4")]
     assert all("on trial" not in choices for choices in decoding)
     assert all(choices.endswith("/5") for choices in decoding)  # the blocks' 4 shapes and the head
+
+
+def test_the_engine_warm_up_makes_each_copy_once(tiny_model, monkeypatch):
+    """Every decoding size's trials run side by side, so none frees a copy that the next size would make again."""
+    from examplegpt.batching import BatchEngine
+
+    clock_of_costs(
+        monkeypatch, packed_cost=lambda rows: 0.8, plain_cost=lambda rows: 1.0, transposed_cost=lambda rows: 0.5
+    )
+    made = []
+    real_pack = cpu_inference._pack
+    monkeypatch.setattr(cpu_inference, "_pack", lambda weight: made.append(weight) or real_pack(weight))
+    with torch.inference_mode(), fast_cpu_inference(tiny_model):
+        BatchEngine(tiny_model.requires_grad_(False), max_batch=4, prefill_chunk=2).warm_up()
+        assert rows_of(packing_summary()) == {"1": "5/5", "2": "5/5", "4": "5/5"}
+        linears = packed_linears(tiny_model)
+        assert all(set(vars(m)["forward"].copies) == {"transposed"} for m in linears)
+    assert len(made) == len(linears)  # each weight packed once, for its trials
 
 
 def cpu_inference_cache(model, batch, length):
