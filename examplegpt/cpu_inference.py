@@ -29,6 +29,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import math
 import statistics
 import time
 from collections.abc import Iterator
@@ -83,6 +84,7 @@ def can_pack(weight: torch.Tensor) -> bool:
     """oneDNN is in this PyTorch build, works on this CPU, and takes this weight (CPU, float32 or bfloat16)."""
     return (
         weight.device.type == "cpu"
+        and weight.numel() > 0  # oneDNN refuses an empty weight
         and weight.dtype in (torch.float32, torch.bfloat16)
         and _onednn_packs_right(weight.dtype)
     )
@@ -122,8 +124,10 @@ def _transposed_forward(weight_t: torch.Tensor, bias: torch.Tensor | None, x: to
 
 
 def _weight_state(weight: torch.Tensor) -> tuple:
-    """What the weight is: a change in place moves its version, a `.to(...)` its storage or dtype."""
-    # a tensor made under torch.inference_mode has no version counter: only a replacement is seen
+    """What the weight is: a change in place moves its version, a replacement (`.to(...)`, a new tensor) its
+    address or dtype (FastLinearForward keeps the copied weight alive, so that no replacement can come back
+    at its address). Not seen: a change in place of a tensor made under torch.inference_mode (it has no
+    version counter) or through `.data` (which has a counter of its own)."""
     version = None if weight.is_inference() else weight._version
     return weight.data_ptr(), version, weight.dtype, weight.shape
 
@@ -154,7 +158,10 @@ class LinearGroup:
         """`forward`'s product, in the layout decided for this many rows or, until then, the trial's turn."""
         if self.layout is not None:
             return forward.product(self.layout, x)
-        key = (*self.key, rows_measured(x.numel() // x.shape[-1]))
+        rows = math.prod(x.shape[:-1])
+        if rows == 0:  # nothing to multiply, nor to time
+            return forward.product("plain", x)
+        key = (*self.key, rows_measured(rows))
         speedups = self.speedups(key[-1])
         if speedups is None:
             return _trials.setdefault(key, Trial(key)).run(forward, x)
@@ -179,8 +186,8 @@ class Trial:
     """The layouts against one another for one group at one number of rows, timed inside the model's own passes.
 
     The products go round the layouts, call by call, until each has PROBE_SAMPLES timings (the first
-    call of each builds its copy and kernel and is not counted); then the medians decide, for the
-    process. Timed in place, a product meets the caches as the rest of the model leaves them; timed
+    call of each builds its kernel and is not counted, and no timing includes making a copy); then the
+    medians decide, for the process. Timed in place, a product meets the caches as the rest of the model leaves them; timed
     apart, a weight read again and again can stay in a large L3 cache and favour the wrong layout.
     """
 
@@ -189,15 +196,21 @@ class Trial:
         self.calls = 0
         self.retries = 0
         self.seconds: dict[str, list[float]] = {layout: [] for layout in LAYOUTS}
+        self.started: set[str] = set()  # layouts whose first product (which builds the kernel) has run
 
     def run(self, forward: FastLinearForward, x: torch.Tensor) -> torch.Tensor:
-        layout = LAYOUTS[self.calls % len(LAYOUTS)]
+        # the next layout in turn, one step further each pass of the group's weights, so that each weight
+        # meets every layout (with as many weights as layouts, a plain turn would give each weight one layout)
+        weights = self.key[-2]
+        layout = LAYOUTS[(self.calls % weights + self.calls // weights) % len(LAYOUTS)]
         self.calls += 1
+        forward.make_copy(layout)  # not timed: the copy is made once, the product runs every step
         start = _clock()
         y = forward.product(layout, x)
         elapsed = _clock() - start
-        if self.calls > len(LAYOUTS):
+        if layout in self.started:
             self.seconds[layout].append(elapsed)
+        self.started.add(layout)
         if self.timings >= PROBE_SAMPLES:  # (once decided, the group no longer calls the trial)
             plain = statistics.median(self.seconds["plain"])
             speedups = {layout: plain / statistics.median(seconds) for layout, seconds in self.seconds.items()}
@@ -232,28 +245,34 @@ class FastLinearForward:
     def __init__(self, linear: nn.Linear) -> None:
         self.linear = linear
         self.state = _weight_state(linear.weight)
+        self.source = linear.weight.detach()  # what the copies are of, kept alive: see _weight_state
         self.copies: dict[str, torch.Tensor] = {}  # layout -> the weight in it (not plain: that is the weight)
         self.copyable = True  # oneDNN takes the weight (fast_cpu_inference wraps only such Linears)
         self.group: LinearGroup | None = None  # set by fast_cpu_inference
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.linear.weight, self.linear.bias
-        if torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad):
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (weight, bias, x)):
             raise RuntimeError(AUTOGRAD_REFUSED)  # the copies' products would drop the gradient silently
         state = _weight_state(weight)
         if state != self.state:
-            self.state, self.copies, self.copyable = state, {}, can_pack(weight)
+            self.state, self.source, self.copies, self.copyable = state, weight.detach(), {}, can_pack(weight)
         if not self.copyable:
             return F.linear(x, weight, bias)  # moved to a device or dtype oneDNN does not take
         return self.group.product(self, x)
+
+    def make_copy(self, layout: str) -> None:
+        """The weight in `layout`, unless it is there (plain: the weight itself)."""
+        if layout != "plain" and layout not in self.copies:
+            weight = self.linear.weight
+            self.copies[layout] = _pack(weight) if layout == "packed" else weight.detach().t().contiguous()
 
     def product(self, layout: str, x: torch.Tensor) -> torch.Tensor:
         """x (..., in) times the weight in `layout`, plus the bias: (..., out)."""
         weight, bias = self.linear.weight, self.linear.bias
         if layout == "plain":
             return F.linear(x, weight, bias)
-        if layout not in self.copies:
-            self.copies[layout] = _pack(weight) if layout == "packed" else weight.detach().t().contiguous()
+        self.make_copy(layout)
         if layout == "packed":
             return _packed_forward(self.copies[layout], bias, x)
         return _transposed_forward(self.copies[layout], bias, x)
@@ -269,7 +288,9 @@ def fast_cpu_inference(model: nn.Module, layout: str | None = None) -> Iterator[
     (`layout`: that one of LAYOUTS at every number instead, for comparisons).
 
     Where oneDNN cannot take the weights (CUDA, MPS, float16, a build without it) the model runs as
-    it is. Blocks nest: an inner block leaves the Linears an outer one wrapped to the outer one.
+    it is. Blocks nest: an inner block leaves the Linears an outer one wrapped to the outer one. A weight
+    replaced within the block, or changed in place, is copied again, except a change in place that
+    leaves no trace in its version counter (a tensor made under torch.inference_mode, or `.data`).
     Raises RuntimeError for a model autograd would train (grad mode on, parameters requiring grad).
     """
     if layout not in (None, *LAYOUTS):
@@ -299,9 +320,12 @@ def fast_cpu_inference(model: nn.Module, layout: str | None = None) -> Iterator[
 NONE_TRIED = "weight layouts: none tried"  # the words of packing_summary and packing_report alike
 
 
-def packing_report() -> list[str]:
+def packing_report(applied: bool = True) -> list[str]:
     """One line per weight shape and number of rows tried in this process: the speed-up and the choice, or
-    how far its trial has come; where none was tried (int8 or float16 weights, say), a line that says why."""
+    how far its trial has come; where none was tried (int8 or float16 weights, say), a line that says why.
+    applied=False: the command ran without the accelerator (--no-fast-cpu), and the one line says so."""
+    if not applied:
+        return ["off (--no-fast-cpu): every product plain PyTorch"]
     if not _speedups.keys() | _trials.keys():
         return [f"{NONE_TRIED}: only float32 weights on a CPU are tried, and bfloat16 ones on a CPU with AVX-512"]
     lines = []

@@ -248,7 +248,7 @@ def evaluate_command(cfg: EvaluateConfig, data: DataConfig) -> int:
             )
         seconds = time.perf_counter() - start
     if cfg.verbose:
-        print("\n".join(f"cpu_inference: {line}" for line in packing_report()), file=sys.stderr)
+        print("\n".join(f"cpu_inference: {line}" for line in packing_report(cfg.fast_cpu)), file=sys.stderr)
     result = {
         "checkpoint": cfg.checkpoint,
         "data": data.data,

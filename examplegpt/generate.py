@@ -154,7 +154,7 @@ def generate_command(cfg: GenerateConfig) -> int:
             elif prompt:  # an empty line asks for nothing
                 run_prompt(model, prompt, cfg, device)
     if cfg.verbose:
-        print("\n".join(f"cpu_inference: {line}" for line in packing_report()), file=sys.stderr)
+        print("\n".join(f"cpu_inference: {line}" for line in packing_report(cfg.fast_cpu)), file=sys.stderr)
     return 1 if refused else 0  # each refused line has had its error line
 
 

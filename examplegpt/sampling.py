@@ -48,7 +48,7 @@ class SamplingParams:
     repetition_penalty: float = field(default=1.0, metadata=within(gt=0))
     """Divide the positive logits (multiply the negative ones) of tokens already present by this (1 = off)."""
     seed: int | None = field(default=None, metadata=within(ge=0, lt=2**63))
-    """Seed for reproducible sampling: the same seed gives the same text (each request draws from a generator of its own)."""
+    """Seed for reproducible sampling: the same seed gives the same text (each request draws from a generator of its own; on CPU its low 32 bits count)."""
     stop_at_eos: bool = True
     """<|endoftext|> ends the text."""
     logprobs: int | None = field(default=None, metadata=within(ge=0))

@@ -44,9 +44,9 @@ def packing_pays_everywhere(monkeypatch):
     )
 
 
-def clock_of_costs(monkeypatch, packed_cost, plain_cost, transposed_cost=None) -> None:
+def clock_of_costs(monkeypatch, packed_cost, plain_cost, transposed_cost=None) -> list[float]:
     """A CPU where a product of r rows takes packed_cost(r) seconds packed, plain_cost(r) plain and
-    transposed_cost(r) transposed (by default as plain): a clock, not a sleep."""
+    transposed_cost(r) transposed (by default as plain): a clock, not a sleep. Returns [the clock's time]."""
     monkeypatch.setattr(LinearGroup, "speedups", REAL_SPEEDUPS)
     now = [0.0]
     costs = {"packed": packed_cost, "plain": plain_cost, "transposed": transposed_cost or plain_cost}
@@ -58,6 +58,7 @@ def clock_of_costs(monkeypatch, packed_cost, plain_cost, transposed_cost=None) -
 
     monkeypatch.setattr(FastLinearForward, "product", product)
     monkeypatch.setattr(cpu_inference, "_clock", lambda: now[0])
+    return now
 
 
 def packed_linears(model: torch.nn.Module) -> list[torch.nn.Linear]:
@@ -251,8 +252,9 @@ def test_the_commands_apply_it_and_no_fast_cpu_turns_it_off(command, cli, tmp_pa
     assert packed_calls  # the command ran on packed weights
     assert "cpu_inference: 2 x Linear(64, 192, float32)" in fast.stderr and "-> packed" in fast.stderr  # --verbose
     packed_calls.clear()
-    plain = cli(*args, "--device", "cpu", "--no-fast-cpu")
+    plain = cli(*args, "--device", "cpu", "--no-fast-cpu", "--verbose")
     assert plain.returncode == 0 and packed_calls == []
+    assert "cpu_inference: off (--no-fast-cpu)" in plain.stderr
     if command == "generate":
         assert plain.stdout == fast.stdout  # greedy: the same tokens either way
 
@@ -363,6 +365,67 @@ def test_the_engine_warm_up_settles_the_trials_of_every_decoding_size(tiny_model
     decoding = [summary[rows] for rows in ("1", "2", "4")]
     assert all("on trial" not in choices for choices in decoding)
     assert all(choices.endswith("/5") for choices in decoding)  # the blocks' 4 shapes and the head
+
+
+def test_a_trial_times_every_weight_in_every_layout_and_never_the_making_of_a_copy(monkeypatch):
+    """Found by an audit: with as many weights in a group as layouts, each weight met one layout only, and
+    the copies, made in the first products, were timed with them (a dozen weights: every trial chose plain)."""
+    model = GPT(tiny_config(num_layers=3)).eval().requires_grad_(False)  # groups of 3 weights: one per layout
+    now = clock_of_costs(monkeypatch, packed_cost=lambda rows: 0.5, plain_cost=lambda rows: 1.0)
+    real_pack = cpu_inference._pack
+
+    def slow_pack(weight):  # making a copy takes far longer than a product
+        now[0] += 100.0
+        return real_pack(weight)
+
+    monkeypatch.setattr(cpu_inference, "_pack", slow_pack)
+    met = set()
+    counted = FastLinearForward.product
+    monkeypatch.setattr(
+        FastLinearForward, "product", lambda f, layout, x: met.add((id(f), layout)) or counted(f, layout, x)
+    )
+    with torch.inference_mode(), fast_cpu_inference(model):
+        for _ in range(len(LAYOUTS) * (PROBE_SAMPLES + 1)):
+            model.hidden_states(torch.zeros(1, 1, dtype=torch.long), cpu_inference_cache(model, 1, 8))
+        forwards = [vars(m)["forward"] for m in packed_linears(model) if m is not model.lm_head]
+    assert {(id(f), layout) for f in forwards for layout in LAYOUTS} <= met
+    block_groups = {key: s for key, s in cpu_inference._speedups.items() if key[-2] == 3}
+    assert len(block_groups) == 4 and all(s["packed"] == 2.0 for s in block_groups.values())
+
+
+def test_a_weight_replaced_within_the_run_is_never_taken_for_the_old_one():
+    """Found by an audit: `.to(bfloat16).to(float32)` could land the new weight at the old one's address, and
+    the old weight's copy was used."""
+    for seed in range(5):
+        torch.manual_seed(seed)
+        linear = torch.nn.Linear(256, 256).requires_grad_(False)
+        x = torch.randn(4, 256)
+        for layout in ("packed", "transposed"):
+            with torch.no_grad(), fast_cpu_inference(linear, layout=layout):
+                linear(x)
+                linear.to(torch.bfloat16).to(torch.float32)  # rounded: a different weight
+                assert torch.allclose(linear(x), F.linear(x, linear.weight, linear.bias), atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+def test_empty_weights_and_empty_inputs_are_taken_as_nn_linear_takes_them(monkeypatch):
+    monkeypatch.setattr(LinearGroup, "speedups", REAL_SPEEDUPS)
+    for d_in, d_out, rows in ((0, 4, 3), (16, 0, 3), (16, 24, 0)):
+        linear = torch.nn.Linear(d_in, d_out).requires_grad_(False)
+        x = torch.randn(rows, d_in)
+        with torch.no_grad(), fast_cpu_inference(linear):
+            for _ in range(len(LAYOUTS) * (PROBE_SAMPLES + 1)):
+                y = linear(x)
+        assert torch.equal(y, F.linear(x, linear.weight, linear.bias))
+    assert cpu_inference._speedups == {}  # nothing was timed: no product had anything to multiply
+
+
+def test_a_bias_that_wants_a_gradient_is_refused():
+    linear = torch.nn.Linear(8, 4).requires_grad_(False)
+    with fast_cpu_inference(linear):
+        linear.bias.requires_grad_(True)  # after the block's check: caught at the product
+        with pytest.raises(RuntimeError, match="inference only"):
+            linear(torch.randn(2, 8))
 
 
 def test_the_engine_warm_up_makes_each_copy_once(tiny_model, monkeypatch):
