@@ -3,8 +3,7 @@
 Each round, `generate` runs one prompt on the main thread, then for each number of clients that many
 requests are submitted to a `BatchEngine` at once (16-token prompts, 128 new tokens each, greedy, or with
 `--sample` at `generate`'s defaults and a seed per request; <|endoftext|> ignored so every request runs
-its full length), and the time each token reaches its
-listener is noted. The engine runs on the main thread, as the `serve` command runs it (the clients
+its full length), and the time each token reaches its listener is noted. The engine runs on the main thread, as the `serve` command runs it (the clients
 submit from another); for contrast, one client also goes to an engine on a thread of its own
 (`BatchEngine.start`), which a process whose main thread has run the model runs at futex speed
 (batching.py says why). Everything runs inside `fast_cpu_inference` as the commands apply it (each
@@ -140,7 +139,9 @@ def main() -> None:
     parser.add_argument(
         "--device", default="cpu", choices=["cpu", "cuda"], help="cpu or cuda (packed weights are for CPU only)"
     )
-    parser.add_argument("--compare-packing", action="store_true", help="packed vs plain vs probed, at batch 1 and 8")
+    parser.add_argument(
+        "--compare-packing", action="store_true", help="each weight layout vs the trials' choice, at batch 1 and 8"
+    )
     parser.add_argument("--sample", action="store_true", help="temperature 0.8, top-p 0.9 (generate's defaults)")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -6,9 +6,9 @@ weights stream through the cores. PyTorch's default CPU product (MKL, on nn.Line
 faster: oneDNN's blocked layout ("packed", the one PyTorch's compiler, Inductor with freezing, gives
 Linear weights on CPU), used here in eager mode; and the weight transposed to a contiguous (in, out)
 matrix ("transposed"), which MKL streams faster on some CPUs for weights with more outputs than inputs
-(BENCHMARKS.md, "Weight layouts"). It is applied from outside the
-model: the commands (`generate`, `evaluate`, `serve`) wrap their run in `fast_cpu_inference(model)`
-unless told `--no-fast-cpu`, and library functions never switch it on by themselves.
+(BENCHMARKS.md, "Weight layouts"). It is applied from outside the model: the commands (`generate`,
+`evaluate`, `serve`) wrap their run in `fast_cpu_inference(model)` unless told `--no-fast-cpu`, and
+library functions never switch it on by themselves.
 
 Which layout is fastest depends on the CPU, the weight's shape and the number of rows: on an
 AVX-512/AMX Xeon the packed product of one row is about 10% slower than PyTorch's own while 8 rows
@@ -20,8 +20,8 @@ than plain. The decisions are kept for the process, and `packing_summary` / `pac
 was chosen.
 
 A copy costs as much memory as the weight: it is made when a trial first needs it, dropped once the
-group's trials have all decided and none chose it, and lives at most as long as the block. The copies' products have
-no gradient: the block refuses a model that autograd would train.
+group's trials have all decided and none chose it, and lives at most as long as the block. The
+copies' products have no gradient: the block refuses a model that autograd would train.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import functools
 import math
 import statistics
 import time
+import weakref
 from collections.abc import Iterator
 
 import torch
@@ -43,8 +44,7 @@ import torch.nn.functional as F
 ROWS_HINT = 64
 
 # The layouts a Linear's weight can be multiplied in. plain: nn.Linear's own (out, in) weight, PyTorch's
-# product (MKL); packed: a copy in oneDNN's blocked layout; transposed: a contiguous (in, out) copy, which
-# MKL streams as rows of the output (faster, where it is, for weights with more outputs than inputs)
+# product (MKL); packed: a copy in oneDNN's blocked layout; transposed: a contiguous (in, out) copy, x @ W^T
 LAYOUTS = ("plain", "packed", "transposed")
 FASTER_MARGIN = 1.05  # a copy must be at least 5% faster than plain: a tie, within noise, stays plain PyTorch
 
@@ -63,6 +63,7 @@ PASSES_TO_DECIDE = (RETRIES + 1) * len(LAYOUTS) * (PROBE_SAMPLES + 1)
 # (out, in, dtype, bias, weights in the group, rows measured) -> {layout: plain time / its time}, for the process
 _speedups: dict[tuple, dict[str, float]] = {}
 _trials: dict[tuple, Trial] = {}  # the same keys, while undecided
+_live_groups: weakref.WeakSet[LinearGroup] = weakref.WeakSet()  # the groups of the blocks still open
 
 AUTOGRAD_REFUSED = (
     "fast_cpu_inference is for inference only: the packed product has no gradient, and this model has "
@@ -153,6 +154,7 @@ class LinearGroup:
         weight = forwards[0].linear.weight
         # the count is part of the key: a dozen weights stream from memory where one may sit in the cache
         self.key = (*weight.shape, weight.dtype, forwards[0].linear.bias is not None, len(forwards))
+        _live_groups.add(self)
 
     def product(self, forward: FastLinearForward, x: torch.Tensor) -> torch.Tensor:
         """`forward`'s product, in the layout decided for this many rows or, until then, the trial's turn."""
@@ -187,8 +189,9 @@ class Trial:
 
     The products go round the layouts, call by call, until each has PROBE_SAMPLES timings (the first
     call of each builds its kernel and is not counted, and no timing includes making a copy); then the
-    medians decide, for the process. Timed in place, a product meets the caches as the rest of the model leaves them; timed
-    apart, a weight read again and again can stay in a large L3 cache and favour the wrong layout.
+    medians decide, for the process. Timed in place, a product meets the caches as the rest of the model
+    leaves them; timed apart, a weight read again and again can stay in a large L3 cache and favour the
+    wrong layout.
     """
 
     def __init__(self, key: tuple) -> None:
@@ -220,7 +223,9 @@ class Trial:
                 self.seconds = {layout: [] for layout in LAYOUTS}
             else:
                 _speedups[self.key] = speedups
-                forward.group.drop_unused_copies()
+                for group in list(_live_groups):  # every block's group of this shape, not only the caller's
+                    if group.key == self.key[:-1]:
+                        group.drop_unused_copies()
         return y
 
     @property
@@ -262,7 +267,7 @@ class FastLinearForward:
         return self.group.product(self, x)
 
     def make_copy(self, layout: str) -> None:
-        """The weight in `layout`, unless it is there (plain: the weight itself)."""
+        """Copy the weight into `layout`, unless that copy is there (plain needs none)."""
         if layout != "plain" and layout not in self.copies:
             weight = self.linear.weight
             self.copies[layout] = _pack(weight) if layout == "packed" else weight.detach().t().contiguous()

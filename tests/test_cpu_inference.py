@@ -428,6 +428,21 @@ def test_a_bias_that_wants_a_gradient_is_refused():
             linear(torch.randn(2, 8))
 
 
+def test_a_trial_shared_by_two_open_blocks_frees_the_unused_copies_of_both(monkeypatch):
+    """Found by an audit: two models of one shape share their trials, and only the block whose product ended
+    a trial freed the copies it had not chosen."""
+    clock_of_costs(
+        monkeypatch, packed_cost=lambda rows: 0.8, plain_cost=lambda rows: 1.0, transposed_cost=lambda rows: 0.5
+    )
+    heads = [torch.nn.Linear(32, 96).requires_grad_(False) for _ in range(2)]
+    x = torch.randn(1, 32)
+    with torch.no_grad(), fast_cpu_inference(heads[0]), fast_cpu_inference(heads[1]):
+        for _ in range(len(LAYOUTS) * (PROBE_SAMPLES + 1)):
+            for head in heads:
+                head(x)
+        assert [set(vars(head)["forward"].copies) for head in heads] == [{"transposed"}, {"transposed"}]
+
+
 def test_the_engine_warm_up_makes_each_copy_once(tiny_model, monkeypatch):
     """Every decoding size's trials run side by side, so none frees a copy that the next size would make again."""
     from examplegpt.batching import BatchEngine
