@@ -1,25 +1,31 @@
 """Evaluation throughput: ExampleGPT's sliding-window scorer against the same computation through transformers.
 
-Same weights (a random 6-layer GPT-2 made with transformers), same token stream, same window and
-stride, same batch; both score every token once. Reported: tokens scored per second, and the two
-losses (which must agree).
+Same weights (a random GPT-2 made with transformers, 6 layers x 384 unless told), same token stream,
+same window and stride, same batch; every token is scored once. ExampleGPT runs twice: as `evaluate`
+runs it (inside the CPU accelerator, `fast_cpu_inference`) and as `evaluate --no-fast-cpu` does (plain
+PyTorch), so the accelerator's gain or loss on long sequences shows beside the peer. Reported: tokens
+scored per second (median of alternating repeats) and the losses (which must agree).
 
     python benchmarks/bench_evaluate.py --tokens 20000
+    python benchmarks/bench_evaluate.py --layers 12 --d-model 768 --heads 12 --tokens 8000   # GPT-2 124M's shape
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import tempfile
 import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from machine import describe_machine  # benchmarks/machine.py, beside this script
 
 from examplegpt import load_model
-from examplegpt.cpu_inference import fast_cpu_inference
+from examplegpt.cpu_inference import fast_cpu_inference, packing_report
 from examplegpt.evaluate import sliding_window_nll, window_plan
+from examplegpt.reproducibility import pin_cpu_arithmetic
 
 
 @torch.no_grad()
@@ -42,9 +48,11 @@ def hf_sliding_window_nll(model, tokens: np.ndarray, window: int, stride: int, b
     return total, count
 
 
-def score_as_the_command_does(model, tokens: np.ndarray, stride: int, batch_size: int) -> tuple[float, int]:
-    """sliding_window_nll inside the CPU accelerator, packed for this run alone, as `evaluate` runs it."""
-    with fast_cpu_inference(model):
+def score_as_the_command_does(
+    model, tokens: np.ndarray, stride: int, batch_size: int, fast_cpu: bool
+) -> tuple[float, int]:
+    """sliding_window_nll as `evaluate` runs it: inside the CPU accelerator, or (fast_cpu=False) without it."""
+    with fast_cpu_inference(model) if fast_cpu else contextlib.nullcontext():
         return sliding_window_nll(model, tokens, stride, batch_size, torch.device("cpu"))
 
 
@@ -54,12 +62,19 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=256)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--d-model", type=int, default=384)
+    parser.add_argument("--heads", type=int, default=6)
     args = parser.parse_args()
 
     import transformers
 
+    pin_cpu_arithmetic()  # as every command does, before the first product
+    print(describe_machine())
     torch.manual_seed(0)
-    config = transformers.GPT2Config(n_embd=384, n_head=6, n_layer=6, n_positions=args.window)
+    config = transformers.GPT2Config(
+        n_embd=args.d_model, n_head=args.heads, n_layer=args.layers, n_positions=args.window
+    )
     hf = transformers.GPT2LMHeadModel(config).eval()
     with tempfile.TemporaryDirectory() as folder:
         hf.save_pretrained(folder)
@@ -68,7 +83,8 @@ def main() -> None:
     stride = args.window // 2
     runs = {
         "huggingface": lambda: hf_sliding_window_nll(hf, tokens, args.window, stride, args.batch),
-        "examplegpt": lambda: score_as_the_command_does(ours, tokens, stride, args.batch),
+        "examplegpt": lambda: score_as_the_command_does(ours, tokens, stride, args.batch, fast_cpu=True),
+        "plain": lambda: score_as_the_command_does(ours, tokens, stride, args.batch, fast_cpu=False),
     }
     rates = {name: [] for name in runs}
     losses = {}
@@ -78,10 +94,15 @@ def main() -> None:
             total, count = run()
             rates[name].append(count / (time.perf_counter() - start))
             losses[name] = total / count
-    print(f"6 layers x 384, window {args.window}, stride {stride}, batch {args.batch}, {args.tokens} tokens, CPU fp32")
+    print(f"{args.layers} layers x {args.d_model}, window {args.window}, stride {stride}, batch {args.batch}, "
+          f"{args.tokens} tokens, CPU fp32")  # fmt: skip
+    names = {"huggingface": "transformers", "examplegpt": "examplegpt (evaluate)", "plain": "examplegpt --no-fast-cpu"}
     for name in runs:
-        print(f"{name:>12}: {np.median(rates[name]):,.0f} tokens/s, loss {losses[name]:.6f}")
-    print(f"ratio examplegpt / huggingface: {np.median(rates['examplegpt']) / np.median(rates['huggingface']):.2f}x")
+        print(f"{names[name]:>24}: {np.median(rates[name]):,.0f} tokens/s, loss {losses[name]:.6f}")
+    rate = {name: np.median(rates[name]) for name in runs}
+    print(f"examplegpt / transformers: {rate['examplegpt'] / rate['huggingface']:.2f}x; "
+          f"accelerated / plain: {rate['examplegpt'] / rate['plain']:.2f}x")  # fmt: skip
+    print("the trials' choices:\n  " + "\n  ".join(packing_report()))
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
-import math
 import statistics
 import time
 import weakref
@@ -154,20 +153,23 @@ class LinearGroup:
         weight = forwards[0].linear.weight
         # the count is part of the key: a dozen weights stream from memory where one may sit in the cache
         self.key = (*weight.shape, weight.dtype, forwards[0].linear.bias is not None, len(forwards))
+        # rows -> the layout decided for them: a decode step's dozens of products look it up, nothing more
+        self.decided: dict[int, str] = {0: "plain"}  # zero rows: nothing to multiply, nor to time
         _live_groups.add(self)
 
-    def product(self, forward: FastLinearForward, x: torch.Tensor) -> torch.Tensor:
-        """`forward`'s product, in the layout decided for this many rows or, until then, the trial's turn."""
-        if self.layout is not None:
-            return forward.product(self.layout, x)
-        rows = math.prod(x.shape[:-1])
-        if rows == 0:  # nothing to multiply, nor to time
-            return forward.product("plain", x)
+    def layout_for(self, rows: int) -> str | None:
+        """The layout for products of `rows` rows: the forced one, the decided one, or None while on trial."""
+        layout = self.layout or self.decided.get(rows)
+        if layout is None:
+            speedups = self.speedups(rows_measured(rows))
+            if speedups is not None:
+                layout = self.decided[rows] = chosen(speedups)
+        return layout
+
+    def trial_product(self, forward: FastLinearForward, x: torch.Tensor, rows: int) -> torch.Tensor:
+        """`forward`'s product in the layout whose turn it is in the trial at this many rows."""
         key = (*self.key, rows_measured(rows))
-        speedups = self.speedups(key[-1])
-        if speedups is None:
-            return _trials.setdefault(key, Trial(key)).run(forward, x)
-        return forward.product(chosen(speedups), x)
+        return _trials.setdefault(key, Trial(key)).run(forward, x)
 
     def speedups(self, rows: int) -> dict[str, float] | None:
         """Each layout's speed-up over plain for the group's products at `rows` rows; None while on trial."""
@@ -256,7 +258,7 @@ class FastLinearForward:
         self.group: LinearGroup | None = None  # set by fast_cpu_inference
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        weight, bias = self.linear.weight, self.linear.bias
+        weight, bias = self.weight_and_bias()
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (weight, bias, x)):
             raise RuntimeError(AUTOGRAD_REFUSED)  # the copies' products would drop the gradient silently
         state = _weight_state(weight)
@@ -264,17 +266,27 @@ class FastLinearForward:
             self.state, self.source, self.copies, self.copyable = state, weight.detach(), {}, can_pack(weight)
         if not self.copyable:
             return F.linear(x, weight, bias)  # moved to a device or dtype oneDNN does not take
-        return self.group.product(self, x)
+        rows = x.numel() // x.shape[-1]  # x (..., in), in > 0 (empty weights are not wrapped)
+        layout = self.group.layout_for(rows)
+        if layout is None:
+            return self.group.trial_product(self, x, rows)
+        return F.linear(x, weight, bias) if layout == "plain" else self.product(layout, x)
+
+    def weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # straight from the parameters' dict: nn.Module's attribute lookup would cost a decode step's dozens
+        # of products more than this wrapper's other work (an nn.Linear's weight is always a parameter there)
+        parameters = self.linear._parameters
+        return parameters["weight"], parameters["bias"]
 
     def make_copy(self, layout: str) -> None:
         """Copy the weight into `layout`, unless that copy is there (plain needs none)."""
         if layout != "plain" and layout not in self.copies:
-            weight = self.linear.weight
+            weight, _ = self.weight_and_bias()
             self.copies[layout] = _pack(weight) if layout == "packed" else weight.detach().t().contiguous()
 
     def product(self, layout: str, x: torch.Tensor) -> torch.Tensor:
         """x (..., in) times the weight in `layout`, plus the bias: (..., out)."""
-        weight, bias = self.linear.weight, self.linear.bias
+        weight, bias = self.weight_and_bias()
         if layout == "plain":
             return F.linear(x, weight, bias)
         self.make_copy(layout)

@@ -44,6 +44,18 @@ def test_generation_benchmark_runs_and_matches_transformers_tokens():
     assert all(float(line.split("|")[4].strip().rstrip("x")) > 0 for line in ratios)
 
 
+def test_evaluation_benchmark_scores_alike_with_and_without_the_accelerator_and_as_transformers():
+    command = [sys.executable, str(REPO / "benchmarks" / "bench_evaluate.py"), "--layers", "1", "--d-model", "64",
+               "--heads", "2", "--window", "32", "--batch", "2", "--tokens", "200", "--repeats", "1"]  # fmt: skip
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("CPU ")  # the machine first
+    losses = [float(line.rsplit("loss ", 1)[1]) for line in proc.stdout.splitlines() if "tokens/s, loss" in line]
+    assert len(losses) == 3  # transformers, evaluate as run, evaluate --no-fast-cpu
+    assert max(losses) - min(losses) < 1e-4, proc.stdout
+    assert "accelerated / plain: " in proc.stdout
+
+
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal where there is no GPU")
 @pytest.mark.parametrize("script", ["bench_generate.py", "bench_serve.py"])
 def test_generation_benchmarks_refuse_cuda_without_a_gpu_in_one_line(script):
