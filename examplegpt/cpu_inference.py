@@ -37,6 +37,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils.parametrize import is_parametrized
 
 # The number of rows oneDNN is told to expect, which picks the layout; any number of rows still works.
 # 64 suits both one-row decode steps and batches (a hint of 1 picks a slower layout for both).
@@ -137,6 +138,11 @@ def rows_measured(rows: int) -> int:
     return min(1 << (rows - 1).bit_length(), PROBE_ROWS)
 
 
+def linear_kind(linear: nn.Linear) -> tuple:
+    """What a Linear's products are timed and decided by: (out, in, dtype, has a bias)."""
+    return *linear.weight.shape, linear.weight.dtype, linear.bias is not None
+
+
 def chosen(speedups: dict[str, float]) -> str:
     """The layout a trial's speed-ups (plain time / each layout's time) choose: the fastest, if FASTER_MARGIN
     faster than plain."""
@@ -150,9 +156,8 @@ class LinearGroup:
     def __init__(self, forwards: list[FastLinearForward], layout: str | None) -> None:
         self.forwards = forwards
         self.layout = layout  # None: as the trials decide; else this layout at every size (benchmarks)
-        weight = forwards[0].linear.weight
         # the count is part of the key: a dozen weights stream from memory where one may sit in the cache
-        self.key = (*weight.shape, weight.dtype, forwards[0].linear.bias is not None, len(forwards))
+        self.key = (*linear_kind(forwards[0].linear), len(forwards))
         # rows -> the layout decided for them: a decode step's dozens of products look it up, nothing more
         self.decided: dict[int, str] = {0: "plain"}  # zero rows: nothing to multiply, nor to time
         _live_groups.add(self)
@@ -258,15 +263,20 @@ class FastLinearForward:
         self.group: LinearGroup | None = None  # set by fast_cpu_inference
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if "weight" not in self.linear._parameters:  # parametrized within the block: PyTorch's own forward
+            return type(self.linear).forward(self.linear, x)
         weight, bias = self.weight_and_bias()
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (weight, bias, x)):
             raise RuntimeError(AUTOGRAD_REFUSED)  # the copies' products would drop the gradient silently
         state = _weight_state(weight)
         if state != self.state:
-            self.state, self.source, self.copies, self.copyable = state, weight.detach(), {}, can_pack(weight)
-        if not self.copyable:
-            return F.linear(x, weight, bias)  # moved to a device or dtype oneDNN does not take
-        rows = x.numel() // x.shape[-1]  # x (..., in), in > 0 (empty weights are not wrapped)
+            # a weight of another shape or dtype than its group's runs plain: the group's trials are not its own
+            same_kind = linear_kind(self.linear) == self.group.key[:-1]
+            self.state, self.source, self.copies = state, weight.detach(), {}
+            self.copyable = same_kind and can_pack(weight)
+        if not self.copyable or torch.is_autocast_enabled("cpu"):
+            return F.linear(x, weight, bias)  # oneDNN does not take the weight, or autocast picks the dtype
+        rows = x.numel() // weight.shape[1]  # x (..., in); in > 0, as empty weights are not wrapped
         layout = self.group.layout_for(rows)
         if layout is None:
             return self.group.trial_product(self, x, rows)
@@ -305,33 +315,39 @@ def fast_cpu_inference(model: nn.Module, layout: str | None = None) -> Iterator[
     (`layout`: that one of LAYOUTS at every number instead, for comparisons).
 
     Where oneDNN cannot take the weights (CUDA, MPS, float16, a build without it) the model runs as
-    it is. Blocks nest: an inner block leaves the Linears an outer one wrapped to the outer one. A weight
-    replaced within the block, or changed in place, is copied again, except a change in place that
-    leaves no trace in its version counter (a tensor made under torch.inference_mode, or `.data`).
-    Raises RuntimeError for a model autograd would train (grad mode on, parameters requiring grad).
+    it is; so do parametrized Linears, and every product under torch.autocast. Blocks nest: an inner
+    block leaves the Linears an outer one wrapped to the outer one. A weight replaced within the block,
+    or changed in place, is copied again, except a change in place that leaves no trace in its version
+    counter (a tensor made under torch.inference_mode, or `.data`); one replaced by a weight of another
+    shape or dtype (`model.to(torch.bfloat16)`) runs plain PyTorch until the next block. Raises
+    RuntimeError for a model autograd would train (grad mode on, parameters requiring grad).
     """
     if layout not in (None, *LAYOUTS):
         raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, or None for the trials' choice")
     if torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters()):
         raise RuntimeError(AUTOGRAD_REFUSED)
     # a Linear whose forward is already shadowed belongs to an enclosing block (or to someone else)
+    # (a parametrized weight is computed at every call: nothing to copy)
     linears = [
-        m for m in model.modules() if isinstance(m, nn.Linear) and "forward" not in vars(m) and can_pack(m.weight)
+        m
+        for m in model.modules()
+        if isinstance(m, nn.Linear) and "forward" not in vars(m) and not is_parametrized(m) and can_pack(m.weight)
     ]
     try:
         groups: dict[tuple, list[FastLinearForward]] = {}
         for linear in linears:
             linear.forward = FastLinearForward(linear)  # shadows the class's forward
-            shape = (*linear.weight.shape, linear.weight.dtype, linear.bias is not None)
-            groups.setdefault(shape, []).append(linear.forward)
+            groups.setdefault(linear_kind(linear), []).append(linear.forward)
         for forwards in groups.values():
             group = LinearGroup(forwards, layout)
             for forward in forwards:
                 forward.group = group
         yield
     finally:
-        for linear in linears:  # the copies go with the forwards that hold them
-            vars(linear).pop("forward", None)
+        for linear in linears:
+            forward = vars(linear).pop("forward", None)
+            if isinstance(forward, FastLinearForward):  # its copies go now: the forward and its group refer
+                forward.copies, forward.group = {}, None  # to each other, and would wait for the collector
 
 
 NONE_TRIED = "weight layouts: none tried"  # the words of packing_summary and packing_report alike

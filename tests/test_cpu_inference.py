@@ -7,6 +7,7 @@ import weakref
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
 
 from examplegpt import GPT, cpu_inference, generate
 from examplegpt.cpu_inference import (
@@ -152,13 +153,60 @@ def test_weights_made_under_inference_mode_are_packed_afresh_by_each_run():
 
 
 def test_the_copies_live_only_as_long_as_the_run(tiny_model):
-    with torch.inference_mode(), fast_cpu_inference(tiny_model):
-        linears = packed_linears(tiny_model)
-        assert tiny_model.lm_head in linears and len(linears) == 1 + 4 * tiny_model.config.num_layers
-        tiny_model(torch.randint(0, 50257, (1, 8)))
-        copies = [weakref.ref(vars(m)["forward"].copies["packed"]) for m in linears]
-    gc.collect()
-    assert packed_linears(tiny_model) == [] and all(copy() is None for copy in copies)  # nothing kept them
+    gc.disable()  # freed when the block ends, not when the collector comes round (an audit found them waiting)
+    try:
+        with torch.inference_mode(), fast_cpu_inference(tiny_model):
+            linears = packed_linears(tiny_model)
+            assert tiny_model.lm_head in linears and len(linears) == 1 + 4 * tiny_model.config.num_layers
+            tiny_model(torch.randint(0, 50257, (1, 8)))
+            copies = [weakref.ref(vars(m)["forward"].copies["packed"]) for m in linears]
+        assert packed_linears(tiny_model) == [] and all(copy() is None for copy in copies)  # nothing kept them
+    finally:
+        gc.enable()
+
+
+def test_a_weight_turned_to_another_dtype_within_the_run_runs_plain_and_is_not_timed_as_the_old_one(packed_calls):
+    """Found by an audit: a group's key was fixed when the block opened, so bfloat16 products were timed, and
+    reported, as the float32 group's."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 32).requires_grad_(False)
+    x = torch.randn(4, 64)
+    with torch.inference_mode(), fast_cpu_inference(linear):
+        linear(x)
+        assert len(packed_calls) == 1
+        linear.to(torch.bfloat16)
+        for _ in range(3):
+            assert torch.equal(linear(x.bfloat16()), F.linear(x.bfloat16(), linear.weight, linear.bias))
+    assert len(packed_calls) == 1
+    assert {key[2] for key in cpu_inference._speedups} == {torch.float32}
+
+
+def test_parametrized_linears_run_as_pytorch_runs_them():
+    """Found by an audit: a parametrized weight is not in the module's parameters, and the block raised KeyError."""
+    torch.manual_seed(0)
+    double = type("Double", (torch.nn.Module,), {"forward": lambda self, w: 2 * w})
+    before, during = torch.nn.Linear(16, 8), torch.nn.Linear(16, 8)
+    parametrize.register_parametrization(before, "weight", double())
+    x = torch.randn(3, 16)
+    with torch.inference_mode(), fast_cpu_inference(before), fast_cpu_inference(during):
+        assert packed_linears(before) == []  # not wrapped: its weight is computed at every call
+        assert torch.equal(before(x), F.linear(x, before.weight, before.bias))
+        during(x)
+        parametrize.register_parametrization(during, "weight", double())  # within the block
+        assert torch.equal(during(x), F.linear(x, during.weight, during.bias))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_products_under_autocast_are_autocast_s_own(layout):
+    """Found by an audit: the packed product of a float32 copy and autocast's bfloat16 input raised."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 32).requires_grad_(False)
+    x = torch.randn(4, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = linear(x)
+        with torch.inference_mode(), fast_cpu_inference(linear, layout=layout):
+            y = linear(x)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, expected)
 
 
 def test_nested_runs_keep_the_outer_one_packed_until_it_ends(tiny_model, packed_calls):
