@@ -47,7 +47,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .cpu_inference import PASSES_TO_DECIDE, kv_cache_dtype, on_trial
+from .cpu_inference import PASSES_TO_DECIDE, PROBE_ROWS, kv_cache_dtype, on_trial
 from .kv_cache import KVCache
 from .model import GPT
 from .sampling import SamplingParams, choose_next, token_rule
@@ -150,25 +150,27 @@ class BatchEngine:
 
     def warm_up(self) -> None:
         """Run the model once at each size the engine's steps take (decoding 1, 2, 3, ... max_batch rows; a prompt
-        chunk of 2, 4, ... prefill_chunk tokens), on the calling thread, the one that will `run` the engine: what
-        a first step at a size costs (`cpu_inference`'s trials of weight layouts, oneDNN's kernels and the memory
-        they keep) is paid here, not by the first requests. Every row count: a full batch meets the others only
-        as it drains, and with packed weights each new one keeps 1-2 MB for good. A decoding size runs again
-        until its layout trials have decided (the LM head's takes 18 passes, more where the machine's other
-        work made a trial start again), the sizes in turn: were one size's trials to finish before the next
-        size's begin, the copies they did not choose would be freed, and made again for the next."""
-        chunk = min(self.prefill_chunk, self.model.config.max_seq_len)
-        decoding = [(rows, 1) for rows in range(1, self.max_batch + 1)]
-        prompts = [(1, tokens) for tokens in powers_of_two_up_to(chunk) if tokens > 1]
+        chunk of 2, 4, ... prefill_chunk tokens, and a whole prompt of PROBE_ROWS, which stands for every longer
+        one), on the calling thread, the one that will `run` the engine: what a first step at a size costs
+        (`cpu_inference`'s trials of weight layouts, oneDNN's kernels and the memory they keep) is paid here, not
+        by the first requests. Every row count: a full batch meets the others only as it drains, and with packed
+        weights each new one keeps 1-2 MB for good. A size runs again until its layout trials have decided (the
+        LM head's takes 18 passes, more where the machine's other work made a trial start again), the sizes in
+        turn: were one size's trials to finish before the next size's begin, the copies they did not choose
+        would be freed, and made again for the next."""
+        context = self.model.config.max_seq_len
+        chunks = [tokens for tokens in powers_of_two_up_to(min(self.prefill_chunk, context)) if tokens > 1]
+        sizes = [(rows, 1) for rows in range(1, self.max_batch + 1)]
+        sizes += [(1, tokens) for tokens in sorted({*chunks, min(PROBE_ROWS, context - 1)}) if tokens > 1]
         with torch.inference_mode():
-            for rows, tokens in decoding + prompts:
+            for rows, tokens in sizes:
                 self.run_once(rows, tokens)
             for _ in range(PASSES_TO_DECIDE - 1):
-                undecided = [rows for rows, _ in decoding if on_trial(rows)]
+                undecided = [(rows, tokens) for rows, tokens in sizes if on_trial(rows * tokens)]
                 if not undecided:
                     break
-                for rows in undecided:
-                    self.run_once(rows, 1)
+                for rows, tokens in undecided:
+                    self.run_once(rows, tokens)
 
     def run_once(self, rows: int, tokens: int) -> None:
         """The model over `rows` rows of `tokens` tokens, into a cache of its own."""

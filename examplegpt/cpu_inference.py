@@ -52,12 +52,16 @@ FASTER_MARGIN = 1.05  # a copy must be at least 5% faster than plain: a tie, wit
 # (past it the products are bound by arithmetic, not by streaming the weights: one trial stands for every size).
 PROBE_ROWS = 128
 PROBE_SAMPLES = 5  # timed products of each way, after the first of each (which builds its kernel)
+# A trial times the products of a group's first few weights only (the others run plain meanwhile): copies
+# are made of these alone, where a copy of every weight in every layout cost a fresh command more than the
+# trial's slower products (GPT-2 124M: a gigabyte, 0.3 s; BENCHMARKS.md, "Issue 24 on the Xeon VM").
+TIMED_WEIGHTS = len(LAYOUTS)
 # A trial whose ratio falls outside these bounds timed the machine's other work, not the products (measured
 # ratios run from about 0.6 to 2.5): it starts again, at most RETRIES times, before its result stands.
 PLAUSIBLE_SPEEDUPS = (0.2, 5.0)
 RETRIES = 2
 # Passes of the model that settle every trial at one number of rows, on a busy machine too (every retry
-# taken): a group of one weight (the LM head) runs one product a pass; a block's group of 12 weights, 12.
+# taken): a group of one weight (the LM head) times one product a pass; a block's group, TIMED_WEIGHTS.
 PASSES_TO_DECIDE = (RETRIES + 1) * len(LAYOUTS) * (PROBE_SAMPLES + 1)
 
 # (out, in, dtype, bias, weights in the group, rows measured) -> {layout: plain time / its time}, for the process
@@ -194,9 +198,9 @@ class LinearGroup:
 class Trial:
     """The layouts against one another for one group at one number of rows, timed inside the model's own passes.
 
-    The products go round the layouts, call by call, until each has PROBE_SAMPLES timings (the first
-    call of each builds its kernel and is not counted, and no timing includes making a copy); then the
-    medians decide, for the process. Timed in place, a product meets the caches as the rest of the model
+    The products of the group's first TIMED_WEIGHTS weights go round the layouts, call by call, until
+    each layout has PROBE_SAMPLES timings (the first call of each builds its kernel and is not counted,
+    and no timing includes making a copy); then the medians decide, for the process. Timed in place, a product meets the caches as the rest of the model
     leaves them; timed apart, a weight read again and again can stay in a large L3 cache and favour the
     wrong layout.
     """
@@ -209,9 +213,11 @@ class Trial:
         self.started: set[str] = set()  # layouts whose first product (which builds the kernel) has run
 
     def run(self, forward: FastLinearForward, x: torch.Tensor) -> torch.Tensor:
-        # the next layout in turn, one step further each pass of the group's weights, so that each weight
+        weights = min(self.key[-2], TIMED_WEIGHTS)
+        if forward.index >= weights:
+            return forward.product("plain", x)
+        # the next layout in turn, one step further each pass of the timed weights, so that each weight
         # meets every layout (with as many weights as layouts, a plain turn would give each weight one layout)
-        weights = self.key[-2]
         layout = LAYOUTS[(self.calls % weights + self.calls // weights) % len(LAYOUTS)]
         self.calls += 1
         forward.make_copy(layout)  # not timed: the copy is made once, the product runs every step
@@ -261,6 +267,7 @@ class FastLinearForward:
         self.copies: dict[str, torch.Tensor] = {}  # layout -> the weight in it (not plain: that is the weight)
         self.copyable = True  # oneDNN takes the weight (fast_cpu_inference wraps only such Linears)
         self.group: LinearGroup | None = None  # set by fast_cpu_inference
+        self.index = 0  # its place in the group (set there too): a trial times the first few
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if "weight" not in self.linear._parameters:  # parametrized within the block: PyTorch's own forward
@@ -340,8 +347,8 @@ def fast_cpu_inference(model: nn.Module, layout: str | None = None) -> Iterator[
             groups.setdefault(linear_kind(linear), []).append(linear.forward)
         for forwards in groups.values():
             group = LinearGroup(forwards, layout)
-            for forward in forwards:
-                forward.group = group
+            for index, forward in enumerate(forwards):
+                forward.group, forward.index = group, index
         yield
     finally:
         for linear in linears:

@@ -13,12 +13,15 @@ from examplegpt import GPT, cpu_inference, generate
 from examplegpt.cpu_inference import (
     AUTOGRAD_REFUSED,
     LAYOUTS,
+    PASSES_TO_DECIDE,
     PROBE_SAMPLES,
+    TIMED_WEIGHTS,
     FastLinearForward,
     LinearGroup,
     can_pack,
     fast_cpu_inference,
     kv_cache_dtype,
+    on_trial,
     packing_report,
     packing_summary,
 )
@@ -413,6 +416,9 @@ def test_the_engine_warm_up_settles_the_trials_of_every_decoding_size(tiny_model
     decoding = [summary[rows] for rows in ("1", "2", "4")]
     assert all("on trial" not in choices for choices in decoding)
     assert all(choices.endswith("/5") for choices in decoding)  # the blocks' 4 shapes and the head
+    # and the prompts' sizes (an audit found 32 and 64 rows still on trial, left to the first requests)
+    prompts = [summary[rows] for rows in ("8", "16", "32", "64", "128+")]
+    assert all("on trial" not in choices and choices.endswith("/4") for choices in prompts)  # the blocks' shapes
 
 
 def test_a_trial_times_every_weight_in_every_layout_and_never_the_making_of_a_copy(monkeypatch):
@@ -491,6 +497,25 @@ def test_a_trial_shared_by_two_open_blocks_frees_the_unused_copies_of_both(monke
         assert [set(vars(head)["forward"].copies) for head in heads] == [{"transposed"}, {"transposed"}]
 
 
+def test_a_trial_copies_only_the_weights_it_times(monkeypatch):
+    """A fresh command paid more for copying every weight into every layout than the trial's products cost."""
+    model = GPT(tiny_config(num_layers=6)).eval().requires_grad_(False)  # groups of 6 weights
+    clock_of_costs(
+        monkeypatch, packed_cost=lambda rows: 0.8, plain_cost=lambda rows: 1.0, transposed_cost=lambda rows: 0.5
+    )
+    packed = []
+    real_pack = cpu_inference._pack
+    monkeypatch.setattr(cpu_inference, "_pack", lambda weight: packed.append(weight) or real_pack(weight))
+    idx = torch.randint(0, 50257, (1, 1))
+    with torch.inference_mode(), fast_cpu_inference(model):
+        cache = cpu_inference_cache(model, 1, PASSES_TO_DECIDE + 1)
+        while on_trial(1) or not cpu_inference._speedups:
+            model.logits(model.hidden_states(idx, cache)[:, -1])
+        assert len(packed) == 4 * TIMED_WEIGHTS + 1  # the blocks' four groups' first weights, and the head
+        model.logits(model.hidden_states(idx, cache)[:, -1])  # a pass as chosen
+        assert all(set(vars(m)["forward"].copies) == {"transposed"} for m in packed_linears(model))
+
+
 def test_the_engine_warm_up_makes_each_copy_once(tiny_model, monkeypatch):
     """Every decoding size's trials run side by side, so none frees a copy that the next size would make again."""
     from examplegpt.batching import BatchEngine
@@ -503,7 +528,7 @@ def test_the_engine_warm_up_makes_each_copy_once(tiny_model, monkeypatch):
     monkeypatch.setattr(cpu_inference, "_pack", lambda weight: made.append(weight) or real_pack(weight))
     with torch.inference_mode(), fast_cpu_inference(tiny_model):
         BatchEngine(tiny_model.requires_grad_(False), max_batch=4, prefill_chunk=2).warm_up()
-        assert rows_of(packing_summary()) == {"1": "5/5", "2": "5/5", "4": "5/5"}
+        assert rows_of(packing_summary()) == {"1": "5/5", "2": "5/5", "4": "5/5", "128+": "4/4"}
         linears = packed_linears(tiny_model)
         assert all(set(vars(m)["forward"].copies) == {"transposed"} for m in linears)
     assert len(made) == len(linears)  # each weight packed once, for its trials
