@@ -4,29 +4,20 @@ And the environment a benchmark hands the commands it starts on that machine."""
 from __future__ import annotations
 
 import os
-import platform
 import time
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
+from examplegpt.device import KERNEL_FLAGS, cpu_flags, cpu_model
 
-ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")  # the ones that change which kernels run
+REPO = Path(__file__).resolve().parent.parent
 
 
 def cpu_model_and_flags() -> tuple[str, list[str]]:
-    """The CPU's model name and which of ISA_FLAGS it has (from /proc/cpuinfo; 'unknown' elsewhere)."""
-    try:
-        text = open("/proc/cpuinfo").read()
-    except OSError:
-        return platform.processor() or "unknown", []
-    model = next(
-        (line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "unknown"
-    )
-    flags_line = next((line for line in text.splitlines() if line.startswith("flags")), "")
-    flags = set(flags_line.split(":", 1)[1].split()) if flags_line else set()
-    return model, [f for f in ISA_FLAGS if f in flags]
+    """The CPU's model name and which of KERNEL_FLAGS it has."""
+    flags = cpu_flags()
+    return cpu_model(), [f for f in KERNEL_FLAGS if f in flags]
 
 
 def read_bandwidth_gbs(gib: float = 1.0, repeats: int = 5) -> float:
@@ -46,7 +37,7 @@ def describe_machine(device: torch.device | str = "cpu") -> str:
     model, flags = cpu_model_and_flags()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     line = (
-        f"CPU {model} | flags {' '.join(flags) or 'none of ' + '/'.join(ISA_FLAGS)} | {os.cpu_count()} cores | "
+        f"CPU {model} | flags {' '.join(flags) or 'none of ' + '/'.join(KERNEL_FLAGS)} | {os.cpu_count()} cores | "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads | load {load:.1f}"
     )
     if torch.device(device).type == "cuda":

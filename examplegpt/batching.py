@@ -47,6 +47,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import cpu_inference
 from .cpu_inference import PASSES_TO_DECIDE, PROBE_ROWS, kv_cache_dtype, on_trial
 from .kv_cache import KVCache
 from .model import GPT
@@ -163,8 +164,9 @@ class BatchEngine:
         sizes = [(rows, 1) for rows in range(1, self.max_batch + 1)]
         sizes += [(1, tokens) for tokens in sorted({*chunks, min(PROBE_ROWS, context - 1)}) if tokens > 1]
         with torch.inference_mode():
-            for rows, tokens in sizes:
-                self.run_once(rows, tokens)
+            for _ in range(1 + cpu_inference.PLAIN_PASSES):  # (the passes a size runs plain, and its trials' first)
+                for rows, tokens in sizes:
+                    self.run_once(rows, tokens)
             for _ in range(PASSES_TO_DECIDE - 1):
                 undecided = [(rows, tokens) for rows, tokens in sizes if on_trial(rows * tokens)]
                 if not undecided:

@@ -16,8 +16,9 @@ run 1.7x faster (issue 24), where other CPUs gain several times at one row (BENC
 the block each group of Linears that share a weight shape runs in one layout per number of rows, as a
 trial inside the model's first passes at that number finds (`Trial`): the group's products go round
 the layouts, each timed where it runs, and a copy is used only where its median is clearly faster
-than plain. The decisions are kept for the process, and `packing_summary` / `packing_report` say what
-was chosen.
+than plain. The decisions are kept for the process, and in a file for later ones on the same machine
+(`saved_layouts`: a later command copies only the layouts chosen); `packing_summary` / `packing_report`
+say what was chosen, and which decisions came from the file.
 
 A copy costs as much memory as the weight: it is made when a trial first needs it, dropped once the
 group's trials have all decided and none chose it, and lives at most as long as the block. The
@@ -39,6 +40,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.parametrize import is_parametrized
 
+from . import saved_layouts
+
 # The number of rows oneDNN is told to expect, which picks the layout; any number of rows still works.
 # 64 suits both one-row decode steps and batches (a hint of 1 picks a slower layout for both).
 ROWS_HINT = 64
@@ -56,6 +59,10 @@ PROBE_SAMPLES = 5  # timed products of each way, after the first of each (which 
 # are made of these alone, where a copy of every weight in every layout cost a fresh command more than the
 # trial's slower products (GPT-2 124M: a gigabyte, 0.3 s; BENCHMARKS.md, "Issue 24 on the Xeon VM").
 TIMED_WEIGHTS = len(LAYOUTS)
+# A number of rows that the block has run fewer passes at runs plain: no trial, no copy. A copy takes as
+# long as a dozen products by the weight (its memory is new), so a size met once (a prompt) would pay for
+# copies it uses once (GPT-2 124M: most of its weights packed, for a prompt of 5-8 tokens).
+PLAIN_PASSES = 2
 # A trial whose ratio falls outside these bounds timed the machine's other work, not the products (measured
 # ratios run from about 0.6 to 2.5): it starts again, at most RETRIES times, before its result stands.
 PLAUSIBLE_SPEEDUPS = (0.2, 5.0)
@@ -66,6 +73,7 @@ PASSES_TO_DECIDE = (RETRIES + 1) * len(LAYOUTS) * (PROBE_SAMPLES + 1)
 
 # (out, in, dtype, bias, weights in the group, rows measured) -> {layout: plain time / its time}, for the process
 _speedups: dict[tuple, dict[str, float]] = {}
+_saved: set[tuple] = set()  # the keys of _speedups that earlier processes decided (saved_layouts.py)
 _trials: dict[tuple, Trial] = {}  # the same keys, while undecided
 _live_groups: weakref.WeakSet[LinearGroup] = weakref.WeakSet()  # the groups of the blocks still open
 
@@ -164,12 +172,17 @@ class LinearGroup:
         self.key = (*linear_kind(forwards[0].linear), len(forwards))
         # rows -> the layout decided for them: a decode step's dozens of products look it up, nothing more
         self.decided: dict[int, str] = {0: "plain"}  # zero rows: nothing to multiply, nor to time
+        self.products: collections.Counter[int] = collections.Counter()  # per number of rows, until decided
         _live_groups.add(self)
 
     def layout_for(self, rows: int) -> str | None:
-        """The layout for products of `rows` rows: the forced one, the decided one, or None while on trial."""
+        """The layout for products of `rows` rows: the forced one, plain for the block's first PLAIN_PASSES at
+        this many rows, then the decided one, or None while on trial."""
         layout = self.layout or self.decided.get(rows)
         if layout is None:
+            self.products[rows] += 1
+            if self.products[rows] <= PLAIN_PASSES * len(self.forwards):
+                return "plain"
             speedups = self.speedups(rows_measured(rows))
             if speedups is not None:
                 layout = self.decided[rows] = chosen(speedups)
@@ -236,6 +249,7 @@ class Trial:
                 self.seconds = {layout: [] for layout in LAYOUTS}
             else:
                 _speedups[self.key] = speedups
+                saved_layouts.save(self.key, speedups)
                 for group in list(_live_groups):  # every block's group of this shape, not only the caller's
                     if group.key == self.key[:-1]:
                         group.drop_unused_copies()
@@ -333,6 +347,10 @@ def fast_cpu_inference(model: nn.Module, layout: str | None = None) -> Iterator[
         raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, or None for the trials' choice")
     if torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters()):
         raise RuntimeError(AUTOGRAD_REFUSED)
+    for key, speedups in saved_layouts.load(LAYOUTS).items():  # earlier runs' decisions, on this machine
+        if key not in _speedups:
+            _speedups[key] = speedups
+            _saved.add(key)
     # a Linear whose forward is already shadowed belongs to an enclosing block (or to someone else)
     # (a parametrized weight is computed at every call: nothing to copy)
     linears = [
@@ -379,9 +397,12 @@ def packing_report(applied: bool = True) -> list[str]:
             faster = ", ".join(
                 f"{layout} {speedup:.2f}x" for layout, speedup in _speedups[key].items() if layout != "plain"
             )
-            lines.append(f"{where}: {faster} plain -> {chosen(_speedups[key])}")
+            earlier = " (an earlier run's trial)" if key in _saved else ""
+            lines.append(f"{where}: {faster} plain -> {chosen(_speedups[key])}{earlier}")
         else:
             lines.append(f"{where}: on trial ({_trials[key].timings} of {PROBE_SAMPLES} timings each so far)")
+    if _saved:
+        lines.append(f"earlier runs' trials are kept in {saved_layouts.path()} (delete it to measure again)")
     return lines
 
 
@@ -398,4 +419,5 @@ def packing_summary() -> str:
         + (f" ({pending[rows]} on trial)" if pending[rows] else "")
         for rows in sorted(tried)
     ]
-    return "weight shapes packed or transposed at rows " + ", ".join(parts)
+    earlier = f" ({len(_saved)} decided by earlier runs, kept in {saved_layouts.path()})" if _saved else ""
+    return "weight shapes packed or transposed at rows " + ", ".join(parts) + earlier

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import platform
 import sys
 from pathlib import Path
 
@@ -35,6 +36,10 @@ NATIVE_FLAGS = {"bf16": ("avx512_bf16", "amx_bf16"), "fp16": ("avx512_fp16", "am
 CPU_BF16_MIN_D_MODEL = 256
 
 
+# The x86 flags that change which kernels PyTorch's CPU products run.
+KERNEL_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
 def cpu_flags() -> set[str]:
     """The CPU's feature flags as Linux lists them (empty where there is no /proc/cpuinfo)."""
     try:
@@ -42,6 +47,16 @@ def cpu_flags() -> set[str]:
     except OSError:
         return set()
     return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+
+
+def cpu_model() -> str:
+    """The CPU's model name as Linux gives it (else what `platform` knows, else 'unknown')."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    names = (line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    return next(names, None) or platform.processor() or "unknown"
 
 
 def cpu_has_native(precision: str, flags: set[str] | None = None) -> bool:

@@ -28,6 +28,9 @@ OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 def pytest_configure(config) -> None:
     os.environ.update(OFFLINE)  # before huggingface_hub is imported: it reads them once
+    # No test reads or writes the user's saved weight-layout decisions (saved_layouts.py), nor one another's:
+    # each trial runs in the test that wants it (the tests of saving name a file of their own).
+    os.environ["EXAMPLEGPT_LAYOUT_CACHE"] = ""
     # One PyTorch thread, here and (through the environment) in every command a test starts: the test models
     # are tiny, so a second thread only adds waits, and many of them where another test worker or a busy
     # machine holds the other core. The tests about threads start their processes with machine_threads().

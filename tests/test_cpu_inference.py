@@ -1,6 +1,7 @@
 """The CPU accelerator: nn.Linear's products on copies of the weights in faster layouts, fenced to inference runs that ask for it."""
 
 import gc
+import json
 import math
 import weakref
 
@@ -9,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
-from examplegpt import GPT, cpu_inference, generate
+from examplegpt import GPT, cpu_inference, generate, saved_layouts
 from examplegpt.cpu_inference import (
     AUTOGRAD_REFUSED,
     LAYOUTS,
@@ -33,6 +34,7 @@ pytestmark = pytest.mark.skipif(not can_pack(torch.ones(1)), reason="this PyTorc
 
 
 REAL_SPEEDUPS = LinearGroup.speedups
+REAL_PLAIN_PASSES = cpu_inference.PLAIN_PASSES
 PACKING_PAYS = {"plain": 1.0, "packed": 2.0, "transposed": 1.0}
 
 
@@ -41,6 +43,8 @@ def packing_pays_everywhere(monkeypatch):
     """The tests of what packing computes see it used at every size; the probe's own tests replace this."""
     monkeypatch.setattr(cpu_inference, "_speedups", {})  # a fresh process's decisions
     monkeypatch.setattr(cpu_inference, "_trials", {})
+    monkeypatch.setattr(cpu_inference, "_saved", set())
+    monkeypatch.setattr(cpu_inference, "PLAIN_PASSES", 0)  # every size from its first pass (a test below, not)
     monkeypatch.setattr(
         LinearGroup,
         "speedups",
@@ -410,6 +414,7 @@ def test_the_engine_warm_up_settles_the_trials_of_every_decoding_size(tiny_model
     from examplegpt.batching import BatchEngine
 
     monkeypatch.setattr(LinearGroup, "speedups", REAL_SPEEDUPS)
+    monkeypatch.setattr(cpu_inference, "PLAIN_PASSES", REAL_PLAIN_PASSES)  # as the commands run
     with torch.inference_mode(), fast_cpu_inference(tiny_model):
         BatchEngine(tiny_model.requires_grad_(False), max_batch=3).warm_up()
         summary = rows_of(packing_summary())
@@ -526,6 +531,7 @@ def test_the_engine_warm_up_makes_each_copy_once(tiny_model, monkeypatch):
     made = []
     real_pack = cpu_inference._pack
     monkeypatch.setattr(cpu_inference, "_pack", lambda weight: made.append(weight) or real_pack(weight))
+    monkeypatch.setattr(cpu_inference, "PLAIN_PASSES", REAL_PLAIN_PASSES)  # as the commands run
     with torch.inference_mode(), fast_cpu_inference(tiny_model):
         BatchEngine(tiny_model.requires_grad_(False), max_batch=4, prefill_chunk=2).warm_up()
         assert rows_of(packing_summary()) == {"1": "5/5", "2": "5/5", "4": "5/5", "128+": "4/4"}
@@ -542,3 +548,93 @@ def cpu_inference_cache(model, batch, length):
 
 def rows_of(summary: str) -> dict[str, str]:
     return dict(part.split(": ") for part in summary.split("rows ", 1)[1].split(", "))
+
+
+def test_a_later_process_starts_from_the_decisions_an_earlier_one_saved(tmp_path, monkeypatch):
+    """A trial's copies cost a short command more than the faster layout saved (an audit: a fresh `generate`
+    of 48 tokens on GPT-2 124M at 0.81x --no-fast-cpu); a later process on the machine runs no trial."""
+    saved = tmp_path / "layouts.json"
+    monkeypatch.setenv("EXAMPLEGPT_LAYOUT_CACHE", str(saved))
+    clock_of_costs(
+        monkeypatch, packed_cost=lambda rows: 0.8, plain_cost=lambda rows: 1.0, transposed_cost=lambda rows: 0.5
+    )
+    head = torch.nn.Linear(64, 512, bias=False).requires_grad_(False)
+    x = torch.randn(1, 64)
+    with torch.inference_mode(), fast_cpu_inference(head):
+        while not cpu_inference._speedups:
+            head(x)
+    decided = dict(cpu_inference._speedups)
+    assert json.loads(saved.read_text()) == {
+        saved_layouts.machine(): {saved_layouts.key_text(key): s for key, s in decided.items()}
+    }
+    # a fresh process: nothing decided, nothing on trial
+    monkeypatch.setattr(cpu_inference, "_speedups", {})
+    monkeypatch.setattr(cpu_inference, "_trials", {})
+    packed = []
+    monkeypatch.setattr(cpu_inference, "_pack", lambda weight: packed.append(weight))
+    with torch.inference_mode(), fast_cpu_inference(head):
+        assert torch.allclose(head(x), x @ head.weight.T, atol=1e-5)
+        assert set(vars(head)["forward"].copies) == {"transposed"}
+    assert packed == [] and cpu_inference._trials == {} and cpu_inference._speedups == decided
+    report = packing_report()
+    assert report[0].endswith("-> transposed (an earlier run's trial)") and str(saved) in report[-1]
+
+
+@pytest.mark.parametrize("content", ["not json", "[1, 2]", '{"MACHINE": {"1 2 float32 True 1 1": {"plain": "x"}}}'])
+def test_a_file_of_decisions_that_is_not_ours_is_read_as_empty_and_written_anew(content, tmp_path, monkeypatch):
+    saved = tmp_path / "layouts.json"
+    monkeypatch.setenv("EXAMPLEGPT_LAYOUT_CACHE", str(saved))
+    saved.write_text(content.replace("MACHINE", saved_layouts.machine()))
+    assert saved_layouts.load(LAYOUTS) == {}
+    key = (512, 64, torch.float32, False, 1, 1)
+    saved_layouts.save(key, {"plain": 1.0, "packed": 0.9, "transposed": 1.2})
+    assert saved_layouts.load(LAYOUTS) == {key: {"plain": 1.0, "packed": 0.9, "transposed": 1.2}}
+
+
+def test_another_machine_s_decisions_are_not_used(tmp_path, monkeypatch):
+    saved = tmp_path / "layouts.json"
+    monkeypatch.setenv("EXAMPLEGPT_LAYOUT_CACHE", str(saved))
+    key = (512, 64, torch.float32, False, 1, 1)
+    saved_layouts.save(key, {"plain": 1.0, "packed": 2.0, "transposed": 1.0})
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 7)  # the same CPU with other threads is another machine
+    assert saved_layouts.load(LAYOUTS) == {}
+    monkeypatch.setenv("EXAMPLEGPT_LAYOUT_CACHE", "")  # none kept
+    assert saved_layouts.path() is None and saved_layouts.load(LAYOUTS) == {}
+
+
+def test_the_generate_command_saves_its_trials_for_the_next_one(tmp_path):
+    from .conftest import run_cli
+
+    torch.manual_seed(0)
+    save_model_file(GPT(tiny_config()), tmp_path / "m.pt")
+    saved = tmp_path / "cache" / "layouts.json"
+    runs = []
+    for _ in range(2):
+        args = ["generate", "-c", str(tmp_path / "m.pt"), "-p", "Hello", "-n", "30", "-t", "0", "--verbose"]
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("EXAMPLEGPT_LAYOUT_CACHE", str(saved))
+            runs.append(run_cli(*args))
+    assert [proc.returncode for proc in runs] == [0, 0], runs[0].stderr
+    decided = [line for line in runs[0].stderr.splitlines() if " -> " in line]
+    assert decided and not any("earlier run" in line for line in decided)
+    assert all(line + " (an earlier run's trial)" in runs[1].stderr.splitlines() for line in decided), runs[1].stderr
+
+
+def test_a_number_of_rows_met_once_runs_plain_with_no_trial_and_no_copy(tiny_model, monkeypatch, packed_calls):
+    """A prompt's one pass at its size made copies of most weights for one product each (a fresh `generate`
+    on GPT-2 124M ran 0.89x --no-fast-cpu with every decision already known)."""
+    monkeypatch.setattr(cpu_inference, "PLAIN_PASSES", REAL_PLAIN_PASSES)
+    model = tiny_model.requires_grad_(False)
+    with torch.inference_mode(), fast_cpu_inference(model):
+        cache = cpu_inference_cache(model, 1, 64)
+        model.logits(model.hidden_states(torch.randint(0, 50257, (1, 7)), cache)[:, -1])  # a prompt: 7 rows, once
+        assert packed_calls == [] and cpu_inference._trials == {}
+        assert all(vars(m)["forward"].copies == {} for m in packed_linears(model))
+        packed_per_pass = []
+        for _ in range(REAL_PLAIN_PASSES + 1):  # decoding: 1 row, again and again
+            before = len(packed_calls)
+            model.logits(model.hidden_states(torch.randint(0, 50257, (1, 1)), cache)[:, -1])
+            packed_per_pass.append(len(packed_calls) - before)
+        wrapped = len(packed_linears(model))
+    # the LM head met 1 row in the prompt's pass already (the last position's logits): one pass sooner
+    assert packed_per_pass == [0] * (REAL_PLAIN_PASSES - 1) + [1, wrapped]
