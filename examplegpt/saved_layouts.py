@@ -84,8 +84,11 @@ def save(key: tuple, speedups: dict[str, float]) -> None:
     saved = read_all(file)
     mine = saved.get(machine())
     saved[machine()] = (mine if isinstance(mine, dict) else {}) | {key_text(key): speedups}
-    with contextlib.suppress(OSError):  # a read-only home: the decision stays with the process
+    partial = file.with_name(f"{file.name}.{os.getpid()}.partial")
+    try:
         file.parent.mkdir(parents=True, exist_ok=True)
-        partial = file.with_name(f"{file.name}.{os.getpid()}.partial")
         partial.write_text(json.dumps(saved, indent=1, sort_keys=True))
         os.replace(partial, file)
+    except OSError:  # a read-only home: the decision stays with the process
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
