@@ -638,3 +638,13 @@ def test_a_number_of_rows_met_once_runs_plain_with_no_trial_and_no_copy(tiny_mod
         wrapped = len(packed_linears(model))
     # the LM head met 1 row in the prompt's pass already (the last position's logits): one pass sooner
     assert packed_per_pass == [0] * (REAL_PLAIN_PASSES - 1) + [1, wrapped]
+
+
+def test_a_file_of_decisions_that_cannot_be_written_leaves_the_decision_to_the_process_and_no_litter(
+    tmp_path, monkeypatch
+):
+    target = tmp_path / "layouts.json"
+    target.mkdir()  # a folder where the file should be: the rename fails
+    monkeypatch.setenv("EXAMPLEGPT_LAYOUT_CACHE", str(target))
+    saved_layouts.save((512, 64, torch.float32, False, 1, 1), {"plain": 1.0, "packed": 2.0, "transposed": 1.0})
+    assert list(tmp_path.iterdir()) == [target] and saved_layouts.load(LAYOUTS) == {}
