@@ -249,7 +249,8 @@ class Trial:
                 self.seconds = {layout: [] for layout in LAYOUTS}
             else:
                 _speedups[self.key] = speedups
-                saved_layouts.save(self.key, speedups)
+                if all(low <= speedup <= high for speedup in speedups.values()):  # not a stall's, for good
+                    saved_layouts.save(self.key, speedups)
                 for group in list(_live_groups):  # every block's group of this shape, not only the caller's
                     if group.key == self.key[:-1]:
                         group.drop_unused_copies()
@@ -347,10 +348,6 @@ def fast_cpu_inference(model: nn.Module, layout: str | None = None) -> Iterator[
         raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, or None for the trials' choice")
     if torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters()):
         raise RuntimeError(AUTOGRAD_REFUSED)
-    for key, speedups in saved_layouts.load(LAYOUTS).items():  # earlier runs' decisions, on this machine
-        if key not in _speedups:
-            _speedups[key] = speedups
-            _saved.add(key)
     # a Linear whose forward is already shadowed belongs to an enclosing block (or to someone else)
     # (a parametrized weight is computed at every call: nothing to copy)
     linears = [
@@ -367,6 +364,11 @@ def fast_cpu_inference(model: nn.Module, layout: str | None = None) -> Iterator[
             group = LinearGroup(forwards, layout)
             for index, forward in enumerate(forwards):
                 forward.group, forward.index = group, index
+        kinds = {(*kind, len(forwards)) for kind, forwards in groups.items()}
+        for key, speedups in saved_layouts.load(LAYOUTS).items():  # earlier runs' decisions for these groups
+            if key[:-1] in kinds and key not in _speedups:
+                _speedups[key] = speedups
+                _saved.add(key)
         yield
     finally:
         for linear in linears:

@@ -8,7 +8,8 @@ machine starts from the decisions there. Delete the file to measure again.
 
 The file is `$EXAMPLEGPT_LAYOUT_CACHE`, or `~/.cache/examplegpt/weight_layouts.json` (under
 `$XDG_CACHE_HOME` where set); `EXAMPLEGPT_LAYOUT_CACHE=` (empty) keeps none. A file that cannot be
-read is taken as empty, and one that cannot be written leaves the decisions to the process.
+read is taken as empty, and one that cannot be written leaves the decisions to the process. A trial
+whose timings stayed implausible through its retries decides for its process only.
 """
 
 from __future__ import annotations
@@ -16,27 +17,43 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import platform
+import threading
 from pathlib import Path
 
 import torch
 
 from .device import KERNEL_FLAGS, cpu_flags, cpu_model
 
+try:
+    import fcntl
+except ImportError:  # Windows: no lock, and the last of two processes deciding at once wins
+    fcntl = None
+
+
+# Part of every machine's key: a change to what a layout means, or to how trials measure, makes a new one.
+FORMAT = "layouts v1"
+
 
 def path() -> Path | None:
-    """Where the decisions are kept; None: nowhere."""
+    """Where the decisions are kept; None: nowhere (also where there is no home folder to keep them in)."""
     named = os.environ.get("EXAMPLEGPT_LAYOUT_CACHE")
     if named is not None:
         return Path(named).expanduser() if named else None
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "examplegpt" / "weight_layouts.json"
+    xdg = Path(os.environ.get("XDG_CACHE_HOME", ""))
+    try:
+        cache = xdg if xdg.is_absolute() else Path.home() / ".cache"  # (a relative XDG path is to be ignored)
+    except RuntimeError:  # no HOME and no entry in the password file
+        return None
+    return cache / "examplegpt" / "weight_layouts.json"
 
 
 def machine() -> str:
     """What a decision holds for: the CPU, PyTorch's build and the threads its products run on."""
     flags = cpu_flags()
     return (
-        f"{cpu_model()} | {' '.join(f for f in KERNEL_FLAGS if f in flags) or 'no avx2'} | {os.cpu_count()} cpus "
-        f"| torch {torch.__version__} | {torch.get_num_threads()} threads"
+        f"{cpu_model()} ({platform.machine()}) | {' '.join(f for f in KERNEL_FLAGS if f in flags) or 'no avx2'} | "
+        f"{os.cpu_count()} cpus | torch {torch.__version__} | {torch.get_num_threads()} threads | {FORMAT}"
     )
 
 
@@ -57,7 +74,7 @@ def read_all(file: Path) -> dict[str, dict]:
     """Every machine's decisions in the file; {} where it is missing or not what this module writes."""
     try:
         saved = json.loads(file.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}
     return saved if isinstance(saved, dict) else {}
 
@@ -77,18 +94,22 @@ def load(layouts: tuple[str, ...]) -> dict[tuple, dict[str, float]]:
 
 
 def save(key: tuple, speedups: dict[str, float]) -> None:
-    """Add one decision to the file (written whole, then renamed over the old one: a reader never sees half)."""
+    """Add one decision to the file: read, merged and written whole under a lock (processes that decide at
+    once keep each other's decisions), then renamed over the old file (a reader never sees half of one)."""
     file = path()
     if file is None:
         return
-    saved = read_all(file)
-    mine = saved.get(machine())
-    saved[machine()] = (mine if isinstance(mine, dict) else {}) | {key_text(key): speedups}
-    partial = file.with_name(f"{file.name}.{os.getpid()}.partial")
+    partial = file.with_name(f"{file.name}.{os.getpid()}.{threading.get_ident()}.partial")
     try:
         file.parent.mkdir(parents=True, exist_ok=True)
-        partial.write_text(json.dumps(saved, indent=1, sort_keys=True))
-        os.replace(partial, file)
+        with open(file.with_name(file.name + ".lock"), "a") as lock:
+            if fcntl is not None:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            saved = read_all(file)
+            mine = saved.get(machine())
+            saved[machine()] = (mine if isinstance(mine, dict) else {}) | {key_text(key): speedups}
+            partial.write_text(json.dumps(saved, indent=1, sort_keys=True))
+            os.replace(partial, file)
     except OSError:  # a read-only home: the decision stays with the process
         with contextlib.suppress(OSError):
             partial.unlink(missing_ok=True)

@@ -3,7 +3,9 @@
 import gc
 import json
 import math
+import os
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -647,4 +649,67 @@ def test_a_file_of_decisions_that_cannot_be_written_leaves_the_decision_to_the_p
     target.mkdir()  # a folder where the file should be: the rename fails
     monkeypatch.setenv("EXAMPLEGPT_LAYOUT_CACHE", str(target))
     saved_layouts.save((512, 64, torch.float32, False, 1, 1), {"plain": 1.0, "packed": 2.0, "transposed": 1.0})
-    assert list(tmp_path.iterdir()) == [target] and saved_layouts.load(LAYOUTS) == {}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["layouts.json", "layouts.json.lock"]  # no partial file
+    assert saved_layouts.load(LAYOUTS) == {}
+
+
+def test_only_the_saved_decisions_for_the_block_s_own_weights_are_taken_and_reported(tmp_path, monkeypatch):
+    """Found by an audit: every decision in the file was loaded, and --verbose listed other models' shapes."""
+    monkeypatch.setenv("EXAMPLEGPT_LAYOUT_CACHE", str(tmp_path / "layouts.json"))
+    mine, other = (512, 64, torch.float32, False, 1, 1), (96, 32, torch.bfloat16, True, 3, 1)
+    for key in (mine, other):
+        saved_layouts.save(key, {"plain": 1.0, "packed": 0.5, "transposed": 2.0})
+    head = torch.nn.Linear(64, 512, bias=False).requires_grad_(False)
+    with torch.inference_mode(), fast_cpu_inference(head):
+        head(torch.randn(1, 64))
+    assert set(cpu_inference._speedups) == cpu_inference._saved == {mine}
+    assert not any("bfloat16" in line for line in packing_report())
+
+
+def test_a_trial_that_stayed_implausible_decides_for_its_process_only(tiny_model, tmp_path, monkeypatch):
+    saved = tmp_path / "layouts.json"
+    monkeypatch.setenv("EXAMPLEGPT_LAYOUT_CACHE", str(saved))
+    clock_of_costs(monkeypatch, packed_cost=lambda rows: 100.0, plain_cost=lambda rows: 1.0)  # every retry: a stall
+    head = tiny_model.lm_head
+    with torch.inference_mode(), fast_cpu_inference(head):
+        while not cpu_inference._speedups:
+            head(torch.zeros(1, head.in_features))
+    assert not saved.exists()
+
+
+def _save_many(first: int, file: str) -> None:
+    os.environ["EXAMPLEGPT_LAYOUT_CACHE"] = file
+    for i in range(first, first + 25):
+        saved_layouts.save((i, 64, torch.float32, False, 1, 1), {"plain": 1.0, "packed": 1.5, "transposed": 1.0})
+
+
+def test_processes_that_decide_at_once_keep_each_other_s_decisions(tmp_path, monkeypatch):
+    """Found by an audit: the last writer won (4 processes x 50 decisions kept 52-65 of 200)."""
+    import multiprocessing
+
+    file = str(tmp_path / "layouts.json")
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        pool.starmap(_save_many, [(first, file) for first in (0, 100, 200, 300)])
+    monkeypatch.setenv("EXAMPLEGPT_LAYOUT_CACHE", file)
+    assert len(saved_layouts.load(LAYOUTS)) == 100
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["layouts.json", "layouts.json.lock"]
+
+
+def test_no_home_folder_keeps_no_decisions_and_a_relative_xdg_cache_is_ignored(monkeypatch):
+    monkeypatch.delenv("EXAMPLEGPT_LAYOUT_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")
+    monkeypatch.setattr(Path, "home", lambda: Path("/home/someone"))
+    assert saved_layouts.path() == Path("/home/someone/.cache/examplegpt/weight_layouts.json")
+
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(Path, "home", no_home)
+    assert saved_layouts.path() is None and saved_layouts.load(LAYOUTS) == {}
+
+
+def test_a_file_nested_too_deep_to_parse_is_read_as_empty(tmp_path, monkeypatch):
+    saved = tmp_path / "layouts.json"
+    monkeypatch.setenv("EXAMPLEGPT_LAYOUT_CACHE", str(saved))
+    saved.write_text("[" * 100_000 + "]" * 100_000)
+    assert saved_layouts.load(LAYOUTS) == {}
