@@ -213,7 +213,8 @@ class Trial:
 
     The products of the group's first TIMED_WEIGHTS weights go round the layouts, call by call, until
     each layout has PROBE_SAMPLES timings (the first call of each builds its kernel and is not counted,
-    and no timing includes making a copy); then the medians decide, for the process. Timed in place, a product meets the caches as the rest of the model
+    and no timing includes making a copy); then the medians decide, for the process (and, through
+    saved_layouts, for later ones). Timed in place, a product meets the caches as the rest of the model
     leaves them; timed apart, a weight read again and again can stay in a large L3 cache and favour the
     wrong layout.
     """
