@@ -101,7 +101,9 @@ def generate_rate(model: GPT, prompt: torch.Tensor, n: int, settings: dict = GRE
 
 def compare_packing(model: GPT, prompt_tokens: int, rounds: int, new_tokens: int) -> None:
     """Print generate's tokens/s at batch 1 and 8: every product in each layout (plain, packed, transposed),
-    and as the trials chose; median of `rounds` alternating rounds."""
+    and as the trials chose; median of `rounds` alternating rounds. The trials' choice starts from the decisions
+    earlier runs saved on this machine (examplegpt/saved_layouts.py), as a command does; with
+    EXAMPLEGPT_LAYOUT_CACHE= (empty) its trials run afresh."""
     gen = torch.Generator().manual_seed(0)
     modes = {"plain": contextlib.nullcontext}  # PyTorch as it is, outside the block
     modes |= {layout: functools.partial(fast_cpu_inference, model, layout) for layout in LAYOUTS if layout != "plain"}

@@ -9,7 +9,8 @@ the first request to the last token, median of the rounds), time to first token 
 for the same prompt length and number of tokens (its second prompt, so the one-off weight packing is not
 counted), run just before each round of one client: one client / `generate` is the median of each round's
 pair, so a shared machine's drift moves both sides of a ratio. The server runs the model on its main
-thread, as `generate` does; its start-up line says where packed weights were found faster. Goals
+thread, as `generate` does; its start-up line says where packed weights were found faster, and how
+many of those decisions an earlier run saved (EXAMPLEGPT_LAYOUT_CACHE= makes its trials run afresh). Goals
 (issue 24): one client >= 0.85x `generate`; 16 clients' aggregate >= 6x one client's; p99 time between
 tokens at 16 clients <= 5x one client's. For the engine alone, main thread vs a thread of its own: bench_batching.py.
 
