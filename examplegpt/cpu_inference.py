@@ -245,12 +245,13 @@ class Trial:
             plain = statistics.median(self.seconds["plain"])
             speedups = {layout: plain / statistics.median(seconds) for layout, seconds in self.seconds.items()}
             low, high = PLAUSIBLE_SPEEDUPS
-            if not all(low <= speedup <= high for speedup in speedups.values()) and self.retries < RETRIES:
+            plausible = all(low <= speedup <= high for speedup in speedups.values())
+            if not plausible and self.retries < RETRIES:
                 self.retries += 1
                 self.seconds = {layout: [] for layout in LAYOUTS}
             else:
                 _speedups[self.key] = speedups
-                if all(low <= speedup <= high for speedup in speedups.values()):  # not a stall's, for good
+                if plausible:  # not a stall's timings, for good
                     saved_layouts.save(self.key, speedups)
                 for group in list(_live_groups):  # every block's group of this shape, not only the caller's
                     if group.key == self.key[:-1]:

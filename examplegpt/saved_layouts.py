@@ -15,6 +15,7 @@ whose timings stayed implausible through its retries decides for its process onl
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -50,11 +51,15 @@ def path() -> Path | None:
 
 def machine() -> str:
     """What a decision holds for: the CPU, PyTorch's build and the threads its products run on."""
+    return f"{cpu()} | torch {torch.__version__} | {torch.get_num_threads()} threads | {FORMAT}"
+
+
+@functools.cache
+def cpu() -> str:
+    """The CPU's part of `machine`, read from /proc/cpuinfo once a process (a trial's decision is saved mid-pass)."""
     flags = cpu_flags()
-    return (
-        f"{cpu_model()} ({platform.machine()}) | {' '.join(f for f in KERNEL_FLAGS if f in flags) or 'no avx2'} | "
-        f"{os.cpu_count()} cpus | torch {torch.__version__} | {torch.get_num_threads()} threads | {FORMAT}"
-    )
+    kernels = " ".join(f for f in KERNEL_FLAGS if f in flags) or "no avx2"
+    return f"{cpu_model()} ({platform.machine()}) | {kernels} | {os.cpu_count()} cpus"
 
 
 def key_text(key: tuple) -> str:
@@ -105,9 +110,9 @@ def save(key: tuple, speedups: dict[str, float]) -> None:
         with open(file.with_name(file.name + ".lock"), "a") as lock:
             if fcntl is not None:
                 fcntl.flock(lock, fcntl.LOCK_EX)
-            saved = read_all(file)
-            mine = saved.get(machine())
-            saved[machine()] = (mine if isinstance(mine, dict) else {}) | {key_text(key): speedups}
+            saved, here = read_all(file), machine()
+            mine = saved.get(here)
+            saved[here] = (mine if isinstance(mine, dict) else {}) | {key_text(key): speedups}
             partial.write_text(json.dumps(saved, indent=1, sort_keys=True))
             os.replace(partial, file)
     except OSError:  # a read-only home: the decision stays with the process
