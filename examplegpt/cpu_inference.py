@@ -16,7 +16,8 @@ run 1.7x faster (issue 24), where other CPUs gain several times at one row (BENC
 the block each group of Linears that share a weight shape runs in one layout per number of rows, as a
 trial inside the model's first passes at that number finds (`Trial`): the group's products go round
 the layouts, each timed where it runs, and a copy is used only where its median is clearly faster
-than plain. The decisions are kept for the process, and in a file for later ones on the same machine
+than plain, and only once the passes run so far would have paid for making it (`COPY_PRODUCTS`: a
+short run stays plain). The decisions are kept for the process, and in a file for later ones on the same machine
 (`saved_layouts`: a later command copies only the layouts chosen); `packing_summary` / `packing_report`
 say what was chosen, and which decisions came from the file.
 
@@ -63,6 +64,11 @@ TIMED_WEIGHTS = len(LAYOUTS)
 # long as a dozen products by the weight (its memory is new), so a size met once (a prompt) would pay for
 # copies it uses once (GPT-2 124M: most of its weights packed, for a prompt of 5-8 tokens).
 PLAIN_PASSES = 2
+# A decided layout's copies wait until the passes run so far at that many rows would have paid for them: a
+# copy costs about COPY_PRODUCTS products by its weight (GPT-2 124M on an AVX-512 Xeon: 13; BENCHMARKS.md),
+# and saves (1 - 1/speed-up) of one a pass. A run as long again as the wait earns them back (a ski rental:
+# never more than twice the best choice's cost), where copying at once left a short `generate` 7% behind plain.
+COPY_PRODUCTS = 12
 # A trial whose ratio falls outside these bounds timed the machine's other work, not the products (measured
 # ratios run from about 0.6 to 2.5): it starts again, at most RETRIES times, before its result stands.
 PLAUSIBLE_SPEEDUPS = (0.2, 5.0)
@@ -155,6 +161,12 @@ def linear_kind(linear: nn.Linear) -> tuple:
     return *linear.weight.shape, linear.weight.dtype, linear.bias is not None
 
 
+def passes_to_pay_back(speedup: float) -> float:
+    """The passes at one number of rows that a copy of each weight, `speedup` times faster than plain, takes to
+    earn back its making."""
+    return COPY_PRODUCTS / (1 - 1 / speedup)
+
+
 def chosen(speedups: dict[str, float]) -> str:
     """The layout a trial's speed-ups (plain time / each layout's time) choose: the fastest, if FASTER_MARGIN
     faster than plain."""
@@ -173,19 +185,27 @@ class LinearGroup:
         # rows -> the layout decided for them: a decode step's dozens of products look it up, nothing more
         self.decided: dict[int, str] = {0: "plain"}  # zero rows: nothing to multiply, nor to time
         self.products: collections.Counter[int] = collections.Counter()  # per number of rows, until decided
+        self.plain_until: dict[int, float] = {}  # rows -> the products that run plain while a copy is paid for
         _live_groups.add(self)
 
     def layout_for(self, rows: int) -> str | None:
         """The layout for products of `rows` rows: the forced one, plain for the block's first PLAIN_PASSES at
-        this many rows, then the decided one, or None while on trial."""
+        this many rows, then None while on trial, then plain until the decided layout's copies would have
+        paid for themselves (`passes_to_pay_back`), then the decided one."""
         layout = self.layout or self.decided.get(rows)
         if layout is None:
             self.products[rows] += 1
-            if self.products[rows] <= PLAIN_PASSES * len(self.forwards):
+            if self.products[rows] <= self.plain_until.get(rows, PLAIN_PASSES * len(self.forwards)):
                 return "plain"
             speedups = self.speedups(rows_measured(rows))
-            if speedups is not None:
-                layout = self.decided[rows] = chosen(speedups)
+            if speedups is None:
+                return None
+            layout = chosen(speedups)
+            paid_back = passes_to_pay_back(speedups[layout]) * len(self.forwards) if layout != "plain" else 0
+            if self.products[rows] <= paid_back:
+                self.plain_until[rows] = paid_back
+                return "plain"
+            self.decided[rows] = layout
         return layout
 
     def trial_product(self, forward: FastLinearForward, x: torch.Tensor, rows: int) -> torch.Tensor:

@@ -37,6 +37,7 @@ pytestmark = pytest.mark.skipif(not can_pack(torch.ones(1)), reason="this PyTorc
 
 REAL_SPEEDUPS = LinearGroup.speedups
 REAL_PLAIN_PASSES = cpu_inference.PLAIN_PASSES
+REAL_COPY_PRODUCTS = cpu_inference.COPY_PRODUCTS
 PACKING_PAYS = {"plain": 1.0, "packed": 2.0, "transposed": 1.0}
 
 
@@ -47,6 +48,7 @@ def packing_pays_everywhere(monkeypatch):
     monkeypatch.setattr(cpu_inference, "_trials", {})
     monkeypatch.setattr(cpu_inference, "_saved", set())
     monkeypatch.setattr(cpu_inference, "PLAIN_PASSES", 0)  # every size from its first pass (a test below, not)
+    monkeypatch.setattr(cpu_inference, "COPY_PRODUCTS", 0)  # decided copies made at once (a test below, not)
     monkeypatch.setattr(
         LinearGroup,
         "speedups",
@@ -640,6 +642,29 @@ def test_a_number_of_rows_met_once_runs_plain_with_no_trial_and_no_copy(tiny_mod
         wrapped = len(packed_linears(model))
     # the LM head met 1 row in the prompt's pass already (the last position's logits): one pass sooner
     assert packed_per_pass == [0] * (REAL_PLAIN_PASSES - 1) + [1, wrapped]
+
+
+@pytest.mark.parametrize("speedup", [1.25, 2.0])
+def test_a_decided_copy_waits_until_the_passes_so_far_would_have_paid_for_it(tiny_model, monkeypatch, packed_calls, speedup):
+    """A fresh `generate` of 48 tokens (GPT-2 124M, every decision saved by an earlier run) ran 0.93x
+    --no-fast-cpu: it copied the LM head for a product that saved 4% of a token 48 times."""
+    monkeypatch.setattr(cpu_inference, "PLAIN_PASSES", REAL_PLAIN_PASSES)
+    monkeypatch.setattr(cpu_inference, "COPY_PRODUCTS", REAL_COPY_PRODUCTS)
+    pays = {"plain": 1.0, "packed": speedup, "transposed": 1.0}
+    monkeypatch.setattr(LinearGroup, "speedups", lambda group, rows: cpu_inference._speedups.setdefault((*group.key, rows), pays))
+    wait = REAL_COPY_PRODUCTS / (1 - 1 / speedup)  # passes
+    model = tiny_model.requires_grad_(False)
+    packed_per_pass = []
+    with torch.inference_mode(), fast_cpu_inference(model):
+        cache = cpu_inference_cache(model, 1, model.config.max_seq_len)
+        for _ in range(int(wait) + 2):
+            before = len(packed_calls)
+            model.logits(model.hidden_states(torch.randint(0, 50257, (1, 1)), cache)[:, -1])
+            packed_per_pass.append(len(packed_calls) - before)
+            if len(packed_calls) == 0:
+                assert all(vars(m)["forward"].copies == {} for m in packed_linears(model))
+        wrapped = len(packed_linears(model))
+    assert packed_per_pass == [0] * int(wait) + [wrapped] * 2
 
 
 def test_a_file_of_decisions_that_cannot_be_written_leaves_the_decision_to_the_process_and_no_litter(
