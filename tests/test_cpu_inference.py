@@ -645,13 +645,17 @@ def test_a_number_of_rows_met_once_runs_plain_with_no_trial_and_no_copy(tiny_mod
 
 
 @pytest.mark.parametrize("speedup", [1.25, 2.0])
-def test_a_decided_copy_waits_until_the_passes_so_far_would_have_paid_for_it(tiny_model, monkeypatch, packed_calls, speedup):
+def test_a_decided_copy_waits_until_the_passes_so_far_would_have_paid_for_it(
+    tiny_model, monkeypatch, packed_calls, speedup
+):
     """A fresh `generate` of 48 tokens (GPT-2 124M, every decision saved by an earlier run) ran 0.93x
     --no-fast-cpu: it copied the LM head for a product that saved 4% of a token 48 times."""
     monkeypatch.setattr(cpu_inference, "PLAIN_PASSES", REAL_PLAIN_PASSES)
     monkeypatch.setattr(cpu_inference, "COPY_PRODUCTS", REAL_COPY_PRODUCTS)
     pays = {"plain": 1.0, "packed": speedup, "transposed": 1.0}
-    monkeypatch.setattr(LinearGroup, "speedups", lambda group, rows: cpu_inference._speedups.setdefault((*group.key, rows), pays))
+    monkeypatch.setattr(
+        LinearGroup, "speedups", lambda group, rows: cpu_inference._speedups.setdefault((*group.key, rows), pays)
+    )
     wait = REAL_COPY_PRODUCTS / (1 - 1 / speedup)  # passes
     model = tiny_model.requires_grad_(False)
     packed_per_pass = []
