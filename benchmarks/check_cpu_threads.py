@@ -100,7 +100,7 @@ def threads_part(rounds: int, n: int) -> None:
         "engine, own thread (start)": lambda: timed_engine(model, prompt[0].tolist(), n, own_thread=True),
     }
     results: dict[str, list[tuple[float, float]]] = {name: [] for name in cases}
-    with fast_cpu_inference(model):
+    with fast_cpu_inference(model, long_run=True):  # as `serve` applies it
         BatchEngine(model, max_batch=4).warm_up()  # the probe, for every size the engine takes
         for _ in range(rounds):
             for name, case in cases.items():

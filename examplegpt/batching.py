@@ -28,7 +28,7 @@ the model's own distribution: log-softmax of its logits before repetition penalt
 filters.
 
 The model's weights are used as they are: on CPU, wrap the engine's run in
-`cpu_inference.fast_cpu_inference(model)` for packed weights, as `generate` does.
+`cpu_inference.fast_cpu_inference(model, long_run=True)` for packed weights, as `serve` does.
 
 Which thread. On CPU, run the engine on the thread that has run the model so far (`run_beside`; the
 `serve` command: the main thread, which loaded, packed and warmed it up), not on a new one (`start`).

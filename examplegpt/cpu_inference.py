@@ -16,8 +16,8 @@ run 1.7x faster (issue 24), where other CPUs gain several times at one row (BENC
 the block each group of Linears that share a weight shape runs in one layout per number of rows, as a
 trial inside the model's first passes at that number finds (`Trial`): the group's products go round
 the layouts, each timed where it runs, and a copy is used only where its median is clearly faster
-than plain, and only once the passes run so far would have paid for making it (`COPY_PRODUCTS`: a
-short run stays plain). The decisions are kept for the process, and in a file for later ones on the same machine
+than plain, and (unless the run is long: a server) only once the passes run so far would have paid for
+making the copies still missing (`COPY_PRODUCTS`: a short run stays plain). The decisions are kept for the process, and in a file for later ones on the same machine
 (`saved_layouts`: a later command copies only the layouts chosen); `packing_summary` / `packing_report`
 say what was chosen, and which decisions came from the file.
 
@@ -64,11 +64,13 @@ TIMED_WEIGHTS = len(LAYOUTS)
 # long as a dozen products by the weight (its memory is new), so a size met once (a prompt) would pay for
 # copies it uses once (GPT-2 124M: most of its weights packed, for a prompt of 5-8 tokens).
 PLAIN_PASSES = 2
-# A decided layout's copies wait until the passes run so far at that many rows would have paid for them: a
-# copy costs about COPY_PRODUCTS products by its weight (GPT-2 124M on an AVX-512 Xeon: 13; BENCHMARKS.md),
-# and saves (1 - 1/speed-up) of one a pass. A run as long again as the wait earns them back (a ski rental:
-# never more than twice the best choice's cost), where copying at once left a short `generate` 7% behind plain.
+# A decided layout's missing copies wait until the passes run so far at that many rows would have paid for
+# them (a ski rental: a run that goes on as long again earns them back; one that stops sooner never paid for
+# them), where copying at once left a short `generate` 7% behind plain. A copy costs about COPY_PRODUCTS
+# one-row products by its weight, and saves (1 - 1/speed-up) of a product; a product of r rows takes at least
+# max(1, r / STREAMING_ROWS) one-row products' time (BENCHMARKS.md, "Issue 24 on the Xeon VM, second day").
 COPY_PRODUCTS = 12
+STREAMING_ROWS = 24
 # A trial whose ratio falls outside these bounds timed the machine's other work, not the products (measured
 # ratios run from about 0.6 to 2.5): it starts again, at most RETRIES times, before its result stands.
 PLAUSIBLE_SPEEDUPS = (0.2, 5.0)
@@ -80,6 +82,7 @@ PASSES_TO_DECIDE = (RETRIES + 1) * len(LAYOUTS) * (PROBE_SAMPLES + 1)
 # (out, in, dtype, bias, weights in the group, rows measured) -> {layout: plain time / its time}, for the process
 _speedups: dict[tuple, dict[str, float]] = {}
 _saved: set[tuple] = set()  # the keys of _speedups that earlier processes decided (saved_layouts.py)
+_used: set[tuple] = set()  # the keys whose chosen copies some block has used (not only waited for)
 _trials: dict[tuple, Trial] = {}  # the same keys, while undecided
 _live_groups: weakref.WeakSet[LinearGroup] = weakref.WeakSet()  # the groups of the blocks still open
 
@@ -161,12 +164,6 @@ def linear_kind(linear: nn.Linear) -> tuple:
     return *linear.weight.shape, linear.weight.dtype, linear.bias is not None
 
 
-def passes_to_pay_back(speedup: float) -> float:
-    """The passes at one number of rows that a copy of each weight, `speedup` times faster than plain, takes to
-    earn back its making."""
-    return COPY_PRODUCTS / (1 - 1 / speedup)
-
-
 def chosen(speedups: dict[str, float]) -> str:
     """The layout a trial's speed-ups (plain time / each layout's time) choose: the fastest, if FASTER_MARGIN
     faster than plain."""
@@ -177,21 +174,24 @@ def chosen(speedups: dict[str, float]) -> str:
 class LinearGroup:
     """The Linears of one block that share a weight shape, dtype and bias: one layout per number of rows, for all."""
 
-    def __init__(self, forwards: list[FastLinearForward], layout: str | None) -> None:
+    def __init__(self, forwards: list[FastLinearForward], layout: str | None, long_run: bool = False) -> None:
         self.forwards = forwards
         self.layout = layout  # None: as the trials decide; else this layout at every size (benchmarks)
+        self.long_run = long_run  # a decided layout's copies are made at once: the run will pay for them
         # the count is part of the key: a dozen weights stream from memory where one may sit in the cache
         self.key = (*linear_kind(forwards[0].linear), len(forwards))
         # rows -> the layout decided for them: a decode step's dozens of products look it up, nothing more
         self.decided: dict[int, str] = {0: "plain"}  # zero rows: nothing to multiply, nor to time
         self.products: collections.Counter[int] = collections.Counter()  # per number of rows, until decided
-        self.plain_until: dict[int, float] = {}  # rows -> the products that run plain while a copy is paid for
+        # rows -> how many products at that many rows run plain: PLAIN_PASSES' worth, then (once a layout is
+        # decided) as many as pay for its missing copies (`products_to_pay_back`), when it is looked at again
+        self.plain_until: dict[int, float] = {}
         _live_groups.add(self)
 
     def layout_for(self, rows: int) -> str | None:
         """The layout for products of `rows` rows: the forced one, plain for the block's first PLAIN_PASSES at
-        this many rows, then None while on trial, then plain until the decided layout's copies would have
-        paid for themselves (`passes_to_pay_back`), then the decided one."""
+        this many rows, then None while on trial, then plain until the decided layout's missing copies would have
+        paid for themselves (`products_to_pay_back`), then the decided one."""
         layout = self.layout or self.decided.get(rows)
         if layout is None:
             self.products[rows] += 1
@@ -201,12 +201,22 @@ class LinearGroup:
             if speedups is None:
                 return None
             layout = chosen(speedups)
-            paid_back = passes_to_pay_back(speedups[layout]) * len(self.forwards) if layout != "plain" else 0
-            if self.products[rows] <= paid_back:
-                self.plain_until[rows] = paid_back
+            wait = self.products_to_pay_back(layout, speedups[layout], rows)
+            if self.products[rows] <= wait:
+                self.plain_until[rows] = wait
                 return "plain"
             self.decided[rows] = layout
+            if layout != "plain":
+                _used.add((*self.key, rows_measured(rows)))
         return layout
+
+    def products_to_pay_back(self, layout: str, speedup: float, rows: int) -> float:
+        """The products at `rows` rows (counted from the block's first) after which the copies of the group's
+        weights in `layout` that are not made yet have paid for their making; 0 for a long run."""
+        if layout == "plain" or self.long_run:
+            return 0
+        missing = sum(layout not in forward.copies for forward in self.forwards)
+        return missing * COPY_PRODUCTS / (1 - 1 / speedup) / max(1, rows / STREAMING_ROWS)
 
     def trial_product(self, forward: FastLinearForward, x: torch.Tensor, rows: int) -> torch.Tensor:
         """`forward`'s product in the layout whose turn it is in the trial at this many rows."""
@@ -353,10 +363,11 @@ class FastLinearForward:
 
 
 @contextlib.contextmanager
-def fast_cpu_inference(model: nn.Module, layout: str | None = None) -> Iterator[None]:
+def fast_cpu_inference(model: nn.Module, layout: str | None = None, long_run: bool = False) -> Iterator[None]:
     """Within the block, each nn.Linear of `model` that oneDNN can take multiplies by a copy of its weight in
     another layout (packed, transposed) at the numbers of rows where its group's trial found that faster
-    (`layout`: that one of LAYOUTS at every number instead, for comparisons).
+    (`layout`: that one of LAYOUTS at every number instead, for comparisons), once the passes run at that
+    number would have paid for making the copies; `long_run` (a server): at once, as the run will pay.
 
     Where oneDNN cannot take the weights (CUDA, MPS, float16, a build without it) the model runs as
     it is; so do parametrized Linears, and every product under torch.autocast. Blocks nest: an inner
@@ -383,7 +394,7 @@ def fast_cpu_inference(model: nn.Module, layout: str | None = None) -> Iterator[
             linear.forward = FastLinearForward(linear)  # shadows the class's forward
             groups.setdefault(linear_kind(linear), []).append(linear.forward)
         for forwards in groups.values():
-            group = LinearGroup(forwards, layout)
+            group = LinearGroup(forwards, layout, long_run)
             for index, forward in enumerate(forwards):
                 forward.group, forward.index = group, index
         kinds = {(*kind, len(forwards)) for kind, forwards in groups.items()}
@@ -421,8 +432,14 @@ def packing_report(applied: bool = True) -> list[str]:
             faster = ", ".join(
                 f"{layout} {speedup:.2f}x" for layout, speedup in _speedups[key].items() if layout != "plain"
             )
+            layout = chosen(_speedups[key])
             earlier = " (an earlier run's trial)" if key in _saved else ""
-            lines.append(f"{where}: {faster} plain -> {chosen(_speedups[key])}{earlier}")
+            unused = (
+                "; not used: the passes run would not have paid for its copies"
+                if layout != "plain" and key not in _used
+                else ""
+            )
+            lines.append(f"{where}: {faster} plain -> {layout}{earlier}{unused}")
         else:
             lines.append(f"{where}: on trial ({_trials[key].timings} of {PROBE_SAMPLES} timings each so far)")
     if _saved:

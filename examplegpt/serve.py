@@ -670,7 +670,10 @@ def serve_command(cfg: ServeConfig) -> int:
     shown = f"[{host}]" if ":" in host else host
     c = model.config
     # The model runs on this (main) thread only: loaded, packed, warmed up and decoding (batching.py says why).
-    with fast_cpu_inference(model) if cfg.fast_cpu and device.type == "cpu" else contextlib.nullcontext():
+    # long_run: a server copies a chosen layout's weights in its warm-up, not mid-request once they have paid
+    with (
+        fast_cpu_inference(model, long_run=True) if cfg.fast_cpu and device.type == "cpu" else contextlib.nullcontext()
+    ):
         engine.warm_up()
         packing = f", {packing_summary()}" if cfg.fast_cpu and device.type == "cpu" else ""
         print(f"serving {model_id} ({c.num_layers} layers x {c.d_model}, context {c.max_seq_len}, {device}, {cfg.precision}{packing}) "

@@ -47,6 +47,7 @@ def packing_pays_everywhere(monkeypatch):
     monkeypatch.setattr(cpu_inference, "_speedups", {})  # a fresh process's decisions
     monkeypatch.setattr(cpu_inference, "_trials", {})
     monkeypatch.setattr(cpu_inference, "_saved", set())
+    monkeypatch.setattr(cpu_inference, "_used", set())
     monkeypatch.setattr(cpu_inference, "PLAIN_PASSES", 0)  # every size from its first pass (a test below, not)
     monkeypatch.setattr(cpu_inference, "COPY_PRODUCTS", 0)  # decided copies made at once (a test below, not)
     monkeypatch.setattr(
@@ -619,9 +620,13 @@ def test_the_generate_command_saves_its_trials_for_the_next_one(tmp_path):
             env.setenv("EXAMPLEGPT_LAYOUT_CACHE", str(saved))
             runs.append(run_cli(*args))
     assert [proc.returncode for proc in runs] == [0, 0], runs[0].stderr
-    decided = [line for line in runs[0].stderr.splitlines() if " -> " in line]
+
+    def decisions(stderr: str) -> list[str]:  # (whether a copy was used is the run's own: the second waits)
+        return [line.split("; not used")[0] for line in stderr.splitlines() if " -> " in line]
+
+    decided = decisions(runs[0].stderr)
     assert decided and not any("earlier run" in line for line in decided)
-    assert all(line + " (an earlier run's trial)" in runs[1].stderr.splitlines() for line in decided), runs[1].stderr
+    assert [line + " (an earlier run's trial)" for line in decided] == decisions(runs[1].stderr), runs[1].stderr
 
 
 def test_a_number_of_rows_met_once_runs_plain_with_no_trial_and_no_copy(tiny_model, monkeypatch, packed_calls):
@@ -669,6 +674,88 @@ def test_a_decided_copy_waits_until_the_passes_so_far_would_have_paid_for_it(
                 assert all(vars(m)["forward"].copies == {} for m in packed_linears(model))
         wrapped = len(packed_linears(model))
     assert packed_per_pass == [0] * int(wait) + [wrapped] * 2
+
+
+def packed_per_pass(model, cache, rows: int, passes: int, packed_calls: list[int]) -> list[int]:
+    """Decode `passes` steps of `rows` rows: how many products ran packed in each."""
+    counts = []
+    for _ in range(passes):
+        before = len(packed_calls)
+        model.logits(model.hidden_states(torch.randint(0, 50257, (rows, 1)), cache)[:, -1])
+        counts.append(len(packed_calls) - before)
+    return counts
+
+
+def with_real_waits(monkeypatch, speedup: float | None = None) -> None:
+    """PLAIN_PASSES and COPY_PRODUCTS as the commands have them; `speedup`: every trial found packed that fast."""
+    monkeypatch.setattr(cpu_inference, "PLAIN_PASSES", REAL_PLAIN_PASSES)
+    monkeypatch.setattr(cpu_inference, "COPY_PRODUCTS", REAL_COPY_PRODUCTS)
+    if speedup is not None:
+        pays = {"plain": 1.0, "packed": speedup, "transposed": 1.0}
+        monkeypatch.setattr(
+            LinearGroup, "speedups", lambda group, rows: cpu_inference._speedups.setdefault((*group.key, rows), pays)
+        )
+
+
+def test_copies_made_for_one_number_of_rows_serve_another_without_a_second_wait(tiny_model, monkeypatch, packed_calls):
+    """Found by an audit: a batch draining from 8 rows to 7, 6, 5 waited again at each size beside copies
+    already made."""
+    with_real_waits(monkeypatch, speedup=2.0)
+    model = tiny_model.requires_grad_(False)
+    with torch.inference_mode(), fast_cpu_inference(model):
+        wrapped = len(packed_linears(model))
+        cache = cpu_inference_cache(model, 8, model.config.max_seq_len)
+        eight = packed_per_pass(model, cache, 8, 30, packed_calls)
+        assert eight[0] == 0 and eight[-1] == wrapped  # waited, then paid
+        seven = packed_per_pass(model, cache.rows(0, 7), 7, REAL_PLAIN_PASSES + 1, packed_calls)
+    assert seven == [0] * REAL_PLAIN_PASSES + [wrapped]  # a new size still runs its plain passes, then no wait
+
+
+def test_a_trial_s_own_copies_are_used_once_it_decides(tiny_model, monkeypatch, packed_calls):
+    """Found by an audit: a machine's first run made the copies in its trial and left them unused through the
+    wait. The tiny model's groups are small enough that the trial copies every weight."""
+    clock_of_costs(monkeypatch, packed_cost=lambda rows: 0.5, plain_cost=lambda rows: 1.0)
+    with_real_waits(monkeypatch)
+    model = tiny_model.requires_grad_(False)
+    with torch.inference_mode(), fast_cpu_inference(model):
+        wrapped = len(packed_linears(model))
+        cache = cpu_inference_cache(model, 1, model.config.max_seq_len)
+        packed_per_pass(model, cache, 1, REAL_PLAIN_PASSES + 1, packed_calls)  # the trials start
+        passes = 0
+        while cpu_inference.on_trial(1):
+            packed_per_pass(model, cache, 1, 1, packed_calls)
+            passes += 1
+            assert passes < cpu_inference.PASSES_TO_DECIDE
+        assert packed_per_pass(model, cache, 1, 1, packed_calls) == [wrapped]
+
+
+def test_a_long_run_makes_the_chosen_copies_at_once_and_the_engine_warm_up_makes_them(tiny_model, monkeypatch):
+    """Found by an audit: with the wait, serve's warm-up made no copy, and a step in the middle of the first
+    requests made them."""
+    from examplegpt.batching import BatchEngine
+
+    with_real_waits(monkeypatch, speedup=1.25)
+    model = tiny_model.requires_grad_(False)
+    with torch.inference_mode(), fast_cpu_inference(model, long_run=True):
+        BatchEngine(model, max_batch=2).warm_up()
+        assert all(set(vars(m)["forward"].copies) == {"packed"} for m in packed_linears(model))
+        assert not any("not used" in line for line in packing_report())
+
+
+def test_the_reports_say_when_a_chosen_layout_waited_and_a_forced_one_never_waits(
+    tiny_model, monkeypatch, packed_calls
+):
+    """Found by an audit: --verbose said "-> packed" after a short run whose products all ran plain."""
+    with_real_waits(monkeypatch, speedup=1.25)
+    model = tiny_model.requires_grad_(False)
+    with torch.inference_mode():
+        with fast_cpu_inference(model):
+            cache = cpu_inference_cache(model, 1, model.config.max_seq_len)
+            assert sum(packed_per_pass(model, cache, 1, 10, packed_calls)) == 0
+            assert all("-> packed" in line and "not used" in line for line in packing_report() if "rows" in line)
+        with fast_cpu_inference(model, "packed"):
+            cache = cpu_inference_cache(model, 1, model.config.max_seq_len)
+            assert packed_per_pass(model, cache, 1, 2, packed_calls) == [len(packed_linears(model))] * 2
 
 
 def test_a_file_of_decisions_that_cannot_be_written_leaves_the_decision_to_the_process_and_no_litter(
