@@ -17,8 +17,8 @@ the block each group of Linears that share a weight shape runs in one layout per
 trial inside the model's first passes at that number finds (`Trial`): the group's products go round
 the layouts, each timed where it runs, and a copy is used only where its median is clearly faster
 than plain, and (unless the run is long: a server) only once the passes run so far would have paid for
-making the copies still missing (`COPY_PRODUCTS`: a short run stays plain). The decisions are kept for the process, and in a file for later ones on the same machine
-(`saved_layouts`: a later command copies only the layouts chosen); `packing_summary` / `packing_report`
+making the copies still missing (`COPY_COST`: a short run stays plain). The decisions are kept for the
+process, and in a file for later ones on the same machine (`saved_layouts`: a later command copies only the layouts chosen); `packing_summary` / `packing_report`
 say what was chosen, and which decisions came from the file.
 
 A copy costs as much memory as the weight: it is made when a trial first needs it, dropped once the
@@ -66,11 +66,12 @@ TIMED_WEIGHTS = len(LAYOUTS)
 PLAIN_PASSES = 2
 # A decided layout's missing copies wait until the passes run so far at that many rows would have paid for
 # them (a ski rental: a run that goes on as long again earns them back; one that stops sooner never paid for
-# them), where copying at once left a short `generate` 7% behind plain. A copy costs about COPY_PRODUCTS
-# one-row products by its weight, and saves (1 - 1/speed-up) of a product; a product of r rows takes at least
-# max(1, r / STREAMING_ROWS) one-row products' time (BENCHMARKS.md, "Issue 24 on the Xeon VM, second day").
-COPY_PRODUCTS = 12
-STREAMING_ROWS = 24
+# them), where copying at once left a short `generate` 7% behind plain. A copy in fresh memory costs about
+# COPY_COST one-row products by its weight, and saves (1 - 1/speed-up) of a product; a product of r rows
+# takes at least max(1, r / STREAMING_ROWS) one-row products' time (BENCHMARKS.md, "Issue 24 on the Xeon
+# VM, second day").
+COPY_COST = {"packed": 10, "transposed": 20}
+STREAMING_ROWS = 32
 # A trial whose ratio falls outside these bounds timed the machine's other work, not the products (measured
 # ratios run from about 0.6 to 2.5): it starts again, at most RETRIES times, before its result stands.
 PLAUSIBLE_SPEEDUPS = (0.2, 5.0)
@@ -216,7 +217,7 @@ class LinearGroup:
         if layout == "plain" or self.long_run:
             return 0
         missing = sum(layout not in forward.copies for forward in self.forwards)
-        return missing * COPY_PRODUCTS / (1 - 1 / speedup) / max(1, rows / STREAMING_ROWS)
+        return missing * COPY_COST[layout] / (1 - 1 / speedup) / max(1, rows / STREAMING_ROWS)
 
     def trial_product(self, forward: FastLinearForward, x: torch.Tensor, rows: int) -> torch.Tensor:
         """`forward`'s product in the layout whose turn it is in the trial at this many rows."""

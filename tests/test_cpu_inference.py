@@ -37,7 +37,7 @@ pytestmark = pytest.mark.skipif(not can_pack(torch.ones(1)), reason="this PyTorc
 
 REAL_SPEEDUPS = LinearGroup.speedups
 REAL_PLAIN_PASSES = cpu_inference.PLAIN_PASSES
-REAL_COPY_PRODUCTS = cpu_inference.COPY_PRODUCTS
+REAL_COPY_COST = cpu_inference.COPY_COST
 PACKING_PAYS = {"plain": 1.0, "packed": 2.0, "transposed": 1.0}
 
 
@@ -49,7 +49,7 @@ def packing_pays_everywhere(monkeypatch):
     monkeypatch.setattr(cpu_inference, "_saved", set())
     monkeypatch.setattr(cpu_inference, "_used", set())
     monkeypatch.setattr(cpu_inference, "PLAIN_PASSES", 0)  # every size from its first pass (a test below, not)
-    monkeypatch.setattr(cpu_inference, "COPY_PRODUCTS", 0)  # decided copies made at once (a test below, not)
+    monkeypatch.setattr(cpu_inference, "COPY_COST", dict.fromkeys(LAYOUTS, 0))  # copies at once (a test below, not)
     monkeypatch.setattr(
         LinearGroup,
         "speedups",
@@ -656,12 +656,12 @@ def test_a_decided_copy_waits_until_the_passes_so_far_would_have_paid_for_it(
     """A fresh `generate` of 48 tokens (GPT-2 124M, every decision saved by an earlier run) ran 0.93x
     --no-fast-cpu: it copied the LM head for a product that saved 4% of a token 48 times."""
     monkeypatch.setattr(cpu_inference, "PLAIN_PASSES", REAL_PLAIN_PASSES)
-    monkeypatch.setattr(cpu_inference, "COPY_PRODUCTS", REAL_COPY_PRODUCTS)
+    monkeypatch.setattr(cpu_inference, "COPY_COST", REAL_COPY_COST)
     pays = {"plain": 1.0, "packed": speedup, "transposed": 1.0}
     monkeypatch.setattr(
         LinearGroup, "speedups", lambda group, rows: cpu_inference._speedups.setdefault((*group.key, rows), pays)
     )
-    wait = REAL_COPY_PRODUCTS / (1 - 1 / speedup)  # passes
+    wait = REAL_COPY_COST["packed"] / (1 - 1 / speedup)  # passes
     model = tiny_model.requires_grad_(False)
     packed_per_pass = []
     with torch.inference_mode(), fast_cpu_inference(model):
@@ -687,9 +687,9 @@ def packed_per_pass(model, cache, rows: int, passes: int, packed_calls: list[int
 
 
 def with_real_waits(monkeypatch, speedup: float | None = None) -> None:
-    """PLAIN_PASSES and COPY_PRODUCTS as the commands have them; `speedup`: every trial found packed that fast."""
+    """PLAIN_PASSES and COPY_COST as the commands have them; `speedup`: every trial found packed that fast."""
     monkeypatch.setattr(cpu_inference, "PLAIN_PASSES", REAL_PLAIN_PASSES)
-    monkeypatch.setattr(cpu_inference, "COPY_PRODUCTS", REAL_COPY_PRODUCTS)
+    monkeypatch.setattr(cpu_inference, "COPY_COST", REAL_COPY_COST)
     if speedup is not None:
         pays = {"plain": 1.0, "packed": speedup, "transposed": 1.0}
         monkeypatch.setattr(
