@@ -4,7 +4,9 @@ A trial (`cpu_inference.Trial`) copies weights into every layout it times; for a
 large model that costs more than the faster layout saves (GPT-2 124M on a Xeon: 0.2 s of copies for a
 5% faster token, BENCHMARKS.md). So each decision is written to a JSON file, under a key for the machine
 (CPU model, its kernel flags, CPU count, PyTorch build, thread count), and a later process on the same
-machine starts from the decisions there. Delete the file to measure again.
+machine starts from the decisions there. Delete the file to measure again. Each key's record holds how many
+processes' trials it has, and each layout's lowest speed-up over them: a trial timed at a busy moment can
+rank a copy faster than it is, for every later command (`cpu_inference.TRIALS_TO_KEEP`).
 
 The file is `$EXAMPLEGPT_LAYOUT_CACHE`, or `~/.cache/examplegpt/weight_layouts.json` (under
 `$XDG_CACHE_HOME` where set); `EXAMPLEGPT_LAYOUT_CACHE=` (empty) keeps none. A file that cannot be
@@ -33,7 +35,7 @@ except ImportError:  # Windows: no lock, and the last of two processes deciding 
 
 
 # Part of every machine's key: a change to what a layout means, or to how trials measure, makes a new one.
-FORMAT = "layouts v1"
+FORMAT = "layouts v2"
 
 
 def path() -> Path | None:
@@ -84,23 +86,36 @@ def read_all(file: Path) -> dict[str, dict]:
     return saved if isinstance(saved, dict) else {}
 
 
-def load(layouts: tuple[str, ...]) -> dict[tuple, dict[str, float]]:
-    """This machine's decisions: key -> {layout: speed-up over plain}; entries that do not parse are left out."""
+def load(layouts: tuple[str, ...]) -> dict[tuple, tuple[dict[str, float], int]]:
+    """This machine's decisions: key -> ({layout: its lowest speed-up over plain in the trials}, the number of
+    trials); entries that do not parse are left out."""
     file = path()
     if file is None:
         return {}
     decisions = {}
     mine = read_all(file).get(machine())
-    for text, speedups in mine.items() if isinstance(mine, dict) else ():
-        with contextlib.suppress(ValueError, TypeError, AttributeError):
-            if sorted(speedups) == sorted(layouts) and all(float(s) > 0 for s in speedups.values()):
-                decisions[key_of(text)] = {layout: float(speedups[layout]) for layout in layouts}
+    for text, record in mine.items() if isinstance(mine, dict) else ():
+        with contextlib.suppress(ValueError, TypeError, AttributeError, KeyError):
+            speedups, trials = record["speedups"], int(record["trials"])
+            if sorted(speedups) == sorted(layouts) and all(float(s) > 0 for s in speedups.values()) and trials > 0:
+                decisions[key_of(text)] = ({layout: float(speedups[layout]) for layout in layouts}, trials)
     return decisions
 
 
+def merged(record: object, speedups: dict[str, float]) -> dict:
+    """A key's record with one more trial's speed-ups: each layout's lowest, and the count of trials (a record
+    that does not parse counts for nothing)."""
+    with contextlib.suppress(ValueError, TypeError, AttributeError, KeyError):
+        earlier, trials = record["speedups"], int(record["trials"])
+        if sorted(earlier) == sorted(speedups) and trials > 0:
+            return {"speedups": {k: min(float(earlier[k]), s) for k, s in speedups.items()}, "trials": trials + 1}
+    return {"speedups": speedups, "trials": 1}
+
+
 def save(key: tuple, speedups: dict[str, float]) -> None:
-    """Add one decision to the file: read, merged and written whole under a lock (processes that decide at
-    once keep each other's decisions), then renamed over the old file (a reader never sees half of one)."""
+    """Add one trial's speed-ups to the file (`merged` into its key's record): read, merged and written whole
+    under a lock (processes that decide at once keep each other's trials), then renamed over the old file (a
+    reader never sees half of one)."""
     file = path()
     if file is None:
         return
@@ -111,8 +126,8 @@ def save(key: tuple, speedups: dict[str, float]) -> None:
             if fcntl is not None:
                 fcntl.flock(lock, fcntl.LOCK_EX)
             saved, here = read_all(file), machine()
-            mine = saved.get(here)
-            saved[here] = (mine if isinstance(mine, dict) else {}) | {key_text(key): speedups}
+            mine = saved.get(here) if isinstance(saved.get(here), dict) else {}
+            saved[here] = mine | {key_text(key): merged(mine.get(key_text(key)), speedups)}
             partial.write_text(json.dumps(saved, indent=1, sort_keys=True))
             os.replace(partial, file)
     except OSError:  # a read-only home: the decision stays with the process

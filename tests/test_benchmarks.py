@@ -56,6 +56,19 @@ def test_evaluation_benchmark_scores_alike_with_and_without_the_accelerator_and_
     assert "accelerated / plain: " in proc.stdout
 
 
+def test_the_weight_copies_benchmark_measures_what_the_accelerator_assumes():
+    from examplegpt.cpu_inference import COPY_COST
+
+    command = [sys.executable, str(REPO / "benchmarks" / "bench_weight_copies.py"), "--small", "--rounds", "1"]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("CPU ")  # the machine first
+    rows = [line.split("|") for line in lines if line[2:3].isdigit()]  # | 192 x 64 | ...
+    assert len(rows) == 2 and all(float(row[2]) > 0 and float(row[3]) > 0 for row in rows)
+    assert f"the accelerator takes packed {COPY_COST['packed']}, transposed {COPY_COST['transposed']}" in lines[-1]
+
+
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal where there is no GPU")
 @pytest.mark.parametrize("script", ["bench_generate.py", "bench_serve.py"])
 def test_generation_benchmarks_refuse_cuda_without_a_gpu_in_one_line(script):
