@@ -76,10 +76,10 @@ STREAMING_ROWS = 32
 # ratios run from about 0.6 to 2.5): it starts again, at most RETRIES times, before its result stands.
 PLAUSIBLE_SPEEDUPS = (0.2, 5.0)
 RETRIES = 2
-# A saved decision stands without a trial once this many processes' trials made it, each layout at the lowest
-# speed-up any of them measured: one trial at a busy moment chose layouts that left GPT-2 124M at 0.95x plain
-# at batch 1 for every later command (BENCHMARKS.md, "Issue 24 on the Xeon VM, second day"). Until then, a
-# process's own trial runs, and decides by the lower of its and the earlier ones' speed-ups.
+# A saved decision stands without a trial once this many processes' trials made it, each layout at the
+# geometric mean of their speed-ups: one trial at a busy moment chose layouts that left GPT-2 124M at 0.95x
+# plain at batch 1 for every later command (BENCHMARKS.md, "Issue 24 on the Xeon VM, second day"). Until
+# then a process runs its own trial too, and decides by all of them (`saved_layouts.combined`).
 TRIALS_TO_KEEP = 2
 # Passes of the model that settle every trial at one number of rows, on a busy machine too (every retry
 # taken): a group of one weight (the LM head) times one product a pass; a block's group, TIMED_WEIGHTS.
@@ -88,7 +88,7 @@ PASSES_TO_DECIDE = (RETRIES + 1) * len(LAYOUTS) * (PROBE_SAMPLES + 1)
 # (out, in, dtype, bias, weights in the group, rows measured) -> {layout: plain time / its time}, for the process
 _speedups: dict[tuple, dict[str, float]] = {}
 _saved: set[tuple] = set()  # the keys of _speedups that earlier processes decided (saved_layouts.py)
-_earlier: dict[tuple, dict[str, float]] = {}  # saved by fewer than TRIALS_TO_KEEP trials: this process tries too
+_earlier: dict[tuple, tuple[dict[str, float], int]] = {}  # fewer than TRIALS_TO_KEEP saved: (speed-ups, trials)
 _merged: set[tuple] = set()  # the keys of _speedups decided by this process's trial and an earlier one's
 _used: set[tuple] = set()  # the keys whose chosen copies some block has used (not only waited for)
 _trials: dict[tuple, Trial] = {}  # the same keys, while undecided
@@ -289,12 +289,10 @@ class Trial:
                 self.seconds = {layout: [] for layout in LAYOUTS}
             else:
                 earlier = _earlier.pop(self.key, None)
-                if earlier is not None:  # an earlier process's trial too: each layout at the lower speed-up
+                if earlier is not None:  # earlier processes' trials too
                     _merged.add(self.key)
-                _speedups[self.key] = (
-                    speedups if earlier is None else {k: min(s, earlier[k]) for k, s in speedups.items()}
-                )
-                if plausible:  # not a stall's timings, for good
+                _speedups[self.key] = speedups if earlier is None else saved_layouts.combined(*earlier, speedups)
+                if plausible:  # not a stall's timings, for good (the file combines them with its own)
                     saved_layouts.save(self.key, speedups)
                 for group in list(_live_groups):  # every block's group of this shape, not only the caller's
                     if group.key == self.key[:-1]:
@@ -333,6 +331,12 @@ class FastLinearForward:
         if "weight" not in self.linear._parameters:  # parametrized within the block: PyTorch's own forward
             return type(self.linear).forward(self.linear, x)
         weight, bias = self.weight_and_bias()
+        # A product that runs plain returns at once: the checks below, on every one of a decode step's dozens
+        # of products, cost GPT-2 124M 2% of a token where every layout stayed plain (BENCHMARKS.md).
+        rows = x.numel() // weight.shape[-1] if weight.shape[-1] else 0  # x (..., in)
+        layout = self.group.layout_for(rows)
+        if layout == "plain":
+            return F.linear(x, weight, bias)
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (weight, bias, x)):
             raise RuntimeError(AUTOGRAD_REFUSED)  # the copies' products would drop the gradient silently
         state = _weight_state(weight)
@@ -343,11 +347,9 @@ class FastLinearForward:
             self.copyable = same_kind and can_pack(weight)
         if not self.copyable or torch.is_autocast_enabled("cpu"):
             return F.linear(x, weight, bias)  # oneDNN does not take the weight, or autocast picks the dtype
-        rows = x.numel() // weight.shape[1]  # x (..., in); in > 0, as empty weights are not wrapped
-        layout = self.group.layout_for(rows)
         if layout is None:
             return self.group.trial_product(self, x, rows)
-        return F.linear(x, weight, bias) if layout == "plain" else self.product(layout, x)
+        return self.product(layout, x)
 
     def weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         # straight from the parameters' dict: nn.Module's attribute lookup would cost a decode step's dozens
@@ -417,7 +419,7 @@ def fast_cpu_inference(model: nn.Module, layout: str | None = None, long_run: bo
                     _speedups[key] = speedups
                     _saved.add(key)
                 else:
-                    _earlier[key] = speedups
+                    _earlier[key] = speedups, trials
         yield
     finally:
         for linear in linears:

@@ -5,8 +5,9 @@ large model that costs more than the faster layout saves (GPT-2 124M on a Xeon: 
 5% faster token, BENCHMARKS.md). So each decision is written to a JSON file, under a key for the machine
 (CPU model, its kernel flags, CPU count, PyTorch build, thread count), and a later process on the same
 machine starts from the decisions there. Delete the file to measure again. Each key's record holds how many
-processes' trials it has, and each layout's lowest speed-up over them: a trial timed at a busy moment can
-rank a copy faster than it is, for every later command (`cpu_inference.TRIALS_TO_KEEP`).
+processes' trials it has, and each layout's speed-up over them (their geometric mean): a trial timed at a
+busy moment can rank a copy faster, or slower, than it is, for every later command
+(`cpu_inference.TRIALS_TO_KEEP`).
 
 The file is `$EXAMPLEGPT_LAYOUT_CACHE`, or `~/.cache/examplegpt/weight_layouts.json` (under
 `$XDG_CACHE_HOME` where set); `EXAMPLEGPT_LAYOUT_CACHE=` (empty) keeps none. A file that cannot be
@@ -19,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import os
 import platform
 import threading
@@ -87,7 +89,7 @@ def read_all(file: Path) -> dict[str, dict]:
 
 
 def load(layouts: tuple[str, ...]) -> dict[tuple, tuple[dict[str, float], int]]:
-    """This machine's decisions: key -> ({layout: its lowest speed-up over plain in the trials}, the number of
+    """This machine's decisions: key -> ({layout: its speed-up over plain over the trials}, the number of
     trials); entries that do not parse are left out."""
     file = path()
     if file is None:
@@ -102,13 +104,19 @@ def load(layouts: tuple[str, ...]) -> dict[tuple, tuple[dict[str, float], int]]:
     return decisions
 
 
+def combined(earlier: dict[str, float], trials: int, speedups: dict[str, float]) -> dict[str, float]:
+    """Each layout's speed-up over `trials` earlier trials and one more: the geometric mean of them all (a
+    speed-up and its inverse weigh alike)."""
+    return {k: math.exp((trials * math.log(earlier[k]) + math.log(s)) / (trials + 1)) for k, s in speedups.items()}
+
+
 def merged(record: object, speedups: dict[str, float]) -> dict:
-    """A key's record with one more trial's speed-ups: each layout's lowest, and the count of trials (a record
-    that does not parse counts for nothing)."""
+    """A key's record with one more trial's speed-ups, `combined`, and the count of trials (a record that does
+    not parse counts for nothing)."""
     with contextlib.suppress(ValueError, TypeError, AttributeError, KeyError):
-        earlier, trials = record["speedups"], int(record["trials"])
-        if sorted(earlier) == sorted(speedups) and trials > 0:
-            return {"speedups": {k: min(float(earlier[k]), s) for k, s in speedups.items()}, "trials": trials + 1}
+        earlier, trials = {k: float(v) for k, v in record["speedups"].items()}, int(record["trials"])
+        if sorted(earlier) == sorted(speedups) and trials > 0 and all(v > 0 for v in earlier.values()):
+            return {"speedups": combined(earlier, trials, speedups), "trials": trials + 1}
     return {"speedups": speedups, "trials": 1}
 
 

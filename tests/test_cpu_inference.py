@@ -602,7 +602,7 @@ def test_a_copy_one_trial_overrated_is_not_kept_when_the_next_trial_disagrees(tm
     monkeypatch.setenv("EXAMPLEGPT_LAYOUT_CACHE", str(tmp_path / "layouts.json"))
     key = (512, 64, torch.float32, False, 1, 1)
     saved_layouts.save(key, {"plain": 1.0, "packed": 2.0, "transposed": 1.0})  # the busy moment's trial
-    clock_of_costs(monkeypatch, packed_cost=lambda rows: 2.0, plain_cost=lambda rows: 1.0)  # the truth
+    clock_of_costs(monkeypatch, packed_cost=lambda rows: 2.0, plain_cost=lambda rows: 1.0)  # the truth: 0.5x
     head = torch.nn.Linear(64, 512, bias=False).requires_grad_(False)
     with torch.inference_mode(), fast_cpu_inference(head):
         assert cpu_inference._speedups == {}  # one trial saved: this process tries too
@@ -610,7 +610,17 @@ def test_a_copy_one_trial_overrated_is_not_kept_when_the_next_trial_disagrees(tm
             head(torch.randn(1, 64))
     assert chosen(cpu_inference._speedups[key]) == "plain"
     assert packing_report()[0].endswith("-> plain (this run's and an earlier run's trials)")
-    assert saved_layouts.load(LAYOUTS) == {key: ({"plain": 1.0, "packed": 0.5, "transposed": 1.0}, 2)}
+    ((speedups, trials),) = saved_layouts.load(LAYOUTS).values()
+    assert trials == 2 and speedups == pytest.approx({"plain": 1.0, "packed": 1.0, "transposed": 1.0})
+
+
+def test_trials_are_combined_by_their_geometric_mean_so_that_a_gain_and_a_loss_weigh_alike():
+    assert saved_layouts.combined({"packed": 1.0}, 1, {"packed": 4.0}) == pytest.approx({"packed": 2.0})
+    assert saved_layouts.combined({"packed": 8.0}, 2, {"packed": 1.0}) == pytest.approx({"packed": 4.0})
+    assert saved_layouts.merged({"speedups": {"packed": "x"}, "trials": 1}, {"packed": 3.0}) == {
+        "speedups": {"packed": 3.0},
+        "trials": 1,
+    }  # a record that does not parse counts for nothing
 
 
 @pytest.mark.parametrize("content", ["not json", "[1, 2]", '{"MACHINE": {"1 2 float32 True 1 1": {"plain": "x"}}}'])
@@ -649,16 +659,18 @@ def test_the_generate_command_saves_its_trials_for_the_next_one(tmp_path):
             runs.append(run_cli(*args))
     assert [proc.returncode for proc in runs] == [0, 0, 0], runs[0].stderr
 
-    def decisions(stderr: str, marker: str) -> list[str]:  # (whether a copy was used is the run's own)
-        lines = [line.split("; not used")[0] for line in stderr.splitlines() if " -> " in line]
-        assert lines and all(line.endswith(marker) for line in lines), stderr
-        return [line.removesuffix(marker) for line in lines]
+    merged, kept = " (this run's and an earlier run's trials)", " (earlier runs' trials)"
 
-    assert decisions(runs[0].stderr, "")
-    # the second runs its trials again (one trial may have timed a busy moment), the third none
-    assert decisions(runs[1].stderr, " (this run's and an earlier run's trials)") == decisions(
-        runs[2].stderr, " (earlier runs' trials)"
-    )
+    def decisions(stderr: str) -> dict[str, str]:  # decision -> where it came from (a copy's use is the run's own)
+        lines = [line.split("; not used")[0] for line in stderr.splitlines() if " -> " in line]
+        sources = [next(m for m in (merged, kept, "") if line.endswith(m)) for line in lines]
+        return {line.removesuffix(source): source for line, source in zip(lines, sources)}
+
+    first, second, third = (decisions(proc.stderr) for proc in runs)
+    assert first and set(first.values()) == {""}, runs[0].stderr
+    # the second runs its trials again (one trial may have timed a busy moment), the third none of those
+    again = {line for line, source in second.items() if source == merged}
+    assert again and all(third.get(line) == kept for line in again), (runs[1].stderr, runs[2].stderr)
 
 
 def test_a_number_of_rows_met_once_runs_plain_with_no_trial_and_no_copy(tiny_model, monkeypatch, packed_calls):
