@@ -91,6 +91,8 @@ _saved: set[tuple] = set()  # the keys of _speedups that earlier processes decid
 _earlier: dict[tuple, tuple[dict[str, float], int]] = {}  # fewer than TRIALS_TO_KEEP saved: (speed-ups, trials)
 _merged: set[tuple] = set()  # the keys of _speedups decided by this process's trial and an earlier one's
 _used: set[tuple] = set()  # the keys whose chosen copies some block has used (not only waited for)
+_met: set[tuple] = set()  # the keys some block's products met in this process (the reports name these only)
+_unsaved: set[tuple] = set()  # the keys whose trial's timings stayed implausible: decided for the process only
 _trials: dict[tuple, Trial] = {}  # the same keys, while undecided
 _live_groups: weakref.WeakSet[LinearGroup] = weakref.WeakSet()  # the groups of the blocks still open
 
@@ -202,6 +204,8 @@ class LinearGroup:
         paid for themselves (`products_to_pay_back`), then the decided one."""
         layout = self.layout or self.decided.get(rows)
         if layout is None:
+            if rows not in self.products:
+                _met.add((*self.key, rows_measured(rows)))
             self.products[rows] += 1
             if self.products[rows] <= self.plain_until.get(rows, PLAIN_PASSES * len(self.forwards)):
                 return "plain"
@@ -294,6 +298,8 @@ class Trial:
                 _speedups[self.key] = speedups if earlier is None else saved_layouts.combined(*earlier, speedups)
                 if plausible:  # not a stall's timings, for good (the file combines them with its own)
                     saved_layouts.save(self.key, speedups)
+                else:
+                    _unsaved.add(self.key)
                 for group in list(_live_groups):  # every block's group of this shape, not only the caller's
                     if group.key == self.key[:-1]:
                         group.drop_unused_copies()
@@ -331,22 +337,22 @@ class FastLinearForward:
         if "weight" not in self.linear._parameters:  # parametrized within the block: PyTorch's own forward
             return type(self.linear).forward(self.linear, x)
         weight, bias = self.weight_and_bias()
-        # A product that runs plain returns at once: the checks below, on every one of a decode step's dozens
-        # of products, cost GPT-2 124M 2% of a token where every layout stayed plain (BENCHMARKS.md).
-        rows = x.numel() // weight.shape[-1] if weight.shape[-1] else 0  # x (..., in)
-        layout = self.group.layout_for(rows)
-        if layout == "plain":
-            return F.linear(x, weight, bias)
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (weight, bias, x)):
             raise RuntimeError(AUTOGRAD_REFUSED)  # the copies' products would drop the gradient silently
+        if torch.is_autocast_enabled("cpu"):
+            return F.linear(x, weight, bias)  # autocast picks the dtype
+        rows = x.numel() // weight.shape[-1] if weight.shape[-1] else 0  # x (..., in)
+        layout = self.group.layout_for(rows)
+        if layout == "plain":  # at once: a decode step's dozens of plain products need no more checks
+            return F.linear(x, weight, bias)
         state = _weight_state(weight)
         if state != self.state:
             # a weight of another shape or dtype than its group's runs plain: the group's trials are not its own
             same_kind = linear_kind(self.linear) == self.group.key[:-1]
             self.state, self.source, self.copies = state, weight.detach(), {}
             self.copyable = same_kind and can_pack(weight)
-        if not self.copyable or torch.is_autocast_enabled("cpu"):
-            return F.linear(x, weight, bias)  # oneDNN does not take the weight, or autocast picks the dtype
+        if not self.copyable:
+            return F.linear(x, weight, bias)  # oneDNN does not take the weight
         if layout is None:
             return self.group.trial_product(self, x, rows)
         return self.product(layout, x)
@@ -413,8 +419,9 @@ def fast_cpu_inference(model: nn.Module, layout: str | None = None, long_run: bo
             for index, forward in enumerate(forwards):
                 forward.group, forward.index = group, index
         kinds = {(*kind, len(forwards)) for kind, forwards in groups.items()}
+        low, high = PLAUSIBLE_SPEEDUPS
         for key, (speedups, trials) in saved_layouts.load(LAYOUTS).items():  # earlier runs' trials of these groups
-            if key[:-1] in kinds and key not in _speedups:
+            if key[:-1] in kinds and key not in _speedups and all(low <= s <= high for s in speedups.values()):
                 if trials >= TRIALS_TO_KEEP:
                     _speedups[key] = speedups
                     _saved.add(key)
@@ -429,18 +436,22 @@ def fast_cpu_inference(model: nn.Module, layout: str | None = None, long_run: bo
 
 
 NONE_TRIED = "weight layouts: none tried"  # the words of packing_summary and packing_report alike
+NONE_TRIED_BECAUSE = (
+    f"a number of rows is tried from its pass {PLAIN_PASSES + 1} on, and only float32 weights on a CPU "
+    "(bfloat16 ones on a CPU with AVX-512)"
+)
 
 
 def packing_report(applied: bool = True) -> list[str]:
-    """One line per weight shape and number of rows tried in this process: the speed-up and the choice, or
-    how far its trial has come; where none was tried (int8 or float16 weights, say), a line that says why.
+    """One line per weight shape and number of rows met in this process: the speed-up and the choice (and where
+    it came from), or how far its trial has come; where none was tried (int8 or float16 weights, say), a line that says why.
     applied=False: the command ran without the accelerator (--no-fast-cpu), and the one line says so."""
     if not applied:
         return ["off (--no-fast-cpu): every product plain PyTorch"]
-    if not _speedups.keys() | _trials.keys():
-        return [f"{NONE_TRIED}: only float32 weights on a CPU are tried, and bfloat16 ones on a CPU with AVX-512"]
+    keys = sorted((_speedups.keys() | _trials.keys()) & _met, key=lambda key: (key[-1], key[:2]))
+    if not keys:
+        return [f"{NONE_TRIED}: {NONE_TRIED_BECAUSE}"]
     lines = []
-    keys = sorted(_speedups.keys() | _trials.keys(), key=lambda key: (key[-1], key[:2]))
     for key in keys:
         out_features, in_features, dtype, _, count, rows = key
         where = f"{count} x Linear({in_features}, {out_features}, {str(dtype).removeprefix('torch.')}), " + (
@@ -456,6 +467,8 @@ def packing_report(applied: bool = True) -> list[str]:
                 if key in _saved
                 else " (this run's and an earlier run's trials)"
                 if key in _merged
+                else " (timings implausible: not kept for later runs)"
+                if key in _unsaved
                 else ""
             )
             unused = (
@@ -466,7 +479,7 @@ def packing_report(applied: bool = True) -> list[str]:
             lines.append(f"{where}: {faster} plain -> {layout}{earlier}{unused}")
         else:
             lines.append(f"{where}: on trial ({_trials[key].timings} of {PROBE_SAMPLES} timings each so far)")
-    if _saved or _merged:
+    if (_saved | _merged) & _met:
         lines.append(f"earlier runs' trials are kept in {saved_layouts.path()} (delete it to measure again)")
     return lines
 
@@ -474,9 +487,10 @@ def packing_report(applied: bool = True) -> list[str]:
 def packing_summary() -> str:
     """The choices in this process, per number of rows, in a few words (for a start-up line): how many weight
     shapes run in a layout other than plain of those tried, and how many are still on trial."""
-    tried = collections.Counter(key[-1] for key in _speedups.keys() | _trials.keys())
-    faster = collections.Counter(key[-1] for key, speedups in _speedups.items() if chosen(speedups) != "plain")
-    pending = collections.Counter(key[-1] for key in _trials.keys() - _speedups.keys())
+    met = (_speedups.keys() | _trials.keys()) & _met
+    tried = collections.Counter(key[-1] for key in met)
+    faster = collections.Counter(key[-1] for key in met & _speedups.keys() if chosen(_speedups[key]) != "plain")
+    pending = collections.Counter(key[-1] for key in met - _speedups.keys())
     if not tried:
         return NONE_TRIED
     parts = [
@@ -484,5 +498,6 @@ def packing_summary() -> str:
         + (f" ({pending[rows]} on trial)" if pending[rows] else "")
         for rows in sorted(tried)
     ]
-    earlier = f" ({len(_saved)} decided by earlier runs, kept in {saved_layouts.path()})" if _saved else ""
+    saved = len(_saved & met)
+    earlier = f" ({saved} decided by earlier runs, kept in {saved_layouts.path()})" if saved else ""
     return "weight shapes packed or transposed at rows " + ", ".join(parts) + earlier

@@ -51,6 +51,8 @@ def packing_pays_everywhere(monkeypatch):
     monkeypatch.setattr(cpu_inference, "_earlier", {})
     monkeypatch.setattr(cpu_inference, "_merged", set())
     monkeypatch.setattr(cpu_inference, "_used", set())
+    monkeypatch.setattr(cpu_inference, "_met", set())
+    monkeypatch.setattr(cpu_inference, "_unsaved", set())
     monkeypatch.setattr(cpu_inference, "PLAIN_PASSES", 0)  # every size from its first pass (a test below, not)
     monkeypatch.setattr(cpu_inference, "COPY_COST", dict.fromkeys(LAYOUTS, 0))  # copies at once (a test below, not)
     monkeypatch.setattr(
@@ -487,12 +489,52 @@ def test_empty_weights_and_empty_inputs_are_taken_as_nn_linear_takes_them(monkey
     assert cpu_inference._speedups == {}  # nothing was timed: no product had anything to multiply
 
 
-def test_a_bias_that_wants_a_gradient_is_refused():
+@pytest.mark.parametrize("speedup", [2.0, 1.0])  # at the first product, whether its layout is a copy or plain
+def test_a_bias_that_wants_a_gradient_is_refused(monkeypatch, speedup):
+    pays = {"plain": 1.0, "packed": speedup, "transposed": 1.0}
+    monkeypatch.setattr(
+        LinearGroup, "speedups", lambda group, rows: cpu_inference._speedups.setdefault((*group.key, rows), pays)
+    )
     linear = torch.nn.Linear(8, 4).requires_grad_(False)
     with fast_cpu_inference(linear):
         linear.bias.requires_grad_(True)  # after the block's check: caught at the product
         with pytest.raises(RuntimeError, match="inference only"):
             linear(torch.randn(2, 8))
+
+
+def test_products_under_autocast_neither_count_nor_decide(tiny_model):
+    """Found by an audit: 200 passes under autocast decided a layout, and --verbose called it used."""
+    with torch.inference_mode(), fast_cpu_inference(tiny_model), torch.autocast("cpu", dtype=torch.bfloat16):
+        for _ in range(5):
+            tiny_model(torch.zeros(1, 4, dtype=torch.long))
+    assert cpu_inference._met == set() and cpu_inference._speedups == {}
+    assert packing_report() == [f"{cpu_inference.NONE_TRIED}: {cpu_inference.NONE_TRIED_BECAUSE}"]
+
+
+def test_the_reports_name_only_the_numbers_of_rows_the_run_met(tmp_path, monkeypatch):
+    """Found by an audit: `evaluate --verbose` listed the decisions saved by earlier `generate` runs, at numbers of
+    rows it never ran, as "not used"."""
+    monkeypatch.setenv("EXAMPLEGPT_LAYOUT_CACHE", str(tmp_path / "layouts.json"))
+    monkeypatch.setattr(LinearGroup, "speedups", REAL_SPEEDUPS)
+    for rows in (1, 8, 1, 8):  # two trials each
+        saved_layouts.save((512, 64, torch.float32, False, 1, rows), {"plain": 1.0, "packed": 2.0, "transposed": 1.0})
+    head = torch.nn.Linear(64, 512, bias=False).requires_grad_(False)
+    with torch.inference_mode(), fast_cpu_inference(head):
+        head(torch.randn(1, 64))
+    assert [line.split(": ")[0] for line in packing_report()[:-1]] == ["1 x Linear(64, 512, float32), 1 rows"]
+    assert packing_summary().startswith("weight shapes packed or transposed at rows 1: 1/1 (1 decided by earlier")
+
+
+def test_saved_speedups_out_of_the_plausible_range_are_not_taken(tmp_path, monkeypatch):
+    monkeypatch.setenv("EXAMPLEGPT_LAYOUT_CACHE", str(tmp_path / "layouts.json"))
+    monkeypatch.setattr(LinearGroup, "speedups", REAL_SPEEDUPS)
+    key = (512, 64, torch.float32, False, 1, 1)
+    for _ in range(2):
+        saved_layouts.save(key, {"plain": 1.0, "packed": 1e308, "transposed": 1.0})  # a hand-edited file, say
+    head = torch.nn.Linear(64, 512, bias=False).requires_grad_(False)
+    with torch.inference_mode(), fast_cpu_inference(head):
+        head(torch.randn(1, 64))
+    assert cpu_inference._speedups == {} and cpu_inference._saved == set()
 
 
 def test_a_trial_shared_by_two_open_blocks_frees_the_unused_copies_of_both(monkeypatch):
@@ -562,7 +604,7 @@ def fresh_process(monkeypatch) -> None:
     """The accelerator's state as a new process starts: nothing decided, nothing on trial."""
     for name in ("_speedups", "_trials", "_earlier"):
         monkeypatch.setattr(cpu_inference, name, {})
-    for name in ("_saved", "_merged", "_used"):
+    for name in ("_saved", "_merged", "_used", "_met", "_unsaved"):
         monkeypatch.setattr(cpu_inference, name, set())
 
 
@@ -835,6 +877,7 @@ def test_a_trial_that_stayed_implausible_decides_for_its_process_only(tiny_model
         while not cpu_inference._speedups:
             head(torch.zeros(1, head.in_features))
     assert not saved.exists()
+    assert packing_report()[0].endswith("-> plain (timings implausible: not kept for later runs)")
 
 
 def _save_many(first: int, file: str) -> None:

@@ -117,7 +117,7 @@ def test_evaluate_verbose_says_so_when_no_weight_was_packed(cli, tmp_path, model
     proc = cli("evaluate", "-c", str(model_file), "--data", str(tmp_path / "eval.txt"), "--device", "cpu",
                "--precision", "int8", "--verbose")  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    assert f"cpu_inference: {cpu_inference.NONE_TRIED}: only float32 weights" in proc.stderr
+    assert f"cpu_inference: {cpu_inference.NONE_TRIED}: {cpu_inference.NONE_TRIED_BECAUSE}" in proc.stderr
     assert re.search(r"precision\s+int8\n", proc.stdout)
 
 

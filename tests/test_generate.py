@@ -221,7 +221,7 @@ def test_verbose_says_so_when_no_weight_was_packed(cli, model_file, monkeypatch,
     proc = cli("generate", "-c", str(model_file), "-p", "Hello", "-n", "2", "--device", "cpu",
                "--precision", precision, "--verbose")  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    assert f"cpu_inference: {cpu_inference.NONE_TRIED}: only float32 weights" in proc.stderr
+    assert f"cpu_inference: {cpu_inference.NONE_TRIED}: {cpu_inference.NONE_TRIED_BECAUSE}" in proc.stderr
 
 
 @pytest.mark.parametrize("kind", ["missing", "junk", "directory", "hostile"])
