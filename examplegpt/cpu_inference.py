@@ -267,6 +267,7 @@ class Trial:
         self.retries = 0
         self.seconds: dict[str, list[float]] = {layout: [] for layout in LAYOUTS}
         self.started: set[str] = set()  # layouts whose first product (which builds the kernel) has run
+        self.began: float | None = None  # when its first product ran (the epoch's seconds: the file compares them)
 
     def run(self, forward: FastLinearForward, x: torch.Tensor) -> torch.Tensor:
         weights = min(self.key[-2], TIMED_WEIGHTS)
@@ -276,6 +277,7 @@ class Trial:
         # meets every layout (with as many weights as layouts, a plain turn would give each weight one layout)
         layout = LAYOUTS[(self.calls % weights + self.calls // weights) % len(LAYOUTS)]
         self.calls += 1
+        self.began = self.began or time.time()
         forward.make_copy(layout)  # not timed: the copy is made once, the product runs every step
         start = _clock()
         y = forward.product(layout, x)
@@ -297,7 +299,7 @@ class Trial:
                     _merged.add(self.key)
                 _speedups[self.key] = speedups if earlier is None else saved_layouts.combined(*earlier, speedups)
                 if plausible:  # not a stall's timings, for good (the file combines them with its own)
-                    saved_layouts.save(self.key, speedups)
+                    saved_layouts.save(self.key, speedups, (self.began, time.time()))
                 else:
                     _unsaved.add(self.key)
                 for group in list(_live_groups):  # every block's group of this shape, not only the caller's

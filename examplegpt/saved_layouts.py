@@ -38,6 +38,7 @@ except ImportError:  # Windows: no lock, and the last of two processes deciding 
 
 # Part of every machine's key: a change to what a layout means, or to how trials measure, makes a new one.
 FORMAT = "layouts v2"
+MAX_SPANS = 8  # the latest trials' times a record keeps, to tell a trial that ran beside another
 
 
 def path() -> Path | None:
@@ -110,17 +111,25 @@ def combined(earlier: dict[str, float], trials: int, speedups: dict[str, float])
     return {k: math.exp((trials * math.log(earlier[k]) + math.log(s)) / (trials + 1)) for k, s in speedups.items()}
 
 
-def merged(record: object, speedups: dict[str, float]) -> dict:
+def merged(record: object, speedups: dict[str, float], span: tuple[float, float] | None = None) -> dict:
     """A key's record with one more trial's speed-ups, `combined`, and the count of trials (a record that does
-    not parse counts for nothing)."""
+    not parse counts for nothing). `span`: when the trial ran (seconds since the epoch); one that overlaps an
+    earlier trial's does not add to the count: two commands started together timed each other's load."""
+    spans = [] if span is None else [list(span)]
     with contextlib.suppress(ValueError, TypeError, AttributeError, KeyError):
         earlier, trials = {k: float(v) for k, v in record["speedups"].items()}, int(record["trials"])
         if sorted(earlier) == sorted(speedups) and trials > 0 and all(v > 0 for v in earlier.values()):
-            return {"speedups": combined(earlier, trials, speedups), "trials": trials + 1}
-    return {"speedups": speedups, "trials": 1}
+            before = [(float(start), float(end)) for start, end in record.get("spans", [])]
+            overlaps = span is not None and any(start < span[1] and span[0] < end for start, end in before)
+            return {
+                "speedups": combined(earlier, trials, speedups),
+                "trials": trials + (0 if overlaps else 1),
+                "spans": ([list(s) for s in before] + spans)[-MAX_SPANS:],
+            }
+    return {"speedups": speedups, "trials": 1, "spans": spans}
 
 
-def save(key: tuple, speedups: dict[str, float]) -> None:
+def save(key: tuple, speedups: dict[str, float], span: tuple[float, float] | None = None) -> None:
     """Add one trial's speed-ups to the file (`merged` into its key's record): read, merged and written whole
     under a lock (processes that decide at once keep each other's trials), then renamed over the old file (a
     reader never sees half of one)."""
@@ -135,7 +144,7 @@ def save(key: tuple, speedups: dict[str, float]) -> None:
                 fcntl.flock(lock, fcntl.LOCK_EX)
             saved, here = read_all(file), machine()
             mine = saved.get(here) if isinstance(saved.get(here), dict) else {}
-            saved[here] = mine | {key_text(key): merged(mine.get(key_text(key)), speedups)}
+            saved[here] = mine | {key_text(key): merged(mine.get(key_text(key)), speedups, span)}
             partial.write_text(json.dumps(saved, indent=1, sort_keys=True))
             os.replace(partial, file)
     except OSError:  # a read-only home: the decision stays with the process
