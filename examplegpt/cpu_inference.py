@@ -76,8 +76,8 @@ STREAMING_ROWS = 32
 # ratios run from about 0.6 to 2.5): it starts again, at most RETRIES times, before its result stands.
 PLAUSIBLE_SPEEDUPS = (0.2, 5.0)
 RETRIES = 2
-# A saved decision stands without a trial once this many processes' trials made it, each layout at the
-# geometric mean of their speed-ups: one trial at a busy moment chose layouts that left GPT-2 124M at 0.95x
+# A saved decision stands without a trial once this many processes' trials made it (trials that ran at the
+# same time count as one), each layout at the geometric mean of their speed-ups: one trial at a busy moment chose layouts that left GPT-2 124M at 0.95x
 # plain at batch 1 for every later command (BENCHMARKS.md, "Issue 24 on the Xeon VM, second day"). Until
 # then a process runs its own trial too, and decides by all of them (`saved_layouts.combined`).
 TRIALS_TO_KEEP = 2
