@@ -9,15 +9,14 @@ from pathlib import Path
 
 import torch
 
-from examplegpt.device import KERNEL_FLAGS, cpu_flags, cpu_model
+from examplegpt.device import KERNEL_FLAGS, cpu_model, kernel_flags
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def cpu_model_and_flags() -> tuple[str, list[str]]:
     """The CPU's model name and which of KERNEL_FLAGS it has."""
-    flags = cpu_flags()
-    return cpu_model(), [f for f in KERNEL_FLAGS if f in flags]
+    return cpu_model(), kernel_flags()
 
 
 def read_bandwidth_gbs(gib: float = 1.0, repeats: int = 5) -> float:

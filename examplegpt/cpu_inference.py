@@ -18,8 +18,9 @@ trial inside the model's first passes at that number finds (`Trial`): the group'
 the layouts, each timed where it runs, and a copy is used only where its median is clearly faster
 than plain, and (unless the run is long: a server) only once the passes run so far would have paid for
 making the copies still missing (`COPY_COST`: a short run stays plain). The decisions are kept for the
-process, and in a file for later ones on the same machine (`saved_layouts`: a later command copies only the layouts chosen); `packing_summary` / `packing_report`
-say what was chosen, and which decisions came from the file.
+process, and in a file for later ones on the same machine (`saved_layouts`: a later command copies only
+the layouts chosen); `packing_summary` / `packing_report` say what was chosen, and which decisions came
+from the file.
 
 A copy costs as much memory as the weight: it is made when a trial first needs it, dropped once the
 group's trials have all decided and none chose it, and lives at most as long as the block. The
@@ -77,9 +78,10 @@ STREAMING_ROWS = 32
 PLAUSIBLE_SPEEDUPS = (0.2, 5.0)
 RETRIES = 2
 # A saved decision stands without a trial once this many processes' trials made it (trials that ran at the
-# same time count as one), each layout at the geometric mean of their speed-ups: one trial at a busy moment chose layouts that left GPT-2 124M at 0.95x
-# plain at batch 1 for every later command (BENCHMARKS.md, "Issue 24 on the Xeon VM, second day"). Until
-# then a process runs its own trial too, and decides by all of them (`saved_layouts.combined`).
+# same time count as one), each layout at the geometric mean of their speed-ups: one trial at a busy moment
+# chose layouts that left GPT-2 124M at 0.95x plain at batch 1 for every later command (BENCHMARKS.md,
+# "Issue 24 on the Xeon VM, second day"). Until then a process runs its own trial too, and decides by all
+# of them (`saved_layouts.combined`).
 TRIALS_TO_KEEP = 2
 # Passes of the model that settle every trial at one number of rows, on a busy machine too (every retry
 # taken): a group of one weight (the LM head) times one product a pass; a block's group, TIMED_WEIGHTS.
@@ -172,6 +174,12 @@ def rows_measured(rows: int) -> int:
 def linear_kind(linear: nn.Linear) -> tuple:
     """What a Linear's products are timed and decided by: (out, in, dtype, has a bias)."""
     return *linear.weight.shape, linear.weight.dtype, linear.bias is not None
+
+
+def plausible(speedups: dict[str, float]) -> bool:
+    """Whether every speed-up is within PLAUSIBLE_SPEEDUPS: else the trial timed the machine's other work."""
+    low, high = PLAUSIBLE_SPEEDUPS
+    return all(low <= speedup <= high for speedup in speedups.values())
 
 
 def chosen(speedups: dict[str, float]) -> str:
@@ -288,9 +296,8 @@ class Trial:
         if self.timings >= PROBE_SAMPLES:  # (once decided, the group no longer calls the trial)
             plain = statistics.median(self.seconds["plain"])
             speedups = {layout: plain / statistics.median(seconds) for layout, seconds in self.seconds.items()}
-            low, high = PLAUSIBLE_SPEEDUPS
-            plausible = all(low <= speedup <= high for speedup in speedups.values())
-            if not plausible and self.retries < RETRIES:
+            timed_right = plausible(speedups)
+            if not timed_right and self.retries < RETRIES:
                 self.retries += 1
                 self.seconds = {layout: [] for layout in LAYOUTS}
             else:
@@ -298,7 +305,7 @@ class Trial:
                 if earlier is not None:  # earlier processes' trials too
                     _merged.add(self.key)
                 _speedups[self.key] = speedups if earlier is None else saved_layouts.combined(*earlier, speedups)
-                if plausible:  # not a stall's timings, for good (the file combines them with its own)
+                if timed_right:  # not a stall's timings, for good (the file combines them with its own)
                     saved_layouts.save(self.key, speedups, (self.began, time.time()))
                 else:
                     _unsaved.add(self.key)
@@ -343,7 +350,8 @@ class FastLinearForward:
             raise RuntimeError(AUTOGRAD_REFUSED)  # the copies' products would drop the gradient silently
         if torch.is_autocast_enabled("cpu"):
             return F.linear(x, weight, bias)  # autocast picks the dtype
-        rows = x.numel() // weight.shape[-1] if weight.shape[-1] else 0  # x (..., in)
+        in_features = weight.shape[-1]
+        rows = x.numel() // in_features if in_features else 0  # x (..., in)
         layout = self.group.layout_for(rows)
         if layout == "plain":  # at once: a decode step's dozens of plain products need no more checks
             return F.linear(x, weight, bias)
@@ -421,9 +429,8 @@ def fast_cpu_inference(model: nn.Module, layout: str | None = None, long_run: bo
             for index, forward in enumerate(forwards):
                 forward.group, forward.index = group, index
         kinds = {(*kind, len(forwards)) for kind, forwards in groups.items()}
-        low, high = PLAUSIBLE_SPEEDUPS
         for key, (speedups, trials) in saved_layouts.load(LAYOUTS).items():  # earlier runs' trials of these groups
-            if key[:-1] in kinds and key not in _speedups and all(low <= s <= high for s in speedups.values()):
+            if key[:-1] in kinds and key not in _speedups and plausible(speedups):
                 if trials >= TRIALS_TO_KEEP:
                     _speedups[key] = speedups
                     _saved.add(key)
@@ -446,7 +453,8 @@ NONE_TRIED_BECAUSE = (
 
 def packing_report(applied: bool = True) -> list[str]:
     """One line per weight shape and number of rows met in this process: the speed-up and the choice (and where
-    it came from), or how far its trial has come; where none was tried (int8 or float16 weights, say), a line that says why.
+    it came from), or how far its trial has come; where none was tried (int8 or float16 weights, say), a line
+    that says why.
     applied=False: the command ran without the accelerator (--no-fast-cpu), and the one line says so."""
     if not applied:
         return ["off (--no-fast-cpu): every product plain PyTorch"]
@@ -464,26 +472,28 @@ def packing_report(applied: bool = True) -> list[str]:
                 f"{layout} {speedup:.2f}x" for layout, speedup in _speedups[key].items() if layout != "plain"
             )
             layout = chosen(_speedups[key])
-            earlier = (
-                " (earlier runs' trials)"
-                if key in _saved
-                else " (this run's and an earlier run's trials)"
-                if key in _merged
-                else " (timings implausible: not kept for later runs)"
-                if key in _unsaved
-                else ""
-            )
             unused = (
                 "; not used: the passes run would not have paid for its copies"
                 if layout != "plain" and key not in _used
                 else ""
             )
-            lines.append(f"{where}: {faster} plain -> {layout}{earlier}{unused}")
+            lines.append(f"{where}: {faster} plain -> {layout}{decided_by(key)}{unused}")
         else:
             lines.append(f"{where}: on trial ({_trials[key].timings} of {PROBE_SAMPLES} timings each so far)")
     if (_saved | _merged) & _met:
         lines.append(f"earlier runs' trials are kept in {saved_layouts.path()} (delete it to measure again)")
     return lines
+
+
+def decided_by(key: tuple) -> str:
+    """Where a decision came from, as packing_report marks it ("" for this run's own trial, kept)."""
+    if key in _saved:
+        return " (earlier runs' trials)"
+    if key in _merged:
+        return " (this run's and an earlier run's trials)"
+    if key in _unsaved:
+        return " (timings implausible: not kept for later runs)"
+    return ""
 
 
 def packing_summary() -> str:

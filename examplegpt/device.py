@@ -49,6 +49,12 @@ def cpu_flags() -> set[str]:
     return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
 
 
+def kernel_flags() -> list[str]:
+    """Which of KERNEL_FLAGS this CPU has, in their order."""
+    flags = cpu_flags()
+    return [flag for flag in KERNEL_FLAGS if flag in flags]
+
+
 def cpu_model() -> str:
     """The CPU's model name as Linux gives it (else what `platform` knows, else 'unknown')."""
     try:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from .device import KERNEL_FLAGS, cpu_flags, cpu_model
+from .device import cpu_model, kernel_flags
 
 try:
     import fcntl
@@ -62,8 +62,7 @@ def machine() -> str:
 @functools.cache
 def cpu() -> str:
     """The CPU's part of `machine`, read from /proc/cpuinfo once a process (a trial's decision is saved mid-pass)."""
-    flags = cpu_flags()
-    kernels = " ".join(f for f in KERNEL_FLAGS if f in flags) or "no avx2"
+    kernels = " ".join(kernel_flags()) or "no avx2"
     return f"{cpu_model()} ({platform.machine()}) | {kernels} | {os.cpu_count()} cpus"
 
 
