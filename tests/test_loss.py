@@ -65,3 +65,25 @@ def test_the_model_ignores_minus_100_and_refuses_other_negative_targets():
     y[1, 3] = -1  # not the ignore value: an error, as in PyTorch
     with pytest.raises(IndexError):
         model(x, y)
+
+
+def test_under_bfloat16_autocast_the_fused_loss_and_gradients_match_the_plain_ones():
+    # the weight's gradient is made by bf16 products (tensor cores, AMX) added into float32, chunk by chunk
+    generator = torch.Generator().manual_seed(0)
+    h = torch.randn(1, 96, WIDTH, generator=generator, requires_grad=True)  # (B, T, C)
+    weight = torch.randn(PADDED, WIDTH, generator=generator, requires_grad=True)
+    targets = torch.randint(0, VOCAB, (1, 96), generator=generator)
+    with torch.autocast("cpu", torch.bfloat16):
+        loss = fused_linear_cross_entropy(h, weight, targets, VOCAB, chunk_rows=16)
+    loss.backward()
+    grads = h.grad.clone(), weight.grad.clone()
+    h.grad = weight.grad = None
+    with torch.autocast("cpu", torch.bfloat16):
+        logits = (h @ weight.t())[..., :VOCAB]  # (B, T, V) bf16
+    reference = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+    reference.backward()
+
+    assert weight.grad.dtype == grads[1].dtype == torch.float32
+    torch.testing.assert_close(loss, reference, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(grads[0], h.grad, rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(grads[1], weight.grad, rtol=2e-2, atol=2e-3)

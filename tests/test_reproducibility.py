@@ -86,15 +86,17 @@ def at_offset(x: torch.Tensor, offset: int) -> torch.Tensor:
     return view
 
 
-def loss_and_grads(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, vocab_size: int):
+def loss_and_grads(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, vocab_size: int, dtype: torch.dtype):
     h, w = h.detach().requires_grad_(), w.detach().requires_grad_()
-    loss = fused_linear_cross_entropy(h[None], w, targets[None], vocab_size)
+    with torch.autocast("cpu", dtype, enabled=dtype != torch.float32):
+        loss = fused_linear_cross_entropy(h[None], w, targets[None], vocab_size)
     loss.backward()
     return loss.detach(), h.grad, w.grad
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16: oneDNN's products, not MKL's
 @pytest.mark.parametrize("offset_h, offset_w, offset_t", [(1, 0, 0), (0, 1, 0), (3, 5, 1), (15, 7, 3), (8, 15, 15)])
-def test_fused_loss_is_bit_identical_whatever_its_inputs_alignment(offset_h, offset_w, offset_t):
+def test_fused_loss_is_bit_identical_whatever_its_inputs_alignment(offset_h, offset_w, offset_t, dtype):
     """GPT-2's vocabulary (padded) and a full 1,024-row chunk; offsets of 4 to 60 bytes."""
     g = torch.Generator().manual_seed(0)
     rows, width, vocab, padded = 1024, 64, 50257, 50304
@@ -102,8 +104,8 @@ def test_fused_loss_is_bit_identical_whatever_its_inputs_alignment(offset_h, off
     w = torch.randn(padded, width, generator=g) * 0.05
     targets = torch.randint(0, vocab, (rows,), generator=g)
     targets[::7] = -100  # some rows not scored
-    aligned = loss_and_grads(h, w, targets, vocab)
-    shifted = loss_and_grads(at_offset(h, offset_h), at_offset(w, offset_w), at_offset(targets, offset_t), vocab)
+    aligned = loss_and_grads(h, w, targets, vocab, dtype)
+    shifted = loss_and_grads(at_offset(h, offset_h), at_offset(w, offset_w), at_offset(targets, offset_t), vocab, dtype)
     for a, b in zip(aligned, shifted):
         assert torch.equal(a, b)
 
