@@ -17,10 +17,11 @@ the block each group of Linears that share a weight shape runs in one layout per
 trial inside the model's first passes at that number finds (`Trial`): the group's products go round
 the layouts, each timed where it runs, and a copy is used only where its median is clearly faster
 than plain, and (unless the run is long: a server) only once the passes run so far would have paid for
-making the copies still missing (`COPY_COST`: a short run stays plain). The decisions are kept for the
-process, and in a file for later ones on the same machine (`saved_layouts`: a later command copies only
-the layouts chosen); `packing_summary` / `packing_report` say what was chosen, and which decisions came
-from the file.
+making the copies still missing (`COPY_COST`: a short run stays plain); where the caller says how many
+passes it will run (`generate`, `evaluate`), a trial or a copy is made only if they can repay it. The
+decisions are kept for the process, and in a file for later ones on the same machine (`saved_layouts`: a
+later command copies only the layouts chosen); `packing_summary` / `packing_report` say what was chosen,
+and which decisions came from the file.
 
 A copy costs as much memory as the weight: it is made when a trial first needs it, dropped once the
 group's trials have all decided and none chose it, and lives at most as long as the block. The
@@ -32,6 +33,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import math
 import statistics
 import time
 import weakref
@@ -73,6 +75,11 @@ PLAIN_PASSES = 2
 # VM, second day").
 COPY_COST = {"packed": 10, "transposed": 20}
 STREAMING_ROWS = 32
+# Where the caller says how many passes its run makes (`generate`: its new tokens), it is known whether they
+# can pay: a group's trial starts only where the products still to come, were a layout FASTER_MARGIN faster
+# than plain (the least a trial acts on), would repay the trial's copies (so a short command on a fresh
+# machine stays plain, where its trials had left `generate`'s default 50 tokens of GPT-2 124M at 0.80x plain:
+# BENCHMARKS.md), and a decided layout's copies are made at once where those products repay them, else never.
 # A trial whose ratio falls outside these bounds timed the machine's other work, not the products (measured
 # ratios run from about 0.6 to 2.5): it starts again, at most RETRIES times, before its result stands.
 PLAUSIBLE_SPEEDUPS = (0.2, 5.0)
@@ -94,6 +101,7 @@ _earlier: dict[tuple, tuple[dict[str, float], int]] = {}  # fewer than TRIALS_TO
 _merged: set[tuple] = set()  # the keys of _speedups decided by this process's trial and an earlier one's
 _used: set[tuple] = set()  # the keys whose chosen copies some block has used (not only waited for)
 _met: set[tuple] = set()  # the keys some block's products met in this process (the reports name these only)
+_short: set[tuple] = set()  # the keys not tried: the passes a caller expected could not have repaid a trial
 _unsaved: set[tuple] = set()  # the keys whose trial's timings stayed implausible: decided for the process only
 _trials: dict[tuple, Trial] = {}  # the same keys, while undecided
 _live_groups: weakref.WeakSet[LinearGroup] = weakref.WeakSet()  # the groups of the blocks still open
@@ -192,10 +200,13 @@ def chosen(speedups: dict[str, float]) -> str:
 class LinearGroup:
     """The Linears of one block that share a weight shape, dtype and bias: one layout per number of rows, for all."""
 
-    def __init__(self, forwards: list[FastLinearForward], layout: str | None, long_run: bool = False) -> None:
+    def __init__(
+        self, forwards: list[FastLinearForward], layout: str | None, long_run: bool = False, passes: int | None = None
+    ) -> None:
         self.forwards = forwards
         self.layout = layout  # None: as the trials decide; else this layout at every size (benchmarks)
         self.long_run = long_run  # a decided layout's copies are made at once: the run will pay for them
+        self.passes = passes  # the passes of the model the caller expects the block to run, if it knows
         # the count is part of the key: a dozen weights stream from memory where one may sit in the cache
         self.key = (*linear_kind(forwards[0].linear), len(forwards))
         # rows -> the layout decided for them: a decode step's dozens of products look it up, nothing more
@@ -204,12 +215,14 @@ class LinearGroup:
         # rows -> how many products at that many rows run plain: PLAIN_PASSES' worth, then (once a layout is
         # decided) as many as pay for its missing copies (`products_to_pay_back`), when it is looked at again
         self.plain_until: dict[int, float] = {}
+        self.trying: set[int] = set()  # the numbers of rows whose trial this block's products take part in
         _live_groups.add(self)
 
     def layout_for(self, rows: int) -> str | None:
         """The layout for products of `rows` rows: the forced one, plain for the block's first PLAIN_PASSES at
-        this many rows, then None while on trial, then plain until the decided layout's missing copies would have
-        paid for themselves (`products_to_pay_back`), then the decided one."""
+        this many rows, then None while on trial (plain, where the passes the caller expects cannot repay a
+        trial), then plain until the decided layout's missing copies would have paid for themselves
+        (`products_to_pay_back`), then the decided one."""
         layout = self.layout or self.decided.get(rows)
         if layout is None:
             if rows not in self.products:
@@ -219,7 +232,12 @@ class LinearGroup:
                 return "plain"
             speedups = self.speedups(rows_measured(rows))
             if speedups is None:
-                return None
+                if rows in self.trying or self.worth_a_trial(rows):
+                    self.trying.add(rows)  # (once begun, a trial goes on to its end)
+                    return None
+                _short.add((*self.key, rows_measured(rows)))
+                self.decided[rows] = "plain"  # for this block: a longer run may try it
+                return "plain"
             layout = chosen(speedups)
             wait = self.products_to_pay_back(layout, speedups[layout], rows)
             if self.products[rows] <= wait:
@@ -232,11 +250,31 @@ class LinearGroup:
 
     def products_to_pay_back(self, layout: str, speedup: float, rows: int) -> float:
         """The products at `rows` rows (counted from the block's first) after which the copies of the group's
-        weights in `layout` that are not made yet have paid for their making; 0 for a long run."""
+        weights in `layout` that are not made yet have paid for their making; 0 for a long run. Where the caller
+        said how many passes it runs: 0 if the products still to come repay the copies, else never (inf)."""
         if layout == "plain" or self.long_run:
             return 0
-        missing = sum(layout not in forward.copies for forward in self.forwards)
-        return missing * COPY_COST[layout] / (1 - 1 / speedup) / max(1, rows / STREAMING_ROWS)
+        cost = sum(layout not in forward.copies for forward in self.forwards) * COPY_COST[layout]  # one-row products
+        if self.passes is not None:
+            return 0 if self.repays(1 - 1 / speedup, cost, rows) else math.inf
+        return cost / (1 - 1 / speedup) / max(1, rows / STREAMING_ROWS)
+
+    def worth_a_trial(self, rows: int) -> bool:
+        """Whether the products at `rows` rows still to come after a trial's own, were a layout FASTER_MARGIN
+        faster, would repay the trial's copies (each layout's copy of each weight it times)."""
+        timed = min(len(self.forwards), TIMED_WEIGHTS)
+        trial_products = (PROBE_SAMPLES + 1) * len(LAYOUTS) * len(self.forwards) / timed  # its passes, unretried
+        copies = timed * sum(COPY_COST.values())
+        return self.repays(1 - 1 / FASTER_MARGIN, copies, rows, after=trial_products)
+
+    def repays(self, saving: float, cost: float, rows: int, after: float = 0) -> bool:
+        """Whether the products at `rows` rows still to come in the passes the caller expects (less the next
+        `after`), each `saving` (a fraction) faster, save `cost` one-row products; True where the caller did not
+        say (or runs long)."""
+        if self.passes is None or self.long_run:
+            return True
+        ahead = self.passes * len(self.forwards) - self.products[rows] - after
+        return ahead * saving * max(1, rows / STREAMING_ROWS) >= cost
 
     def trial_product(self, forward: FastLinearForward, x: torch.Tensor, rows: int) -> torch.Tensor:
         """`forward`'s product in the layout whose turn it is in the trial at this many rows."""
@@ -394,11 +432,15 @@ class FastLinearForward:
 
 
 @contextlib.contextmanager
-def fast_cpu_inference(model: nn.Module, layout: str | None = None, long_run: bool = False) -> Iterator[None]:
+def fast_cpu_inference(
+    model: nn.Module, layout: str | None = None, long_run: bool = False, passes: int | None = None
+) -> Iterator[None]:
     """Within the block, each nn.Linear of `model` that oneDNN can take multiplies by a copy of its weight in
     another layout (packed, transposed) at the numbers of rows where its group's trial found that faster
     (`layout`: that one of LAYOUTS at every number instead, for comparisons), once the passes run at that
     number would have paid for making the copies; `long_run` (a server): at once, as the run will pay.
+    `passes`: how many passes of the model the block will run, where the caller knows (`generate`: its new
+    tokens): a trial, or a copy, that the passes still to come cannot repay is not made.
 
     Where oneDNN cannot take the weights (CUDA, MPS, float16, a build without it) the model runs as
     it is; so do parametrized Linears, and every product under torch.autocast. Blocks nest: an inner
@@ -425,7 +467,7 @@ def fast_cpu_inference(model: nn.Module, layout: str | None = None, long_run: bo
             linear.forward = FastLinearForward(linear)  # shadows the class's forward
             groups.setdefault(linear_kind(linear), []).append(linear.forward)
         for forwards in groups.values():
-            group = LinearGroup(forwards, layout, long_run)
+            group = LinearGroup(forwards, layout, long_run, passes)
             for index, forward in enumerate(forwards):
                 forward.group, forward.index = group, index
         kinds = {(*kind, len(forwards)) for kind, forwards in groups.items()}
@@ -458,7 +500,7 @@ def packing_report(applied: bool = True) -> list[str]:
     applied=False: the command ran without the accelerator (--no-fast-cpu), and the one line says so."""
     if not applied:
         return ["off (--no-fast-cpu): every product plain PyTorch"]
-    keys = sorted((_speedups.keys() | _trials.keys()) & _met, key=lambda key: (key[-1], key[:2]))
+    keys = sorted((_speedups.keys() | _trials.keys() | _short) & _met, key=lambda key: (key[-1], key[:2]))
     if not keys:
         return [f"{NONE_TRIED}: {NONE_TRIED_BECAUSE}"]
     lines = []
@@ -478,8 +520,10 @@ def packing_report(applied: bool = True) -> list[str]:
                 else ""
             )
             lines.append(f"{where}: {faster} plain -> {layout}{decided_by(key)}{unused}")
-        else:
+        elif key in _trials:
             lines.append(f"{where}: on trial ({_trials[key].timings} of {PROBE_SAMPLES} timings each so far)")
+        else:
+            lines.append(f"{where}: not tried (the run is too short to repay a trial) -> plain")
     if (_saved | _merged) & _met:
         lines.append(f"earlier runs' trials are kept in {saved_layouts.path()} (delete it to measure again)")
     return lines

@@ -241,11 +241,12 @@ def evaluate_command(cfg: EvaluateConfig, data: DataConfig) -> int:
         raise UserError(f"stride must be between 1 and the window ({window}), got {stride}")
     with tempfile.TemporaryDirectory() as scratch:
         tokens, stats, scored = split_tokens(data, cfg.split, window + 1, Path(scratch))
+        text = text_to_score(tokens)
+        passes = -(-len(window_plan(len(text), window, stride)) // cfg.batch_size)  # batches of windows
         start = time.perf_counter()
-        with fast_cpu_inference(model) if cfg.fast_cpu else contextlib.nullcontext(), many_rows_per_call(model):
-            total, count = sliding_window_nll(
-                model, text_to_score(tokens), stride, cfg.batch_size, device, EOT_ID, progress=True
-            )
+        accelerated = fast_cpu_inference(model, passes=passes) if cfg.fast_cpu else contextlib.nullcontext()
+        with accelerated, many_rows_per_call(model):
+            total, count = sliding_window_nll(model, text, stride, cfg.batch_size, device, EOT_ID, progress=True)
         seconds = time.perf_counter() - start
     if cfg.verbose:
         print("\n".join(f"cpu_inference: {line}" for line in packing_report(cfg.fast_cpu)), file=sys.stderr)

@@ -241,3 +241,13 @@ def kill_once_written(proc: subprocess.Popen, path: Path, timeout: float = 240) 
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+
+
+def fresh_process(monkeypatch) -> None:
+    """The CPU accelerator's state as a new process starts: nothing decided, nothing on trial, nothing met."""
+    from examplegpt import cpu_inference
+
+    for name in ("_speedups", "_trials", "_earlier"):
+        monkeypatch.setattr(cpu_inference, name, {})
+    for name in ("_saved", "_merged", "_used", "_met", "_unsaved", "_short"):
+        monkeypatch.setattr(cpu_inference, name, set())

@@ -31,7 +31,7 @@ from examplegpt.cpu_inference import (
 )
 from examplegpt.weights import save_model_file
 
-from .conftest import peaked_model, tiny_config
+from .conftest import fresh_process, peaked_model, tiny_config
 
 pytestmark = pytest.mark.skipif(not can_pack(torch.ones(1)), reason="this PyTorch build has no oneDNN")
 
@@ -53,6 +53,7 @@ def packing_pays_everywhere(monkeypatch):
     monkeypatch.setattr(cpu_inference, "_used", set())
     monkeypatch.setattr(cpu_inference, "_met", set())
     monkeypatch.setattr(cpu_inference, "_unsaved", set())
+    monkeypatch.setattr(cpu_inference, "_short", set())
     monkeypatch.setattr(cpu_inference, "PLAIN_PASSES", 0)  # every size from its first pass (a test below, not)
     monkeypatch.setattr(cpu_inference, "COPY_COST", dict.fromkeys(LAYOUTS, 0))  # copies at once (a test below, not)
     monkeypatch.setattr(
@@ -600,14 +601,6 @@ def rows_of(summary: str) -> dict[str, str]:
     return dict(part.split(": ") for part in summary.split("rows ", 1)[1].split(", "))
 
 
-def fresh_process(monkeypatch) -> None:
-    """The accelerator's state as a new process starts: nothing decided, nothing on trial."""
-    for name in ("_speedups", "_trials", "_earlier"):
-        monkeypatch.setattr(cpu_inference, name, {})
-    for name in ("_saved", "_merged", "_used", "_met", "_unsaved"):
-        monkeypatch.setattr(cpu_inference, name, set())
-
-
 def test_a_later_process_starts_from_the_decisions_two_earlier_ones_saved(tmp_path, monkeypatch):
     """A trial's copies cost a short command more than the faster layout saved (an audit: a fresh `generate`
     of 48 tokens on GPT-2 124M at 0.81x --no-fast-cpu); a later process on the machine runs no trial once two
@@ -709,8 +702,8 @@ def test_the_generate_command_saves_its_trials_for_the_next_one(tmp_path):
     save_model_file(GPT(tiny_config()), tmp_path / "m.pt")
     saved = tmp_path / "cache" / "layouts.json"
     runs = []
-    for _ in range(3):
-        args = ["generate", "-c", str(tmp_path / "m.pt"), "-p", "Hello", "-n", "30", "-t", "0", "--verbose"]
+    for _ in range(3):  # runs long enough to repay their trials (a short one runs none: a test below)
+        args = ["generate", "-c", str(tmp_path / "m.pt"), "-p", "Hello", "-n", "700", "-t", "0", "--verbose"]
         with pytest.MonkeyPatch.context() as env:
             env.setenv("EXAMPLEGPT_LAYOUT_CACHE", str(saved))
             runs.append(run_cli(*args))
@@ -728,6 +721,58 @@ def test_the_generate_command_saves_its_trials_for_the_next_one(tmp_path):
     # the second runs its trials again (one trial may have timed a busy moment), the third none of those
     again = {line for line, source in second.items() if source == merged}
     assert again and all(third.get(line) == kept for line in again), (runs[1].stderr, runs[2].stderr)
+
+
+def passes_to_repay(saving: float, cost_per_weight: float) -> float:
+    """One-row passes of the tiny model whose products, `saving` faster, repay copies of `cost_per_weight` one-row
+    products a weight: in every group (2 weights, or the LM head's 1) each weight is copied, and runs once a pass."""
+    return cost_per_weight / saving
+
+
+def test_a_run_too_short_to_repay_a_trial_runs_plain_and_a_long_one_runs_its_trial(
+    tiny_model, monkeypatch, packed_calls
+):
+    """A fresh machine's `generate` of 48 tokens ran 0.80x --no-fast-cpu (GPT-2 124M) and 0.65x (6 x 384): the
+    copies of its trials cost more than the passes left could have saved."""
+    clock_of_costs(monkeypatch, packed_cost=lambda rows: 0.5, plain_cost=lambda rows: 1.0)  # a trial would pack
+    with_real_waits(monkeypatch)
+    model = tiny_model.requires_grad_(False)
+    # each group times min(weights, TIMED_WEIGHTS) = all its weights (2 layers), each copied in every layout;
+    # the LM head's trial takes a pass for each of its products
+    trial_passes = (cpu_inference.PROBE_SAMPLES + 1) * len(LAYOUTS)
+    needed = passes_to_repay(1 - 1 / cpu_inference.FASTER_MARGIN, sum(REAL_COPY_COST.values())) + trial_passes
+    short, long = int(needed * 0.8), int(needed * 1.5)
+    with torch.inference_mode(), fast_cpu_inference(model, passes=short):
+        cache = cpu_inference_cache(model, 1, model.config.max_seq_len)
+        assert packed_per_pass(model, cache, 1, 40, packed_calls) == [0] * 40
+        assert cpu_inference._trials == {} and not cpu_inference.on_trial(1)
+        assert all(vars(m)["forward"].copies == {} for m in packed_linears(model))
+        report = packing_report()
+    assert report and all(
+        line.endswith("not tried (the run is too short to repay a trial) -> plain") for line in report
+    )
+    with torch.inference_mode(), fast_cpu_inference(model, passes=long):
+        cache = cpu_inference_cache(model, 1, model.config.max_seq_len)
+        packed_per_pass(model, cache, 1, REAL_PLAIN_PASSES + 1, packed_calls)
+        assert cpu_inference.on_trial(1)
+
+
+@pytest.mark.parametrize("passes, packed_from", [(200, REAL_PLAIN_PASSES), (15, None)])
+def test_a_run_that_knows_its_length_copies_a_decided_layout_at_once_or_never(
+    tiny_model, monkeypatch, packed_calls, passes, packed_from
+):
+    """With its passes known there is nothing to wait for: the copies repay themselves within them, or not."""
+    with_real_waits(monkeypatch, speedup=2.0)
+    model = tiny_model.requires_grad_(False)
+    assert 15 < passes_to_repay(0.5, REAL_COPY_COST["packed"]) + REAL_PLAIN_PASSES < 200
+    with torch.inference_mode(), fast_cpu_inference(model, passes=passes):
+        wrapped = len(packed_linears(model))
+        cache = cpu_inference_cache(model, 1, model.config.max_seq_len)
+        counts = packed_per_pass(model, cache, 1, 12, packed_calls)
+    if packed_from is None:
+        assert counts == [0] * 12
+    else:
+        assert counts == [0] * packed_from + [wrapped] * (12 - packed_from)
 
 
 def test_a_number_of_rows_met_once_runs_plain_with_no_trial_and_no_copy(tiny_model, monkeypatch, packed_calls):

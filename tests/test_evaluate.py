@@ -16,7 +16,7 @@ from examplegpt.evaluate import exp_or_inf, sliding_window_nll, window_plan
 from examplegpt.tokenizer import encode
 from examplegpt.weights import save_model_file
 
-from .conftest import REPO, assert_one_line_error, make_text, tiny_config
+from .conftest import REPO, assert_one_line_error, fresh_process, make_text, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -111,8 +111,7 @@ def test_evaluate_reports_the_precision_it_ran_in_and_the_guide_names_every_fiel
 def test_evaluate_verbose_says_so_when_no_weight_was_packed(cli, tmp_path, model_file, monkeypatch):
     from examplegpt import cpu_inference
 
-    monkeypatch.setattr(cpu_inference, "_speedups", {})  # a fresh process's decisions
-    monkeypatch.setattr(cpu_inference, "_trials", {})
+    fresh_process(monkeypatch)
     (tmp_path / "eval.txt").write_text(make_text(600, 9))
     proc = cli("evaluate", "-c", str(model_file), "--data", str(tmp_path / "eval.txt"), "--device", "cpu",
                "--precision", "int8", "--verbose")  # fmt: skip

@@ -21,7 +21,7 @@ from examplegpt.text import TextStream
 from examplegpt.tokenizer import EOT_ID, encode
 from examplegpt.weights import save_model_file
 
-from .conftest import assert_one_line_error, eos_only_model, peaked_model, tiny_config
+from .conftest import assert_one_line_error, eos_only_model, fresh_process, peaked_model, tiny_config
 
 NEG = float("-inf")
 
@@ -216,8 +216,7 @@ def test_verbose_says_so_when_no_weight_was_packed(cli, model_file, monkeypatch,
 
     if precision == "bf16" and cpu_inference.can_pack(torch.ones(1, dtype=torch.bfloat16)):
         pytest.skip("oneDNN packs bfloat16 weights on this CPU")
-    monkeypatch.setattr(cpu_inference, "_speedups", {})  # a fresh process's decisions
-    monkeypatch.setattr(cpu_inference, "_trials", {})
+    fresh_process(monkeypatch)
     proc = cli("generate", "-c", str(model_file), "-p", "Hello", "-n", "2", "--device", "cpu",
                "--precision", precision, "--verbose")  # fmt: skip
     assert proc.returncode == 0, proc.stderr
