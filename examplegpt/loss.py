@@ -67,10 +67,10 @@ def loss_and_gradients(
                 probs.mul_(valid[:, None])  # ignored rows contribute nothing
             g = probs.to(compute_dtype)
             grad_h[start : start + chunk_rows] = (g @ w).to(h.dtype)  # (c, C)
-            if compute_dtype == torch.float32:
-                grad_w.addmm_(g.t(), hs)
-            else:  # on the low-precision units (tensor cores, AMX): in float32 this product was half a GPU's step
+            if compute_dtype == torch.bfloat16:  # on the tensor cores (AMX): in float32, half a GPU's step
                 grad_w += g.t() @ hs  # (V_padded, C)
+            else:  # float32; and float16, whose range (65,504) a chunk's sum over one target can pass
+                grad_w.addmm_(g.t().float(), hs.float())
     return total, grad_h, grad_w
 
 

@@ -87,3 +87,21 @@ def test_under_bfloat16_autocast_the_fused_loss_and_gradients_match_the_plain_on
     torch.testing.assert_close(loss, reference, rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(grads[0], h.grad, rtol=2e-2, atol=2e-3)
     torch.testing.assert_close(grads[1], weight.grad, rtol=2e-2, atol=2e-3)
+
+
+def test_under_float16_autocast_a_chunk_s_weight_gradient_does_not_overflow():
+    """An audit's case: every target one token and one hidden feature large, so that a chunk's sum for that
+    token's row passes float16's 65,504 (the product summed in float16 gave -inf)."""
+    generator = torch.Generator().manual_seed(0)
+    rows, width = 4096, 32
+    h = torch.randn(1, rows, width, generator=generator)
+    h[..., 0] = 20.0  # (B, T, C): one feature of constant sign
+    h.requires_grad_()
+    weight = (torch.randn(PADDED, width, generator=generator) * 0.02).requires_grad_()
+    targets = torch.full((1, rows), 5)
+    with torch.autocast("cpu", torch.float16):
+        loss = fused_linear_cross_entropy(h, weight, targets, VOCAB, chunk_rows=rows)
+    loss.backward()
+    assert torch.isfinite(weight.grad).all()
+    # (softmax - onehot) summed over the rows, each times 20, over the mean's rows: about -20 for the target
+    assert weight.grad[5, 0].item() == pytest.approx(-20.0, rel=0.05)

@@ -104,6 +104,7 @@ def test_fused_loss_is_bit_identical_whatever_its_inputs_alignment(offset_h, off
     w = torch.randn(padded, width, generator=g) * 0.05
     targets = torch.randint(0, vocab, (rows,), generator=g)
     targets[::7] = -100  # some rows not scored
+    h, w = h.to(dtype), w.to(dtype)  # (in the inputs' dtype: the products see them where they are)
     aligned = loss_and_grads(h, w, targets, vocab, dtype)
     shifted = loss_and_grads(at_offset(h, offset_h), at_offset(w, offset_w), at_offset(targets, offset_t), vocab, dtype)
     for a, b in zip(aligned, shifted):
