@@ -16,9 +16,9 @@ run 1.7x faster (issue 24), where other CPUs gain several times at one row (BENC
 the block each group of Linears that share a weight shape runs in one layout per number of rows, as a
 trial inside the model's first passes at that number finds (`Trial`): the group's products go round
 the layouts, each timed where it runs, and a copy is used only where its median is clearly faster
-than plain, and (unless the run is long: a server) only once the passes run so far would have paid for
-making the copies still missing (`COPY_COST`: a short run stays plain); where the caller says how many
-passes it will run (`generate`, `evaluate`), a trial or a copy is made only if they can repay it. The
+than plain. A trial, and then the copies still missing, wait (unless the run is long: a server) until the
+passes run so far would have paid for them (`COPY_COST`: a short run stays plain); where the caller says
+how many passes it will run at most (`generate`, `evaluate`), one that those cannot repay is not made. The
 decisions are kept for the process, and in a file for later ones on the same machine (`saved_layouts`: a
 later command copies only the layouts chosen); `packing_summary` / `packing_report` say what was chosen,
 and which decisions came from the file.
@@ -75,11 +75,11 @@ PLAIN_PASSES = 2
 # VM, second day").
 COPY_COST = {"packed": 10, "transposed": 20}
 STREAMING_ROWS = 32
-# Where the caller says how many passes its run makes (`generate`: its new tokens), it is known whether they
-# can pay: a group's trial starts only where the products still to come, were a layout FASTER_MARGIN faster
-# than plain (the least a trial acts on), would repay the trial's copies (so a short command on a fresh
-# machine stays plain, where its trials had left `generate`'s default 50 tokens of GPT-2 124M at 0.80x plain:
-# BENCHMARKS.md), and a decided layout's copies are made at once where those products repay them, else never.
+# A trial waits in the same way, until the passes so far would have paid for its copies were a layout
+# FASTER_MARGIN faster (the least a trial acts on): where a trial started at a size's third pass, a fresh
+# machine's `generate` of 50 tokens ran 0.80x plain (GPT-2 124M; BENCHMARKS.md). Where the caller says how
+# many passes it will run at most (`generate`: its new tokens), a trial or a copy whose bet those cannot
+# repay is not made at all.
 # A trial whose ratio falls outside these bounds timed the machine's other work, not the products (measured
 # ratios run from about 0.6 to 2.5): it starts again, at most RETRIES times, before its result stands.
 PLAUSIBLE_SPEEDUPS = (0.2, 5.0)
@@ -212,17 +212,17 @@ class LinearGroup:
         # rows -> the layout decided for them: a decode step's dozens of products look it up, nothing more
         self.decided: dict[int, str] = {0: "plain"}  # zero rows: nothing to multiply, nor to time
         self.products: collections.Counter[int] = collections.Counter()  # per number of rows, until decided
-        # rows -> how many products at that many rows run plain: PLAIN_PASSES' worth, then (once a layout is
-        # decided) as many as pay for its missing copies (`products_to_pay_back`), when it is looked at again
+        # rows -> how many products at that many rows run plain: PLAIN_PASSES' worth, then as many as would pay
+        # for a trial, then (once a layout is decided) for its missing copies (`wait`), when looked at again
         self.plain_until: dict[int, float] = {}
         self.trying: set[int] = set()  # the numbers of rows whose trial this block's products take part in
         _live_groups.add(self)
 
     def layout_for(self, rows: int) -> str | None:
         """The layout for products of `rows` rows: the forced one, plain for the block's first PLAIN_PASSES at
-        this many rows, then None while on trial (plain, where the passes the caller expects cannot repay a
-        trial), then plain until the decided layout's missing copies would have paid for themselves
-        (`products_to_pay_back`), then the decided one."""
+        this many rows, and until the run so far would have paid for a trial (`wait`); then None while on trial;
+        then plain until the decided layout's missing copies would have paid for themselves; then the decided
+        one."""
         layout = self.layout or self.decided.get(rows)
         if layout is None:
             if rows not in self.products:
@@ -232,14 +232,16 @@ class LinearGroup:
                 return "plain"
             speedups = self.speedups(rows_measured(rows))
             if speedups is None:
-                if rows in self.trying or self.worth_a_trial(rows):
-                    self.trying.add(rows)  # (once begun, a trial goes on to its end)
-                    return None
-                _short.add((*self.key, rows_measured(rows)))
-                self.decided[rows] = "plain"  # for this block: a longer run may try it
-                return "plain"
+                if rows not in self.trying:  # (once begun, a trial goes on to its end)
+                    wait = self.trial_wait(rows)
+                    if self.products[rows] <= wait:
+                        _short.add((*self.key, rows_measured(rows)))
+                        self.plain_until[rows] = wait
+                        return "plain"
+                    self.trying.add(rows)
+                return None
             layout = chosen(speedups)
-            wait = self.products_to_pay_back(layout, speedups[layout], rows)
+            wait = self.copies_wait(layout, speedups[layout], rows)
             if self.products[rows] <= wait:
                 self.plain_until[rows] = wait
                 return "plain"
@@ -248,33 +250,34 @@ class LinearGroup:
                 _used.add((*self.key, rows_measured(rows)))
         return layout
 
-    def products_to_pay_back(self, layout: str, speedup: float, rows: int) -> float:
-        """The products at `rows` rows (counted from the block's first) after which the copies of the group's
-        weights in `layout` that are not made yet have paid for their making; 0 for a long run. Where the caller
-        said how many passes it runs: 0 if the products still to come repay the copies, else never (inf)."""
-        if layout == "plain" or self.long_run:
-            return 0
-        cost = sum(layout not in forward.copies for forward in self.forwards) * COPY_COST[layout]  # one-row products
-        if self.passes is not None:
-            return 0 if self.repays(1 - 1 / speedup, cost, rows) else math.inf
-        return cost / (1 - 1 / speedup) / max(1, rows / STREAMING_ROWS)
-
-    def worth_a_trial(self, rows: int) -> bool:
-        """Whether the products at `rows` rows still to come after a trial's own, were a layout FASTER_MARGIN
-        faster, would repay the trial's copies (each layout's copy of each weight it times)."""
+    def trial_wait(self, rows: int) -> float:
+        """The products at `rows` rows after which a trial starts: once the run so far would have paid for the
+        trial's copies (each layout's copy of each weight it times), were a layout FASTER_MARGIN faster."""
         timed = min(len(self.forwards), TIMED_WEIGHTS)
-        trial_products = (PROBE_SAMPLES + 1) * len(LAYOUTS) * len(self.forwards) / timed  # its passes, unretried
+        trial_products = (PROBE_SAMPLES + 1) * len(LAYOUTS) * len(self.forwards) / timed  # its own, unretried
         copies = timed * sum(COPY_COST.values())
-        return self.repays(1 - 1 / FASTER_MARGIN, copies, rows, after=trial_products)
+        return self.wait(1 - 1 / FASTER_MARGIN, copies, rows, after=trial_products)
 
-    def repays(self, saving: float, cost: float, rows: int, after: float = 0) -> bool:
-        """Whether the products at `rows` rows still to come in the passes the caller expects (less the next
-        `after`), each `saving` (a fraction) faster, save `cost` one-row products; True where the caller did not
-        say (or runs long)."""
-        if self.passes is None or self.long_run:
-            return True
-        ahead = self.passes * len(self.forwards) - self.products[rows] - after
-        return ahead * saving * max(1, rows / STREAMING_ROWS) >= cost
+    def copies_wait(self, layout: str, speedup: float, rows: int) -> float:
+        """The products at `rows` rows after which the copies of the group's weights in `layout` not made yet are
+        made: once the run so far would have paid for them."""
+        if layout == "plain":
+            return 0
+        cost = sum(layout not in forward.copies for forward in self.forwards) * COPY_COST[layout]
+        return self.wait(1 - 1 / speedup, cost, rows)
+
+    def wait(self, saving: float, cost: float, rows: int, after: float = 0) -> float:
+        """The products at `rows` rows (counted from the block's first) that, each `saving` (a fraction) faster,
+        would save `cost` one-row products: a ski rental, betting that a run goes on as long again as it has run.
+        0 for a long run; never (inf) where the passes the caller expects would end before the bet is repaid
+        (`after`: products at the start of the bet that save nothing, a trial's own)."""
+        if self.long_run:
+            return 0
+        repaying = cost / (saving * max(1, rows / STREAMING_ROWS))
+        bet_at = max(self.products[rows], repaying)
+        if self.passes is not None and self.passes * len(self.forwards) < bet_at + after + repaying:
+            return math.inf
+        return repaying
 
     def trial_product(self, forward: FastLinearForward, x: torch.Tensor, rows: int) -> torch.Tensor:
         """`forward`'s product in the layout whose turn it is in the trial at this many rows."""
@@ -439,8 +442,8 @@ def fast_cpu_inference(
     another layout (packed, transposed) at the numbers of rows where its group's trial found that faster
     (`layout`: that one of LAYOUTS at every number instead, for comparisons), once the passes run at that
     number would have paid for making the copies; `long_run` (a server): at once, as the run will pay.
-    `passes`: how many passes of the model the block will run, where the caller knows (`generate`: its new
-    tokens): a trial, or a copy, that the passes still to come cannot repay is not made.
+    `passes`: the most passes of the model the block will run, where the caller knows (`generate`: its new
+    tokens; the run may stop sooner): a trial, or a copy, that they cannot repay is not made at all.
 
     Where oneDNN cannot take the weights (CUDA, MPS, float16, a build without it) the model runs as
     it is; so do parametrized Linears, and every product under torch.autocast. Blocks nest: an inner
@@ -452,6 +455,8 @@ def fast_cpu_inference(
     """
     if layout not in (None, *LAYOUTS):
         raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, or None for the trials' choice")
+    if passes is not None and (isinstance(passes, bool) or not isinstance(passes, int) or passes < 0):
+        raise ValueError(f"passes must be a whole number (0 or more), or None where it is not known; got {passes!r}")
     if torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters()):
         raise RuntimeError(AUTOGRAD_REFUSED)
     # a Linear whose forward is already shadowed belongs to an enclosing block (or to someone else)
@@ -487,9 +492,9 @@ def fast_cpu_inference(
 
 
 NONE_TRIED = "weight layouts: none tried"  # the words of packing_summary and packing_report alike
-NONE_TRIED_BECAUSE = (
-    f"a number of rows is tried from its pass {PLAIN_PASSES + 1} on, and only float32 weights on a CPU "
-    "(bfloat16 ones on a CPU with AVX-512)"
+NONE_TRIED_BECAUSE = "only float32 weights on a CPU are tried (bfloat16 ones on a CPU with AVX-512)"
+NONE_TRIED_SO_SOON = (
+    f"a number of rows is tried from its pass {PLAIN_PASSES + 1} on, and no sooner than the run repays it"
 )
 
 
@@ -502,7 +507,7 @@ def packing_report(applied: bool = True) -> list[str]:
         return ["off (--no-fast-cpu): every product plain PyTorch"]
     keys = sorted((_speedups.keys() | _trials.keys() | _short) & _met, key=lambda key: (key[-1], key[:2]))
     if not keys:
-        return [f"{NONE_TRIED}: {NONE_TRIED_BECAUSE}"]
+        return [f"{NONE_TRIED}: {NONE_TRIED_SO_SOON if _met else NONE_TRIED_BECAUSE}"]  # (_met: some were wrapped)
     lines = []
     for key in keys:
         out_features, in_features, dtype, _, count, rows = key
@@ -523,7 +528,7 @@ def packing_report(applied: bool = True) -> list[str]:
         elif key in _trials:
             lines.append(f"{where}: on trial ({_trials[key].timings} of {PROBE_SAMPLES} timings each so far)")
         else:
-            lines.append(f"{where}: not tried (the run is too short to repay a trial) -> plain")
+            lines.append(f"{where}: not tried (the run was too short to repay a trial) -> plain")
     if (_saved | _merged) & _met:
         lines.append(f"earlier runs' trials are kept in {saved_layouts.path()} (delete it to measure again)")
     return lines
@@ -533,10 +538,10 @@ def decided_by(key: tuple) -> str:
     """Where a decision came from, as packing_report marks it ("" for this run's own trial, kept)."""
     if key in _saved:
         return " (earlier runs' trials)"
+    if key in _unsaved:  # (before _merged: a later run does not find this run's trial, and tries again)
+        return " (timings implausible: not kept for later runs)"
     if key in _merged:
         return " (this run's and an earlier run's trials)"
-    if key in _unsaved:
-        return " (timings implausible: not kept for later runs)"
     return ""
 
 

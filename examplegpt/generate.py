@@ -147,7 +147,7 @@ def generate_command(cfg: GenerateConfig) -> int:
         model.hidden_states = torch.compile(model.hidden_states, dynamic=True)
     prompts = interactive_prompts() if cfg.interactive else [read_prompt(cfg.prompt)]
     refused = 0
-    # copies made once per command; a prompt's passes are its new tokens (the prompt's own is one pass)
+    # copies made once per command; a prompt's passes are at most its new tokens (the prompt's own is one)
     passes = None if cfg.interactive else cfg.max_new_tokens
     with fast_cpu_inference(model, passes=passes) if cfg.fast_cpu else contextlib.nullcontext():
         for prompt in prompts:
