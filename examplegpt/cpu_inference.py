@@ -34,6 +34,7 @@ import collections
 import contextlib
 import functools
 import math
+import operator
 import statistics
 import time
 import weakref
@@ -345,10 +346,11 @@ class Trial:
                 earlier = _earlier.pop(self.key, None)
                 if earlier is not None:  # earlier processes' trials too
                     _merged.add(self.key)
-                _speedups[self.key] = speedups if earlier is None else saved_layouts.combined(*earlier, speedups)
-                if timed_right:  # not a stall's timings, for good (the file combines them with its own)
+                if timed_right:  # for good (the file combines them with its own)
+                    _speedups[self.key] = speedups if earlier is None else saved_layouts.combined(*earlier, speedups)
                     saved_layouts.save(self.key, speedups, (self.began, time.time()))
-                else:
+                else:  # a stall's timings: for this process only, and only where no earlier trial's are known
+                    _speedups[self.key] = speedups if earlier is None else earlier[0]
                     _unsaved.add(self.key)
                 for group in list(_live_groups):  # every block's group of this shape, not only the caller's
                     if group.key == self.key[:-1]:
@@ -434,6 +436,17 @@ class FastLinearForward:
         self.copies = {layout: copy for layout, copy in self.copies.items() if layout in layouts}
 
 
+def whole_number(passes: object) -> int:
+    """`passes` as an int (a Python, NumPy or 0-d integer tensor's number, 0 or more); else a ValueError."""
+    try:
+        count = -1 if isinstance(passes, bool) else operator.index(passes)
+    except TypeError:
+        count = -1
+    if count < 0:
+        raise ValueError(f"passes must be a whole number (0 or more), or None where it is not known; got {passes!r}")
+    return count
+
+
 @contextlib.contextmanager
 def fast_cpu_inference(
     model: nn.Module, layout: str | None = None, long_run: bool = False, passes: int | None = None
@@ -455,8 +468,7 @@ def fast_cpu_inference(
     """
     if layout not in (None, *LAYOUTS):
         raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, or None for the trials' choice")
-    if passes is not None and (isinstance(passes, bool) or not isinstance(passes, int) or passes < 0):
-        raise ValueError(f"passes must be a whole number (0 or more), or None where it is not known; got {passes!r}")
+    passes = None if passes is None else whole_number(passes)
     if torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters()):
         raise RuntimeError(AUTOGRAD_REFUSED)
     # a Linear whose forward is already shadowed belongs to an enclosing block (or to someone else)
@@ -539,7 +551,8 @@ def decided_by(key: tuple) -> str:
     if key in _saved:
         return " (earlier runs' trials)"
     if key in _unsaved:  # (before _merged: a later run does not find this run's trial, and tries again)
-        return " (timings implausible: not kept for later runs)"
+        earlier = "; an earlier run's trial decides" if key in _merged else ""
+        return f" (this run's timings implausible: not kept for later runs{earlier})"
     if key in _merged:
         return " (this run's and an earlier run's trials)"
     return ""

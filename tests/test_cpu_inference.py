@@ -7,6 +7,7 @@ import os
 import weakref
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -777,13 +778,19 @@ def test_a_decided_layout_s_copies_wait_for_the_run_to_repay_them_and_never_come
         assert counts == [0] * int(wait) + [wrapped] * (30 - int(wait))
 
 
-@pytest.mark.parametrize("passes", ["10", 2.5, -1, True])
+@pytest.mark.parametrize("passes", ["10", 2.5, -1, True, float("nan"), torch.tensor(2.0)])
 def test_passes_must_be_a_whole_number_or_none(tiny_model, passes):
     with (
         pytest.raises(ValueError, match="passes must be a whole number"),
         fast_cpu_inference(tiny_model, passes=passes),
     ):
         pass
+
+
+@pytest.mark.parametrize("passes", [np.int64(10), torch.tensor(10), 0])
+def test_passes_may_be_any_whole_number(tiny_model, passes):
+    with fast_cpu_inference(tiny_model.requires_grad_(False), passes=passes):
+        assert all(vars(m)["forward"].group.passes == int(passes) for m in packed_linears(tiny_model))
 
 
 def test_a_huge_number_of_passes_is_taken(tiny_model):
@@ -955,7 +962,28 @@ def test_a_trial_that_stayed_implausible_decides_for_its_process_only(tiny_model
         while not cpu_inference._speedups:
             head(torch.zeros(1, head.in_features))
     assert not saved.exists()
-    assert packing_report()[0].endswith("-> plain (timings implausible: not kept for later runs)")
+    assert packing_report()[0].endswith("-> plain (this run's timings implausible: not kept for later runs)")
+
+
+def test_an_implausible_trial_leaves_the_decision_to_an_earlier_run_s_trial(tiny_model, tmp_path, monkeypatch):
+    """Found by an audit: the implausible timings were blended with the earlier trial's into the decision."""
+    saved = tmp_path / "layouts.json"
+    monkeypatch.setenv("EXAMPLEGPT_LAYOUT_CACHE", str(saved))
+    head = tiny_model.lm_head
+    earlier = {"plain": 1.0, "packed": 1.5, "transposed": 0.9}
+    saved_layouts.save(
+        (*cpu_inference.linear_kind(head), 1, 1), earlier
+    )  # one earlier process's trial: not enough alone
+    clock_of_costs(monkeypatch, packed_cost=lambda rows: 100.0, plain_cost=lambda rows: 1.0)  # every retry: a stall
+    with torch.inference_mode(), fast_cpu_inference(head):
+        while not cpu_inference._speedups:
+            head(torch.zeros(1, head.in_features))
+    assert list(cpu_inference._speedups.values()) == [earlier]
+    assert (
+        "-> packed (this run's timings implausible: not kept for later runs; an earlier run's trial decides)"
+        in packing_report()[0]
+    )
+    assert saved_layouts.load(LAYOUTS)[(*cpu_inference.linear_kind(head), 1, 1)][1] == 1  # still one trial in the file
 
 
 def _save_many(first: int, file: str) -> None:
