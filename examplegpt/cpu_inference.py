@@ -102,7 +102,7 @@ _earlier: dict[tuple, tuple[dict[str, float], int]] = {}  # fewer than TRIALS_TO
 _merged: set[tuple] = set()  # the keys of _speedups decided by this process's trial and an earlier one's
 _used: set[tuple] = set()  # the keys whose chosen copies some block has used (not only waited for)
 _met: set[tuple] = set()  # the keys some block's products met in this process (the reports name these only)
-_short: set[tuple] = set()  # the keys not tried: the passes a caller expected could not have repaid a trial
+_short: set[tuple] = set()  # the keys whose trial waited for the run to repay it (or that the run could not)
 _unsaved: set[tuple] = set()  # the keys whose trial's timings stayed implausible: decided for the process only
 _trials: dict[tuple, Trial] = {}  # the same keys, while undecided
 _live_groups: weakref.WeakSet[LinearGroup] = weakref.WeakSet()  # the groups of the blocks still open
@@ -206,8 +206,8 @@ class LinearGroup:
     ) -> None:
         self.forwards = forwards
         self.layout = layout  # None: as the trials decide; else this layout at every size (benchmarks)
-        self.long_run = long_run  # a decided layout's copies are made at once: the run will pay for them
-        self.passes = passes  # the passes of the model the caller expects the block to run, if it knows
+        self.long_run = long_run  # trials and copies made at once, without waiting: the run will pay for them
+        self.passes = passes  # the most passes of the model the caller expects the block to run, if it knows
         # the count is part of the key: a dozen weights stream from memory where one may sit in the cache
         self.key = (*linear_kind(forwards[0].linear), len(forwards))
         # rows -> the layout decided for them: a decode step's dozens of products look it up, nothing more

@@ -67,7 +67,7 @@ def loss_and_gradients(
                 probs.mul_(valid[:, None])  # ignored rows contribute nothing
             g = probs.to(compute_dtype)
             grad_h[start : start + chunk_rows] = (g @ w).to(h.dtype)  # (c, C)
-            if compute_dtype == torch.bfloat16:  # on the tensor cores (AMX): in float32, half a GPU's step
+            if compute_dtype == torch.bfloat16:  # on the tensor cores (AMX); in float32, a GPU's general cores
                 grad_w += g.t() @ hs  # (V_padded, C)
             else:  # float32; and float16, whose range (65,504) a chunk's sum over one target can pass
                 grad_w.addmm_(g.t().float(), hs.float())
