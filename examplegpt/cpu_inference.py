@@ -306,9 +306,11 @@ class Trial:
     The products of the group's first TIMED_WEIGHTS weights go round the layouts, call by call, until
     each layout has PROBE_SAMPLES timings (the first call of each builds its kernel and is not counted,
     and no timing includes making a copy); then the medians decide, for the process (and, through
-    saved_layouts, for later ones). Timed in place, a product meets the caches as the rest of the model
-    leaves them; timed apart, a weight read again and again can stay in a large L3 cache and favour the
-    wrong layout.
+    saved_layouts, for later ones). Every timed product has the same number of rows, the first the trial
+    meets: a trial stands for a range of them (9-16 rows, say), which the engine's warm-up runs in turn,
+    and oneDNN builds a kernel for each new shape (timed, those builds made packing look 3-5x slower).
+    Timed in place, a product meets the caches as the rest of the model leaves them; timed apart, a
+    weight read again and again can stay in a large L3 cache and favour the wrong layout.
     """
 
     def __init__(self, key: tuple) -> None:
@@ -316,12 +318,15 @@ class Trial:
         self.calls = 0
         self.retries = 0
         self.seconds: dict[str, list[float]] = {layout: [] for layout in LAYOUTS}
+        self.rows: int | None = None  # the number of rows its products are timed at: the first it meets
         self.started: set[str] = set()  # layouts whose first product (which builds the kernel) has run
         self.began: float | None = None  # when its first product ran (the epoch's seconds: the file compares them)
 
     def run(self, forward: FastLinearForward, x: torch.Tensor) -> torch.Tensor:
         weights = min(self.key[-2], TIMED_WEIGHTS)
-        if forward.index >= weights:
+        rows = x.numel() // x.shape[-1]
+        self.rows = self.rows or rows
+        if forward.index >= weights or rows != self.rows:
             return forward.product("plain", x)
         # the next layout in turn, one step further each pass of the timed weights, so that each weight
         # meets every layout (with as many weights as layouts, a plain turn would give each weight one layout)

@@ -252,7 +252,12 @@ def greedy(logits: torch.Tensor) -> torch.Tensor:
     logits = logits.float()  # on CPU a bfloat16 argmax is several times slower than a float32 copy's
     if logits.device.type == "cpu":
         # NumPy's argmax is vectorised, PyTorch's CPU argmax is not (BENCHMARKS.md); they agree on ties and NaN
-        best = logits.numpy(force=True).argmax(axis=-1)  # a NumPy scalar for one row (V,)
+        array = logits.numpy(force=True)
+        if array.ndim == 2 and not array.flags.c_contiguous and array.strides[-1] == array.itemsize:
+            # rows apart in memory (a model's logits cut from its padded vocabulary): argmax over the whole
+            # array would first copy it; row by row reads each in place
+            return torch.from_numpy(np.fromiter((row.argmax() for row in array), dtype=np.int64, count=len(array)))
+        best = array.argmax(axis=-1)  # a NumPy scalar for one row (V,)
         return torch.from_numpy(np.asarray(best))
     return logits.argmax(dim=-1)
 

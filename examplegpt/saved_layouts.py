@@ -37,7 +37,7 @@ except ImportError:  # Windows: no lock, and the last of two processes deciding 
 
 
 # Part of every machine's key: a change to what a layout means, or to how trials measure, makes a new one.
-FORMAT = "layouts v2"
+FORMAT = "layouts v3"
 MAX_SPANS = 8  # the latest trials' times a record keeps, to tell a trial that ran beside another
 
 

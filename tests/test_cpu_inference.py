@@ -464,6 +464,31 @@ def test_a_trial_times_every_weight_in_every_layout_and_never_the_making_of_a_co
     assert len(block_groups) == 4 and all(s["packed"] == 2.0 for s in block_groups.values())
 
 
+def test_a_trial_never_times_the_kernel_a_new_number_of_rows_builds(monkeypatch):
+    """Found in the serving engine's warm-up: a trial at 16 rows meets 9, 10, ... 16 rows in turn, and oneDNN
+    builds a packed kernel for each new shape; timed, those builds made packing look 3-5x slower than plain."""
+    model = GPT(tiny_config(num_layers=3)).eval().requires_grad_(False)
+    now = clock_of_costs(monkeypatch, packed_cost=lambda rows: 0.5, plain_cost=lambda rows: 1.0)
+    built = set()
+    timed = FastLinearForward.product
+
+    def product(forward, layout, x):
+        shape = (tuple(forward.linear.weight.shape), x.numel() // x.shape[-1])
+        if layout == "packed" and shape not in built:  # the kernel for this shape is built on its first call
+            built.add(shape)
+            now[0] += 1.5  # (a plausible product time: no retry)
+        return timed(forward, layout, x)
+
+    monkeypatch.setattr(FastLinearForward, "product", product)
+    with torch.inference_mode(), fast_cpu_inference(model, long_run=True):
+        for _ in range(8):  # (every number of rows is tried from its first pass here)
+            for rows in range(9, 17):
+                model.hidden_states(torch.zeros(rows, 1, dtype=torch.long), cpu_inference_cache(model, rows, 8))
+    block_groups = {key: s for key, s in cpu_inference._speedups.items() if key[-2] == 3}
+    assert len(block_groups) == 4 and all(key[-1] == 16 and s["packed"] == 2.0 for key, s in block_groups.items())
+    assert {cpu_inference._trials[key].rows for key in block_groups} == {9}  # timed at the first number it met
+
+
 def test_a_weight_replaced_within_the_run_is_never_taken_for_the_old_one():
     """Found by an audit: `.to(bfloat16).to(float32)` could land the new weight at the old one's address, and
     the old weight's copy was used."""
