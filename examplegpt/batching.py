@@ -158,11 +158,13 @@ class BatchEngine:
         weights each new one keeps 1-2 MB for good. A size runs again until its layout trials have decided (the
         LM head's takes 20 passes, more where the machine's other work made a trial start again), the sizes in
         turn: were one size's trials to finish before the next size's begin, the copies they did not choose
-        would be freed, and made again for the next."""
+        would be freed, and made again for the next. A trial times one number of rows of those it stands for, the
+        first it meets: the most rows first, so that 9-16 rows are timed at 16. Once all have decided, every size
+        runs once more, in the layouts chosen."""
         context = self.model.config.max_seq_len
         chunks = [tokens for tokens in powers_of_two_up_to(min(self.prefill_chunk, context)) if tokens > 1]
-        sizes = [(rows, 1) for rows in range(1, self.max_batch + 1)]
-        sizes += [(1, tokens) for tokens in sorted({*chunks, min(PROBE_ROWS, context - 1)}) if tokens > 1]
+        sizes = [(rows, 1) for rows in range(self.max_batch, 0, -1)]
+        sizes += [(1, tokens) for tokens in sorted({*chunks, min(PROBE_ROWS, context - 1)}, reverse=True) if tokens > 1]
         with torch.inference_mode():
             for _ in range(1 + cpu_inference.PLAIN_PASSES):  # (the passes a size runs plain, and its trials' first)
                 for rows, tokens in sizes:
@@ -173,6 +175,8 @@ class BatchEngine:
                     break
                 for rows, tokens in undecided:
                     self.run_once(rows, tokens)
+            for rows, tokens in sizes:
+                self.run_once(rows, tokens)
 
     def run_once(self, rows: int, tokens: int) -> None:
         """The model over `rows` rows of `tokens` tokens, into a cache of its own."""

@@ -368,9 +368,12 @@ class Trial:
 
 
 def on_trial(rows: int) -> bool:
-    """Whether some group's trial at this many rows has not decided yet (in this process)."""
+    """Whether some group's trial that times products of this many rows has not decided yet (in this process):
+    a trial times the first number of rows it meets of those it stands for (`Trial`)."""
     measured = rows_measured(rows)
-    return any(key[-1] == measured and key not in _speedups for key in _trials)
+    return any(
+        key[-1] == measured and key not in _speedups and trial.rows in (None, rows) for key, trial in _trials.items()
+    )
 
 
 _clock = time.perf_counter  # what trials time with (a test gives them a clock of its own)

@@ -428,8 +428,12 @@ def test_the_engine_warm_up_settles_the_trials_of_every_decoding_size(tiny_model
     monkeypatch.setattr(LinearGroup, "speedups", REAL_SPEEDUPS)
     monkeypatch.setattr(cpu_inference, "PLAIN_PASSES", REAL_PLAIN_PASSES)  # as the commands run
     with torch.inference_mode(), fast_cpu_inference(tiny_model):
-        BatchEngine(tiny_model.requires_grad_(False), max_batch=3).warm_up()
+        BatchEngine(tiny_model.requires_grad_(False), max_batch=4).warm_up()
         summary = rows_of(packing_summary())
+    # a trial times the most rows of those it stands for: 3-4 rows' at 4, 128+'s at the whole prompt
+    timed = {key[-1]: trial.rows for key, trial in cpu_inference._trials.items()}
+    assert timed[1] == 1 and timed[2] == 2 and timed[4] == 4
+    assert timed[cpu_inference.PROBE_ROWS] == min(cpu_inference.PROBE_ROWS, tiny_model.config.max_seq_len - 1)
     decoding = [summary[rows] for rows in ("1", "2", "4")]
     assert all("on trial" not in choices for choices in decoding)
     assert all(choices.endswith("/5") for choices in decoding)  # the blocks' 4 shapes and the head
