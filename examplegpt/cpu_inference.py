@@ -60,6 +60,9 @@ FASTER_MARGIN = 1.05  # a copy must be at least 5% faster than plain: a tie, wit
 # (past it the products are bound by arithmetic, not by streaming the weights: one trial stands for every size).
 PROBE_ROWS = 128
 PROBE_SAMPLES = 5  # timed products of each way, after the first of each (which builds its kernel)
+# A long run (a server, which settles every trial in its warm-up) times more products of each way: on a busy
+# machine five each ranked the layouts wrongly too often (BENCHMARKS.md, "Issue 24 on the Xeon VM, third day")
+LONG_RUN_SAMPLES = 15
 # A trial times the products of a group's first few weights only (the others run plain meanwhile): copies
 # are made of these alone, where a copy of every weight in every layout cost a fresh command more than the
 # trial's slower products (GPT-2 124M: a gigabyte, 0.3 s; BENCHMARKS.md, "Issue 24 on the Xeon VM").
@@ -91,9 +94,9 @@ RETRIES = 2
 # "Issue 24 on the Xeon VM, second day"). Until then a process runs its own trial too, and decides by all
 # of them (`saved_layouts.combined`).
 TRIALS_TO_KEEP = 2
-# Passes of the model that settle every trial at one number of rows, on a busy machine too (every retry
-# taken): a group of one weight (the LM head) times one product a pass; a block's group, TIMED_WEIGHTS.
-PASSES_TO_DECIDE = (RETRIES + 1) * len(LAYOUTS) * (PROBE_SAMPLES + 1)
+# Passes of the model that settle a long run's every trial at one number of rows, on a busy machine too (every
+# retry taken): a group of one weight (the LM head) times one product a pass; a block's group, TIMED_WEIGHTS.
+PASSES_TO_DECIDE = (RETRIES + 1) * len(LAYOUTS) * (LONG_RUN_SAMPLES + 1)
 
 # (out, in, dtype, bias, weights in the group, rows measured) -> {layout: plain time / its time}, for the process
 _speedups: dict[tuple, dict[str, float]] = {}
@@ -283,7 +286,9 @@ class LinearGroup:
     def trial_product(self, forward: FastLinearForward, x: torch.Tensor, rows: int) -> torch.Tensor:
         """`forward`'s product in the layout whose turn it is in the trial at this many rows."""
         key = (*self.key, rows_measured(rows))
-        return _trials.setdefault(key, Trial(key)).run(forward, x)
+        if key not in _trials:
+            _trials[key] = Trial(key, LONG_RUN_SAMPLES if self.long_run else PROBE_SAMPLES)
+        return _trials[key].run(forward, x)
 
     def speedups(self, rows: int) -> dict[str, float] | None:
         """Each layout's speed-up over plain for the group's products at `rows` rows; None while on trial."""
@@ -304,7 +309,7 @@ class Trial:
     """The layouts against one another for one group at one number of rows, timed inside the model's own passes.
 
     The products of the group's first TIMED_WEIGHTS weights go round the layouts, call by call, until
-    each layout has PROBE_SAMPLES timings (the first call of each builds its kernel and is not counted,
+    each layout has `samples` timings (the first call of each builds its kernel and is not counted,
     and no timing includes making a copy); then the medians decide, for the process (and, through
     saved_layouts, for later ones). Every timed product has the same number of rows, the first the trial
     meets: a trial stands for a range of them (9-16 rows, say), which the engine's warm-up runs in turn,
@@ -313,8 +318,9 @@ class Trial:
     weight read again and again can stay in a large L3 cache and favour the wrong layout.
     """
 
-    def __init__(self, key: tuple) -> None:
+    def __init__(self, key: tuple, samples: int = PROBE_SAMPLES) -> None:
         self.key = key
+        self.samples = samples
         self.calls = 0
         self.retries = 0
         self.seconds: dict[str, list[float]] = {layout: [] for layout in LAYOUTS}
@@ -340,7 +346,7 @@ class Trial:
         if layout in self.started:
             self.seconds[layout].append(elapsed)
         self.started.add(layout)
-        if self.timings >= PROBE_SAMPLES:  # (once decided, the group no longer calls the trial)
+        if self.timings >= self.samples:  # (once decided, the group no longer calls the trial)
             plain = statistics.median(self.seconds["plain"])
             speedups = {layout: plain / statistics.median(seconds) for layout, seconds in self.seconds.items()}
             timed_right = plausible(speedups)
@@ -546,7 +552,7 @@ def packing_report(applied: bool = True) -> list[str]:
             )
             lines.append(f"{where}: {faster} plain -> {layout}{decided_by(key)}{unused}")
         elif key in _trials:
-            lines.append(f"{where}: on trial ({_trials[key].timings} of {PROBE_SAMPLES} timings each so far)")
+            lines.append(f"{where}: on trial ({_trials[key].timings} of {_trials[key].samples} timings each so far)")
         else:
             lines.append(f"{where}: not tried (the run was too short to repay a trial) -> plain")
     if (_saved | _merged) & _met:

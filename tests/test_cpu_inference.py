@@ -485,12 +485,28 @@ def test_a_trial_never_times_the_kernel_a_new_number_of_rows_builds(monkeypatch)
 
     monkeypatch.setattr(FastLinearForward, "product", product)
     with torch.inference_mode(), fast_cpu_inference(model, long_run=True):
-        for _ in range(8):  # (every number of rows is tried from its first pass here)
+        for _ in range(len(LAYOUTS) * (cpu_inference.LONG_RUN_SAMPLES + 1) // 3 + 1):  # 3 timed weights a pass
             for rows in range(9, 17):
                 model.hidden_states(torch.zeros(rows, 1, dtype=torch.long), cpu_inference_cache(model, rows, 8))
     block_groups = {key: s for key, s in cpu_inference._speedups.items() if key[-2] == 3}
     assert len(block_groups) == 4 and all(key[-1] == 16 and s["packed"] == 2.0 for key, s in block_groups.items())
     assert {cpu_inference._trials[key].rows for key in block_groups} == {9}  # timed at the first number it met
+
+
+@pytest.mark.parametrize("long_run", [False, True])
+def test_a_long_run_s_trial_times_more_products_of_each_layout(tiny_model, monkeypatch, long_run):
+    """A server settles its trials once, in its warm-up: five timings each ranked layouts wrongly too often."""
+    clock_of_costs(monkeypatch, packed_cost=lambda rows: 0.5, plain_cost=lambda rows: 1.0)
+    samples = cpu_inference.LONG_RUN_SAMPLES if long_run else PROBE_SAMPLES
+    with torch.inference_mode(), fast_cpu_inference(tiny_model.requires_grad_(False), long_run=long_run):
+        head = (*cpu_inference.linear_kind(tiny_model.lm_head), 1, 1)
+        passes = 0
+        while head not in cpu_inference._speedups:  # the head: one product a pass
+            tiny_model.hidden_states(torch.zeros(1, 1, dtype=torch.long), cpu_inference_cache(tiny_model, 1, 1))
+            tiny_model.logits(torch.zeros(1, tiny_model.config.d_model))
+            passes += 1
+    assert passes == len(LAYOUTS) * (samples + 1)
+    assert all(len(seconds) == samples for seconds in cpu_inference._trials[head].seconds.values())
 
 
 def test_a_weight_replaced_within_the_run_is_never_taken_for_the_old_one():
