@@ -156,21 +156,25 @@ class BatchEngine:
         (`cpu_inference`'s trials of weight layouts, oneDNN's kernels and the memory they keep) is paid here, not
         by the first requests. Every row count: a full batch meets the others only as it drains, and with packed
         weights each new one keeps 1-2 MB for good. A size runs again until its layout trials have decided (the
-        LM head's takes 20 passes, more where the machine's other work made a trial start again), the sizes in
+        LM head's takes 48 passes, more where the machine's other work made a trial start again), the sizes in
         turn: were one size's trials to finish before the next size's begin, the copies they did not choose
         would be freed, and made again for the next. A trial times one number of rows of those it stands for, the
-        first it meets: the most rows first, so that 9-16 rows are timed at 16. Once all have decided, every size
-        runs once more, in the layouts chosen."""
+        first it meets: the most rows first, so that 9-16 rows are timed at 16. Then every size runs once more, in
+        the layouts chosen."""
         context = self.model.config.max_seq_len
         chunks = [tokens for tokens in powers_of_two_up_to(min(self.prefill_chunk, context)) if tokens > 1]
         sizes = [(rows, 1) for rows in range(self.max_batch, 0, -1)]
         sizes += [(1, tokens) for tokens in sorted({*chunks, min(PROBE_ROWS, context - 1)}, reverse=True) if tokens > 1]
+        cpu_inference.restart_undecided_trials()  # (one the model ran before may time a size not run here)
         with torch.inference_mode():
             for _ in range(1 + cpu_inference.PLAIN_PASSES):  # (the passes a size runs plain, and its trials' first)
                 for rows, tokens in sizes:
                     self.run_once(rows, tokens)
+            blocks, head = self.model.transformer.h, self.model.lm_head  # the head multiplies one row a sequence
             for _ in range(PASSES_TO_DECIDE - 1):
-                undecided = [(rows, tokens) for rows, tokens in sizes if on_trial(rows * tokens)]
+                undecided = [
+                    (rows, tokens) for rows, tokens in sizes if on_trial(rows * tokens, blocks) or on_trial(rows, head)
+                ]
                 if not undecided:
                     break
                 for rows, tokens in undecided:

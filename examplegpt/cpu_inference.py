@@ -314,6 +314,7 @@ class Trial:
     saved_layouts, for later ones). Every timed product has the same number of rows, the first the trial
     meets: a trial stands for a range of them (9-16 rows, say), which the engine's warm-up runs in turn,
     and oneDNN builds a kernel for each new shape (timed, those builds made packing look 3-5x slower).
+    Where that number stops coming for as long as a trial takes, the trial starts again at another.
     Timed in place, a product meets the caches as the rest of the model leaves them; timed apart, a
     weight read again and again can stay in a large L3 cache and favour the wrong layout.
     """
@@ -325,14 +326,22 @@ class Trial:
         self.retries = 0
         self.seconds: dict[str, list[float]] = {layout: [] for layout in LAYOUTS}
         self.rows: int | None = None  # the number of rows its products are timed at: the first it meets
+        self.elsewhere = 0  # products at other numbers of rows since the last at self.rows
         self.started: set[str] = set()  # layouts whose first product (which builds the kernel) has run
         self.began: float | None = None  # when its first product ran (the epoch's seconds: the file compares them)
 
     def run(self, forward: FastLinearForward, x: torch.Tensor) -> torch.Tensor:
-        weights = min(self.key[-2], TIMED_WEIGHTS)
         rows = x.numel() // x.shape[-1]
-        self.rows = self.rows or rows
-        if forward.index >= weights or rows != self.rows:
+        if rows != self.rows:
+            self.elsewhere += 1
+            # as many passes as a trial takes without its number of rows (a batch that shrank for good): start
+            # again at this one
+            if self.rows is not None and self.elsewhere <= self.key[-2] * len(LAYOUTS) * (self.samples + 1):
+                return forward.product("plain", x)
+            self.rows, self.seconds, self.started = rows, {layout: [] for layout in LAYOUTS}, set()
+        self.elsewhere = 0
+        weights = min(self.key[-2], TIMED_WEIGHTS)
+        if forward.index >= weights:
             return forward.product("plain", x)
         # the next layout in turn, one step further each pass of the timed weights, so that each weight
         # meets every layout (with as many weights as layouts, a plain turn would give each weight one layout)
@@ -373,13 +382,25 @@ class Trial:
         return min(map(len, self.seconds.values()))
 
 
-def on_trial(rows: int) -> bool:
-    """Whether some group's trial that times products of this many rows has not decided yet (in this process):
-    a trial times the first number of rows it meets of those it stands for (`Trial`)."""
+def on_trial(rows: int, module: nn.Module | None = None) -> bool:
+    """Whether some group's trial (of `module`'s Linears, if given) that times products of this many rows has not
+    decided yet (in this process): a trial times one number of rows of those it stands for (`Trial`)."""
     measured = rows_measured(rows)
+    kinds = None if module is None else {linear_kind(m) for m in module.modules() if isinstance(m, nn.Linear)}
     return any(
-        key[-1] == measured and key not in _speedups and trial.rows in (None, rows) for key, trial in _trials.items()
+        key[-1] == measured
+        and key not in _speedups
+        and trial.rows in (None, rows)
+        and (kinds is None or key[:4] in kinds)
+        for key, trial in _trials.items()
     )
+
+
+def restart_undecided_trials() -> None:
+    """Forget the trials not decided yet, so that the next products start them afresh (the engine's warm-up, which
+    runs each size its trials should time, after a run that left some timing a number of rows it will not run)."""
+    for key in [key for key in _trials if key not in _speedups]:
+        del _trials[key]
 
 
 _clock = time.perf_counter  # what trials time with (a test gives them a clock of its own)

@@ -249,13 +249,15 @@ def next_token_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tens
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:
     """The most likely token of each row of logits (B, V): (B,); of tied tokens the first, and NaN ranks first."""
-    logits = logits.float()  # on CPU a bfloat16 argmax is several times slower than a float32 copy's
+    if logits.dtype in (torch.bfloat16, torch.float16):
+        logits = logits.float()  # on CPU a bfloat16 argmax is several times slower than a float32 copy's
     if logits.device.type == "cpu":
         # NumPy's argmax is vectorised, PyTorch's CPU argmax is not (BENCHMARKS.md); they agree on ties and NaN
         array = logits.numpy(force=True)
-        if array.ndim == 2 and not array.flags.c_contiguous and array.strides[-1] == array.itemsize:
-            # rows apart in memory (a model's logits cut from its padded vocabulary): argmax over the whole
-            # array would first copy it; row by row reads each in place
+        long_rows = array.ndim == 2 and array.shape[1] >= 4096 and array.strides[1] == array.itemsize
+        if long_rows and not array.flags.c_contiguous:
+            # rows of a vocabulary apart in memory (a model's logits cut from its padded vocabulary): argmax over
+            # the whole array would first copy it; row by row reads each in place
             return torch.from_numpy(np.fromiter((row.argmax() for row in array), dtype=np.int64, count=len(array)))
         best = array.argmax(axis=-1)  # a NumPy scalar for one row (V,)
         return torch.from_numpy(np.asarray(best))

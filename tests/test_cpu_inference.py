@@ -509,6 +509,40 @@ def test_a_long_run_s_trial_times_more_products_of_each_layout(tiny_model, monke
     assert all(len(seconds) == samples for seconds in cpu_inference._trials[head].seconds.values())
 
 
+def test_a_trial_whose_number_of_rows_stops_coming_starts_again_at_another(tiny_model, monkeypatch):
+    """Found by an audit: a trial that began at 3 rows, in an engine whose batches then stayed at 4, stayed on
+    trial for good, and kept its copies."""
+    clock_of_costs(monkeypatch, packed_cost=lambda rows: 0.5, plain_cost=lambda rows: 1.0)
+    model = tiny_model.requires_grad_(False)
+    head = (*cpu_inference.linear_kind(model.lm_head), 1, 4)
+    with torch.inference_mode(), fast_cpu_inference(model):
+        for _ in range(4):
+            model.logits(torch.zeros(3, model.config.d_model))
+        assert cpu_inference._trials[head].rows == 3
+        passes = 0
+        while head not in cpu_inference._speedups and passes < 1000:
+            model.logits(torch.zeros(4, model.config.d_model))
+            passes += 1
+    assert cpu_inference._trials[head].rows == 4 and cpu_inference._speedups[head]["packed"] == 2.0
+    assert passes <= 2 * len(LAYOUTS) * (PROBE_SAMPLES + 1)  # patience as long as a trial, then the trial
+
+
+def test_the_engine_warm_up_restarts_a_trial_left_timing_a_size_it_does_not_run(tiny_model, monkeypatch):
+    """Found by an audit: a trial begun before the warm-up at a size the warm-up does not run (a 20-token prompt,
+    in the 17-32 rows' trial) stayed on trial through it."""
+    from examplegpt.batching import BatchEngine
+
+    monkeypatch.setattr(LinearGroup, "speedups", REAL_SPEEDUPS)
+    model = tiny_model.requires_grad_(False)
+    with torch.inference_mode(), fast_cpu_inference(model, long_run=True):
+        model.hidden_states(torch.zeros(1, 20, dtype=torch.long))  # the blocks' trials at 17-32 rows begin at 20
+        assert {trial.rows for key, trial in cpu_inference._trials.items() if key[-1] == 32} == {20}
+        BatchEngine(model, max_batch=4).warm_up()
+        summary = packing_summary()
+    assert "on trial" not in summary
+    assert {trial.rows for key, trial in cpu_inference._trials.items() if key[-1] == 32} == {32}
+
+
 def test_a_weight_replaced_within_the_run_is_never_taken_for_the_old_one():
     """Found by an audit: `.to(bfloat16).to(float32)` could land the new weight at the old one's address, and
     the old weight's copy was used."""

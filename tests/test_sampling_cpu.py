@@ -49,13 +49,13 @@ def same(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 @settings(max_examples=examples(300), deadline=None)
-@given(logits=rows(), bfloat16=st.booleans(), padding=st.integers(0, 3))
-def test_greedy_picks_what_torch_argmax_picks(logits, bfloat16, padding):
-    if bfloat16:
-        logits = logits.to(torch.bfloat16)
-    if padding:  # rows apart in memory, as a model's logits cut from its padded vocabulary are
-        logits = torch.cat([logits, torch.full((len(logits), padding), INF, dtype=logits.dtype)], 1)
-        logits = logits[:, : logits.shape[1] - padding]
+@given(logits=rows(), dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float64]), cut=st.booleans())
+def test_greedy_picks_what_torch_argmax_picks(logits, dtype, cut):
+    logits = logits.to(dtype)
+    if cut:  # rows of a vocabulary apart in memory, as a model's logits cut from its padded vocabulary are
+        wide = torch.full((len(logits), 5000), -INF, dtype=dtype)
+        wide[:, -logits.shape[1] - 3 : -3] = logits  # the row's values at its end, past 4,096
+        logits = wide[:, :-3]
     assert torch.equal(greedy(logits), logits.float().argmax(dim=-1))
 
 
@@ -123,6 +123,8 @@ def test_rows_of_any_rank_or_none_are_taken_as_plain_pytorch_takes_them():
     assert same(sampling.top_k_filter(negated, 2), negated.masked_fill(negated < negated.topk(2).values[:, -1:], -INF))
     grad = torch.randn(3, 9, requires_grad=True)
     assert torch.equal(greedy(grad), grad.argmax(dim=-1))
+    near = torch.tensor([[1.0, 1.0 + 1e-12, 0.5], [1e300, 1e301, 0.0]], dtype=torch.float64)  # ties in float32
+    assert torch.equal(greedy(near), near.argmax(dim=-1))
 
 
 PARAMS = st.builds(
