@@ -42,13 +42,13 @@ from __future__ import annotations
 import collections
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
 
 from . import cpu_inference
-from .cpu_inference import PASSES_TO_DECIDE, PROBE_ROWS, kv_cache_dtype, on_trial
+from .cpu_inference import PASSES_TO_DECIDE, PROBE_ROWS, kv_cache_dtype, on_trial, rows_measured
 from .kv_cache import KVCache
 from .model import GPT
 from .sampling import SamplingParams, choose_next, token_rule
@@ -158,22 +158,26 @@ class BatchEngine:
         weights each new one keeps 1-2 MB for good. A size runs again until its layout trials have decided (the
         LM head's takes 48 passes, more where the machine's other work made a trial start again), the sizes in
         turn: were one size's trials to finish before the next size's begin, the copies they did not choose
-        would be freed, and made again for the next. A trial times one number of rows of those it stands for, the
-        first it meets: the most rows first, so that 9-16 rows are timed at 16. Then every size runs once more, in
-        the layouts chosen."""
+        would be freed, and made again for the next. A trial keeps each number of rows' timings apart: after the
+        first passes, only the most rows of each trial's range (16 of 9-16) run again. Then every size runs once
+        more, in the layouts chosen."""
         context = self.model.config.max_seq_len
         chunks = [tokens for tokens in powers_of_two_up_to(min(self.prefill_chunk, context)) if tokens > 1]
-        sizes = [(rows, 1) for rows in range(self.max_batch, 0, -1)]
-        sizes += [(1, tokens) for tokens in sorted({*chunks, min(PROBE_ROWS, context - 1)}, reverse=True) if tokens > 1]
-        cpu_inference.restart_undecided_trials()  # (one the model ran before may time a size not run here)
+        sizes = [(rows, 1) for rows in range(1, self.max_batch + 1)]
+        sizes += [(1, tokens) for tokens in sorted({*chunks, min(PROBE_ROWS, context - 1)}) if tokens > 1]
         with torch.inference_mode():
             for _ in range(1 + cpu_inference.PLAIN_PASSES):  # (the passes a size runs plain, and its trials' first)
                 for rows, tokens in sizes:
                     self.run_once(rows, tokens)
             blocks, head = self.model.transformer.h, self.model.lm_head  # the head multiplies one row a sequence
+            blocks_most = most_of_each_range(rows * tokens for rows, tokens in sizes)
+            head_most = most_of_each_range(rows for rows, _ in sizes)
             for _ in range(PASSES_TO_DECIDE - 1):
                 undecided = [
-                    (rows, tokens) for rows, tokens in sizes if on_trial(rows * tokens, blocks) or on_trial(rows, head)
+                    (rows, tokens)
+                    for rows, tokens in sizes
+                    if (rows * tokens in blocks_most and on_trial(rows * tokens, blocks))
+                    or (rows in head_most and on_trial(rows, head))
                 ]
                 if not undecided:
                     break
@@ -432,6 +436,15 @@ class BatchEngine:
         with self.lock:
             self.live.discard(request)
         self.send(request, event)
+
+
+def most_of_each_range(counts: Iterable[int]) -> set[int]:
+    """The largest of `counts` in each range of numbers of rows one layout trial stands for (9-16: 16)."""
+    most: dict[int, int] = {}
+    for count in counts:
+        measured = rows_measured(count)
+        most[measured] = max(most.get(measured, 0), count)
+    return set(most.values())
 
 
 def powers_of_two_up_to(n: int) -> list[int]:

@@ -309,60 +309,53 @@ class Trial:
     """The layouts against one another for one group at one number of rows, timed inside the model's own passes.
 
     The products of the group's first TIMED_WEIGHTS weights go round the layouts, call by call, until
-    each layout has `samples` timings (the first call of each builds its kernel and is not counted,
-    and no timing includes making a copy); then the medians decide, for the process (and, through
-    saved_layouts, for later ones). Every timed product has the same number of rows, the first the trial
-    meets: a trial stands for a range of them (9-16 rows, say), which the engine's warm-up runs in turn,
-    and oneDNN builds a kernel for each new shape (timed, those builds made packing look 3-5x slower).
-    Where that number stops coming for as long as a trial takes, the trial starts again at another.
-    Timed in place, a product meets the caches as the rest of the model leaves them; timed apart, a
+    each layout has `samples` timings (the first call of each at a number of rows builds its kernel and is
+    not counted, and no timing includes making a copy); then the medians decide, for the process (and, through
+    saved_layouts, for later ones). A trial stands for a range of numbers of rows (9-16, say) and keeps
+    each number's timings apart, the first number to have them all deciding: oneDNN builds a kernel for
+    each new shape, and a product at 9 rows is not one at 16 (pooled, a warm-up running 9, 10, ... 16 in
+    turn made packing look 3-5x slower). Timed in place, a product meets the caches as the rest of the model leaves them; timed apart, a
     weight read again and again can stay in a large L3 cache and favour the wrong layout.
     """
 
     def __init__(self, key: tuple, samples: int = PROBE_SAMPLES) -> None:
         self.key = key
         self.samples = samples
-        self.calls = 0
         self.retries = 0
-        self.seconds: dict[str, list[float]] = {layout: [] for layout in LAYOUTS}
-        self.rows: int | None = None  # the number of rows its products are timed at: the first it meets
-        self.elsewhere = 0  # products at other numbers of rows since the last at self.rows
-        self.started: set[str] = set()  # layouts whose first product (which builds the kernel) has run
+        self.calls: collections.Counter[int] = collections.Counter()  # timed products per number of rows
+        self.seconds: dict[int, dict[str, list[float]]] = {}  # rows -> layout -> its timings at that many rows
+        self.started: set[tuple[int, str]] = set()  # (rows, layout) whose first product (building the kernel) ran
+        self.rows: int | None = None  # the number of rows whose timings decided
         self.began: float | None = None  # when its first product ran (the epoch's seconds: the file compares them)
 
     def run(self, forward: FastLinearForward, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1]
-        if rows != self.rows:
-            self.elsewhere += 1
-            # as many passes as a trial takes without its number of rows (a batch that shrank for good): start
-            # again at this one
-            if self.rows is not None and self.elsewhere <= self.key[-2] * len(LAYOUTS) * (self.samples + 1):
-                return forward.product("plain", x)
-            self.rows, self.seconds, self.started = rows, {layout: [] for layout in LAYOUTS}, set()
-        self.elsewhere = 0
         weights = min(self.key[-2], TIMED_WEIGHTS)
         if forward.index >= weights:
             return forward.product("plain", x)
+        rows = x.numel() // x.shape[-1]
         # the next layout in turn, one step further each pass of the timed weights, so that each weight
         # meets every layout (with as many weights as layouts, a plain turn would give each weight one layout)
-        layout = LAYOUTS[(self.calls % weights + self.calls // weights) % len(LAYOUTS)]
-        self.calls += 1
+        calls = self.calls[rows]
+        layout = LAYOUTS[(calls % weights + calls // weights) % len(LAYOUTS)]
+        self.calls[rows] += 1
         self.began = self.began or time.time()
         forward.make_copy(layout)  # not timed: the copy is made once, the product runs every step
         start = _clock()
         y = forward.product(layout, x)
         elapsed = _clock() - start
-        if layout in self.started:
-            self.seconds[layout].append(elapsed)
-        self.started.add(layout)
-        if self.timings >= self.samples:  # (once decided, the group no longer calls the trial)
-            plain = statistics.median(self.seconds["plain"])
-            speedups = {layout: plain / statistics.median(seconds) for layout, seconds in self.seconds.items()}
+        seconds = self.seconds.setdefault(rows, {layout: [] for layout in LAYOUTS})
+        if (rows, layout) in self.started:
+            seconds[layout].append(elapsed)
+        self.started.add((rows, layout))
+        if min(map(len, seconds.values())) >= self.samples:  # (once decided, the group no longer calls the trial)
+            plain = statistics.median(seconds["plain"])
+            speedups = {layout: plain / statistics.median(times) for layout, times in seconds.items()}
             timed_right = plausible(speedups)
             if not timed_right and self.retries < RETRIES:
                 self.retries += 1
-                self.seconds = {layout: [] for layout in LAYOUTS}
+                self.seconds = {}
             else:
+                self.rows = rows
                 earlier = _earlier.pop(self.key, None)
                 if earlier is not None:  # earlier processes' trials too
                     _merged.add(self.key)
@@ -379,28 +372,16 @@ class Trial:
 
     @property
     def timings(self) -> int:
-        return min(map(len, self.seconds.values()))
+        """The timings of each layout so far, at the number of rows that has the most."""
+        return max((min(map(len, seconds.values())) for seconds in self.seconds.values()), default=0)
 
 
 def on_trial(rows: int, module: nn.Module | None = None) -> bool:
-    """Whether some group's trial (of `module`'s Linears, if given) that times products of this many rows has not
-    decided yet (in this process): a trial times one number of rows of those it stands for (`Trial`)."""
+    """Whether some group's trial (of `module`'s Linears, if given) at this many rows has not decided yet (in this
+    process)."""
     measured = rows_measured(rows)
     kinds = None if module is None else {linear_kind(m) for m in module.modules() if isinstance(m, nn.Linear)}
-    return any(
-        key[-1] == measured
-        and key not in _speedups
-        and trial.rows in (None, rows)
-        and (kinds is None or key[:4] in kinds)
-        for key, trial in _trials.items()
-    )
-
-
-def restart_undecided_trials() -> None:
-    """Forget the trials not decided yet, so that the next products start them afresh (the engine's warm-up, which
-    runs each size its trials should time, after a run that left some timing a number of rows it will not run)."""
-    for key in [key for key in _trials if key not in _speedups]:
-        del _trials[key]
+    return any(key[-1] == measured and key not in _speedups and (kinds is None or key[:4] in kinds) for key in _trials)
 
 
 _clock = time.perf_counter  # what trials time with (a test gives them a clock of its own)
