@@ -47,6 +47,31 @@ def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
     return out
 
 
+FIRST_LOSS_GRADIENTS = """
+import hashlib, torch
+from examplegpt.reproducibility import pin_cpu_arithmetic
+pin_cpu_arithmetic()
+from examplegpt.loss import loss_and_gradients
+torch.manual_seed(0)
+h, w, t = torch.randn(1024, 192), torch.randn(50304, 192) * 0.02, torch.randint(0, 50257, (1024,))
+_, grad_h, grad_w = loss_and_gradients(h, w, t, 50257, 1024, with_grads=True)
+print(hashlib.sha256(grad_h.numpy().tobytes() + grad_w.numpy().tobytes()).hexdigest())
+"""
+
+
+@pytest.mark.slow
+def test_the_fused_loss_s_first_gradients_are_the_same_bits_in_every_fresh_process():
+    """Found in CI on a 2-core Xeon: MKL's vector math (torch.exp) set itself up on two threads at once in a
+    process's first backward, and the first gradients differed in their last bits in half of the processes."""
+    hashes = set()
+    for shift in range(8):
+        proc = subprocess.run([sys.executable, "-c", FIRST_LOSS_GRADIENTS], env=environment(41 * shift + 3),
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        hashes.add(proc.stdout.strip())
+    assert len(hashes) == 1, hashes
+
+
 @pytest.mark.slow
 def test_fresh_processes_and_a_kill_and_resume_give_one_weight_hash(tmp_path):
     """The shapes that exposed a difference on a 2-core AVX-512 Xeon: the tiny preset at batch 8 x 128,
