@@ -314,8 +314,9 @@ class Trial:
     saved_layouts, for later ones). A trial stands for a range of numbers of rows (9-16, say) and keeps
     each number's timings apart, the first number to have them all deciding: oneDNN builds a kernel for
     each new shape, and a product at 9 rows is not one at 16 (pooled, a warm-up running 9, 10, ... 16 in
-    turn made packing look 3-5x slower). Timed in place, a product meets the caches as the rest of the model leaves them; timed apart, a
-    weight read again and again can stay in a large L3 cache and favour the wrong layout.
+    turn made packing look several times slower). Timed in place, a product meets the caches as the rest
+    of the model leaves them; timed apart, a weight read again and again can stay in a large L3 cache and
+    favour the wrong layout.
     """
 
     def __init__(self, key: tuple, samples: int = PROBE_SAMPLES) -> None:

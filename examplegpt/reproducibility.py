@@ -51,9 +51,8 @@ def pin_cpu_arithmetic() -> bool:
     pinned = lib.mkl_serv_cbwr_get(ctypes.c_int(MKL_CBWR_ALL)) == MKL_CBWR_AUTO
     pinned = pinned or lib.mkl_serv_cbwr_set(ctypes.c_int(MKL_CBWR_AUTO)) == 0
     # MKL's vector math (VML: torch.exp on CPU) sets itself up on its first call; where two threads make that
-    # first call at once, exp can round differently in the last bit for the rest of the process (the fused
-    # loss's first gradients, in half of the fresh processes on a 2-core Xeon). A first call here, on one
-    # thread, before any parallel work, settles it.
+    # first call at once, exp can round differently in the last bit for the rest of the process (BENCHMARKS.md,
+    # "The first exp of a process"). A first call here, on one thread, before any parallel work, settles it.
     torch.ones(16).exp_()
     return pinned
 
