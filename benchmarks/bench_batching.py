@@ -100,7 +100,7 @@ def generate_rate(model: GPT, prompt: torch.Tensor, n: int, settings: dict = GRE
 
 
 def compare_packing(model: GPT, prompt_tokens: int, rounds: int, new_tokens: int) -> None:
-    """Print generate's tokens/s at batch 1 and 8: every product in each layout (plain, packed, transposed),
+    """Print generate's tokens/s at batch 1 and 8: every product in each layout (plain, packed, transposed, mkl_packed),
     and as the trials chose; median of `rounds` alternating rounds. The trials' choice starts from the decisions
     earlier runs saved on this machine (examplegpt/saved_layouts.py), as a command does; with
     EXAMPLEGPT_LAYOUT_CACHE= (empty) its trials run afresh. Its copies are made once chosen (long_run, as

@@ -9,7 +9,7 @@ ops, but makes every thread sleep instead once its pools hold more threads than 
 two pools of the torch thread count each, less one). Sleeping at every op is the slow path.
 
 Part 2 (GPT-2 124M's shape, then 6 x 384): `generate` at batch 1 and 8 with every product in each weight
-layout (plain, packed, transposed) and as the trials chose (bench_batching.py's comparison); then the
+layout (plain, packed, transposed, mkl_packed) and as the trials chose (bench_batching.py's comparison); then the
 trials' choices. The trials start from the decisions earlier runs saved on this machine
 (examplegpt/saved_layouts.py); `EXAMPLEGPT_LAYOUT_CACHE= python benchmarks/check_cpu_threads.py` runs them afresh.
 

@@ -322,9 +322,9 @@ class GenerateConfig:
     compile: bool = False
     """Compile the decode step with torch.compile (CUDA)."""
     fast_cpu: bool = True
-    """On CPU, multiply by copies of the weights in faster layouts (packed, transposed) where a trial finds them faster (cpu_inference.py); off: plain PyTorch."""
+    """On CPU, multiply by copies of the weights in faster layouts (packed, transposed, mkl_packed) where a trial finds them faster (cpu_inference.py); off: plain PyTorch."""
     verbose: bool = False
-    """Print on stderr each weight shape's trial of the layouts (packed, transposed against plain PyTorch) and its choice."""
+    """Print on stderr each weight shape's trial of the layouts (packed, transposed, mkl_packed against plain PyTorch) and its choice."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -362,9 +362,9 @@ class EvaluateConfig:
     precision: str = "auto"
     """The weights' format: auto, fp32, bf16, fp16 or int8 (weight-only, float32 activations). auto is bf16 on a CUDA GPU that has it, else fp32 (exact; on CPU int8 decodes faster but is not bit-exact, and evaluates at about fp32's speed: evaluation multiplies many rows at once)."""
     fast_cpu: bool = True
-    """On CPU, multiply by copies of the weights in faster layouts (packed, transposed) where a trial finds them faster (cpu_inference.py); off: plain PyTorch."""
+    """On CPU, multiply by copies of the weights in faster layouts (packed, transposed, mkl_packed) where a trial finds them faster (cpu_inference.py); off: plain PyTorch."""
     verbose: bool = False
-    """Print on stderr each weight shape's trial of the layouts (packed, transposed against plain PyTorch) and its choice."""
+    """Print on stderr each weight shape's trial of the layouts (packed, transposed, mkl_packed against plain PyTorch) and its choice."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -400,7 +400,7 @@ class ServeConfig:
     precision: str = "auto"
     """The weights' format: auto, fp32, bf16, fp16 or int8 (weight-only, float32 activations). auto is bf16 on a CUDA GPU that has it, else fp32 (exact; on CPU int8 decodes faster but is not bit-exact, and evaluates at about fp32's speed: evaluation multiplies many rows at once)."""
     fast_cpu: bool = True
-    """On CPU, multiply by copies of the weights in faster layouts (packed, transposed) where a trial finds them faster (cpu_inference.py); off: plain PyTorch."""
+    """On CPU, multiply by copies of the weights in faster layouts (packed, transposed, mkl_packed) where a trial finds them faster (cpu_inference.py); off: plain PyTorch."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

@@ -2,11 +2,13 @@
 
 A decode step multiplies one row per sequence by every weight matrix, so its speed is how fast the
 weights stream through the cores. PyTorch's default CPU product (MKL, on nn.Linear's row-major
-(out, in) weight) streams them well below what the memory allows. Two copies of a weight can stream
+(out, in) weight) streams them well below what the memory allows. Three copies of a weight can be
 faster: oneDNN's blocked layout ("packed", the one PyTorch's compiler, Inductor with freezing, gives
-Linear weights on CPU), used here in eager mode; and the weight transposed to a contiguous (in, out)
-matrix ("transposed"), which MKL streams faster on some CPUs for weights with more outputs than inputs
-(BENCHMARKS.md, "Weight layouts"). It is applied from outside the model: the commands (`generate`,
+Linear weights on CPU), used here in eager mode; the weight transposed to a contiguous (in, out)
+matrix ("transposed"), which MKL streams faster on some CPUs for weights with more outputs than inputs;
+and MKL's own packed format ("mkl_packed", float32 only: what Inductor with freezing uses for a Linear
+whose rows it knows), whose products of a few rows to a few dozen keep the arithmetic closer to the
+weight's streaming (BENCHMARKS.md, "Weight layouts"). It is applied from outside the model: the commands (`generate`,
 `evaluate`, `serve`) wrap their run in `fast_cpu_inference(model)` unless told `--no-fast-cpu`, and
 library functions never switch it on by themselves.
 
@@ -52,8 +54,9 @@ from . import saved_layouts
 ROWS_HINT = 64
 
 # The layouts a Linear's weight can be multiplied in. plain: nn.Linear's own (out, in) weight, PyTorch's
-# product (MKL); packed: a copy in oneDNN's blocked layout; transposed: a contiguous (in, out) copy, x @ W^T
-LAYOUTS = ("plain", "packed", "transposed")
+# product (MKL); packed: a copy in oneDNN's blocked layout; transposed: a contiguous (in, out) copy, x @ W^T;
+# mkl_packed: a copy in MKL's packed format (cblas_sgemm_pack), multiplied by MKL's packed product (float32)
+LAYOUTS = ("plain", "packed", "transposed", "mkl_packed")
 FASTER_MARGIN = 1.05  # a copy must be at least 5% faster than plain: a tie, within noise, stays plain PyTorch
 
 # The probe (a `Trial` per group and number of rows). Rows are measured in powers of two, up to PROBE_ROWS
@@ -77,7 +80,7 @@ PLAIN_PASSES = 2
 # COPY_COST one-row products by its weight, and saves (1 - 1/speed-up) of a product; a product of r rows
 # takes at least max(1, r / STREAMING_ROWS) one-row products' time (BENCHMARKS.md, "Issue 24 on the Xeon
 # VM, second day").
-COPY_COST = {"packed": 10, "transposed": 20}
+COPY_COST = {"packed": 10, "transposed": 20, "mkl_packed": 10}
 STREAMING_ROWS = 32
 # A trial waits in the same way, until the passes so far would have paid for its copies were a layout
 # FASTER_MARGIN faster (the least a trial acts on): where a trial started at a size's third pass, a fresh
@@ -136,6 +139,11 @@ def can_pack(weight: torch.Tensor) -> bool:
     )
 
 
+def _without_autocast() -> contextlib.AbstractContextManager:
+    """Where an op's check runs: a first call under torch.autocast would compare bfloat16 results with float32."""
+    return torch.autocast("cpu", enabled=False)
+
+
 @functools.cache
 def _onednn_packs_right(dtype: torch.dtype) -> bool:
     """The two (private) oneDNN ops exist in this build and compute what F.linear does in `dtype`, tried once.
@@ -146,12 +154,55 @@ def _onednn_packs_right(dtype: torch.dtype) -> bool:
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
         return False
     try:
-        weight, bias, x = (torch.randn(shape).to(dtype) for shape in ((24, 16), (24,), (3, 16)))
-        packed = _pack(weight)
-        tolerance = 1e-4 if dtype == torch.float32 else 5e-2
-        return torch.allclose(_packed_forward(packed, bias, x), F.linear(x, weight, bias), atol=tolerance)
+        with _without_autocast():
+            numbers = torch.Generator().manual_seed(0)  # (not the caller's: its sampling stays as seeded)
+            weight, bias, x = (torch.randn(shape, generator=numbers).to(dtype) for shape in ((24, 16), (24,), (3, 16)))
+            packed = _pack(weight)
+            tolerance = 1e-4 if dtype == torch.float32 else 5e-2
+            return torch.allclose(_packed_forward(packed, bias, x), F.linear(x, weight, bias), atol=tolerance)
     except (RuntimeError, TypeError, AttributeError):
         return False
+
+
+def layouts_for(dtype: torch.dtype) -> tuple[str, ...]:
+    """The layouts tried for weights of `dtype` (that oneDNN takes): MKL's packed product is for float32 only."""
+    if dtype == torch.float32 and _mkl_packs_right():
+        return LAYOUTS
+    return tuple(layout for layout in LAYOUTS if layout != "mkl_packed")
+
+
+@functools.cache
+def _mkl_packs_right() -> bool:
+    """The two (private) MKL ops exist in this build and compute what F.linear does, tried once, for numbers of
+    rows other than the one the weight was packed for: the ops are what Inductor emits for one known number
+    of rows, and MKL's packed buffer describes its own format, so one copy serves every number."""
+    if not (torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")):
+        return False
+    try:
+        with _without_autocast():
+            numbers = torch.Generator().manual_seed(0)  # (not the caller's: its sampling stays as seeded)
+            weight, bias = torch.randn(40, 24, generator=numbers), torch.randn(40, generator=numbers)
+            packed = _mkl_pack(weight)
+            return all(
+                torch.allclose(_mkl_packed_forward(packed, weight, bias, x), F.linear(x, weight, bias), atol=1e-4)
+                for x in (torch.randn(rows, 24, generator=numbers) for rows in (1, 3, ROWS_HINT, 2 * ROWS_HINT + 5))
+            )
+    except (RuntimeError, TypeError, AttributeError):
+        return False
+
+
+def _mkl_pack(weight: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), ROWS_HINT)  # MKL's packed buffer, opaque
+
+
+def _mkl_packed_forward(
+    packed: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor
+) -> torch.Tensor:
+    """x (..., in) times the weight through its MKL-packed copy, + bias: (..., out)."""
+    rows = x.reshape(-1, x.shape[-1])  # (N, in)
+    # told N rows, the op takes the packed copy (told another number, it falls back to `weight`)
+    y = torch.ops.mkl._mkl_linear(rows, packed, weight, bias, rows.shape[0])  # (N, out)
+    return y.view(*x.shape[:-1], weight.shape[0])
 
 
 def _pack(weight: torch.Tensor) -> torch.Tensor:
@@ -208,7 +259,9 @@ class LinearGroup:
         self, forwards: list[FastLinearForward], layout: str | None, long_run: bool = False, passes: int | None = None
     ) -> None:
         self.forwards = forwards
-        self.layout = layout  # None: as the trials decide; else this layout at every size (benchmarks)
+        self.layouts = layouts_for(forwards[0].linear.weight.dtype)
+        # None: as the trials decide; else this layout at every size (benchmarks), plain where the dtype lacks it
+        self.layout = layout if layout in (None, *self.layouts) else "plain"
         self.long_run = long_run  # trials and copies made at once, without waiting: the run will pay for them
         self.passes = passes  # the most passes of the model the caller expects the block to run, if it knows
         # the count is part of the key: a dozen weights stream from memory where one may sit in the cache
@@ -258,8 +311,8 @@ class LinearGroup:
         """The products at `rows` rows after which a trial starts: once the run so far would have paid for the
         trial's copies (each layout's copy of each weight it times), were a layout FASTER_MARGIN faster."""
         timed = min(len(self.forwards), TIMED_WEIGHTS)
-        trial_products = (PROBE_SAMPLES + 1) * len(LAYOUTS) * len(self.forwards) / timed  # its own, unretried
-        copies = timed * sum(COPY_COST.values())
+        trial_products = (PROBE_SAMPLES + 1) * len(self.layouts) * len(self.forwards) / timed  # its own, unretried
+        copies = timed * sum(COPY_COST[layout] for layout in self.layouts if layout != "plain")
         return self.wait(1 - 1 / FASTER_MARGIN, copies, rows, after=trial_products)
 
     def copies_wait(self, layout: str, speedup: float, rows: int) -> float:
@@ -287,7 +340,7 @@ class LinearGroup:
         """`forward`'s product in the layout whose turn it is in the trial at this many rows."""
         key = (*self.key, rows_measured(rows))
         if key not in _trials:
-            _trials[key] = Trial(key, LONG_RUN_SAMPLES if self.long_run else PROBE_SAMPLES)
+            _trials[key] = Trial(key, self.layouts, LONG_RUN_SAMPLES if self.long_run else PROBE_SAMPLES)
         return _trials[key].run(forward, x)
 
     def speedups(self, rows: int) -> dict[str, float] | None:
@@ -319,8 +372,9 @@ class Trial:
     favour the wrong layout.
     """
 
-    def __init__(self, key: tuple, samples: int = PROBE_SAMPLES) -> None:
+    def __init__(self, key: tuple, layouts: tuple[str, ...], samples: int = PROBE_SAMPLES) -> None:
         self.key = key
+        self.layouts = layouts
         self.samples = samples
         self.retries = 0
         self.calls: collections.Counter[int] = collections.Counter()  # timed products per number of rows
@@ -337,14 +391,14 @@ class Trial:
         # the next layout in turn, one step further each pass of the timed weights, so that each weight
         # meets every layout (with as many weights as layouts, a plain turn would give each weight one layout)
         calls = self.calls[rows]
-        layout = LAYOUTS[(calls % weights + calls // weights) % len(LAYOUTS)]
+        layout = self.layouts[(calls % weights + calls // weights) % len(self.layouts)]
         self.calls[rows] += 1
         self.began = self.began or time.time()
         forward.make_copy(layout)  # not timed: the copy is made once, the product runs every step
         start = _clock()
         y = forward.product(layout, x)
         elapsed = _clock() - start
-        seconds = self.seconds.setdefault(rows, {layout: [] for layout in LAYOUTS})
+        seconds = self.seconds.setdefault(rows, {layout: [] for layout in self.layouts})
         if (rows, layout) in self.started:
             seconds[layout].append(elapsed)
         self.started.add((rows, layout))
@@ -437,7 +491,12 @@ class FastLinearForward:
         """Copy the weight into `layout`, unless that copy is there (plain needs none)."""
         if layout != "plain" and layout not in self.copies:
             weight, _ = self.weight_and_bias()
-            self.copies[layout] = _pack(weight) if layout == "packed" else weight.detach().t().contiguous()
+            if layout == "packed":
+                self.copies[layout] = _pack(weight)
+            elif layout == "mkl_packed":
+                self.copies[layout] = _mkl_pack(weight)
+            else:
+                self.copies[layout] = weight.detach().t().contiguous()
 
     def product(self, layout: str, x: torch.Tensor) -> torch.Tensor:
         """x (..., in) times the weight in `layout`, plus the bias: (..., out)."""
@@ -447,6 +506,8 @@ class FastLinearForward:
         self.make_copy(layout)
         if layout == "packed":
             return _packed_forward(self.copies[layout], bias, x)
+        if layout == "mkl_packed":
+            return _mkl_packed_forward(self.copies[layout], weight, bias, x)
         return _transposed_forward(self.copies[layout], bias, x)
 
     def keep_only(self, layouts: set[str]) -> None:
@@ -469,8 +530,9 @@ def fast_cpu_inference(
     model: nn.Module, layout: str | None = None, long_run: bool = False, passes: int | None = None
 ) -> Iterator[None]:
     """Within the block, each nn.Linear of `model` that oneDNN can take multiplies by a copy of its weight in
-    another layout (packed, transposed) at the numbers of rows where its group's trial found that faster
-    (`layout`: that one of LAYOUTS at every number instead, for comparisons), once the passes run at that
+    another layout (packed, transposed, mkl_packed) at the numbers of rows where its group's trial found that
+    faster (`layout`: that one of LAYOUTS at every number instead, for comparisons; plain for weights whose
+    dtype it does not take), once the passes run at that
     number would have paid for making the copies; `long_run` (a server): at once, as the run will pay.
     `passes`: the most passes of the model the block will run, where the caller knows (`generate`: its new
     tokens; the run may stop sooner): a trial, or a copy, that they cannot repay is not made at all.
@@ -505,7 +567,11 @@ def fast_cpu_inference(
             for index, forward in enumerate(forwards):
                 forward.group, forward.index = group, index
         kinds = {(*kind, len(forwards)) for kind, forwards in groups.items()}
-        for key, (speedups, trials) in saved_layouts.load(LAYOUTS).items():  # earlier runs' trials of these groups
+        for key, (speedups, trials) in saved_layouts.load().items():  # earlier runs' trials of these groups
+            layouts = layouts_for(key[2])
+            if sorted(speedups) != sorted(layouts):  # a file from before a layout came: tried again
+                continue
+            speedups = {name: speedups[name] for name in layouts}
             if key[:-1] in kinds and key not in _speedups and plausible(speedups):
                 if trials >= TRIALS_TO_KEEP:
                     _speedups[key] = speedups
@@ -591,4 +657,4 @@ def packing_summary() -> str:
     ]
     saved = len(_saved & met)
     earlier = f" ({saved} decided by earlier runs, kept in {saved_layouts.path()})" if saved else ""
-    return "weight shapes packed or transposed at rows " + ", ".join(parts) + earlier
+    return "weight shapes in faster layouts at rows " + ", ".join(parts) + earlier

@@ -88,9 +88,9 @@ def read_all(file: Path) -> dict[str, dict]:
     return saved if isinstance(saved, dict) else {}
 
 
-def load(layouts: tuple[str, ...]) -> dict[tuple, tuple[dict[str, float], int]]:
+def load() -> dict[tuple, tuple[dict[str, float], int]]:
     """This machine's decisions: key -> ({layout: its speed-up over plain over the trials}, the number of
-    trials); entries that do not parse are left out."""
+    trials); entries that do not parse are left out (the caller keeps those that tried the layouts it tries)."""
     file = path()
     if file is None:
         return {}
@@ -99,8 +99,8 @@ def load(layouts: tuple[str, ...]) -> dict[tuple, tuple[dict[str, float], int]]:
     for text, record in mine.items() if isinstance(mine, dict) else ():
         with contextlib.suppress(ValueError, TypeError, AttributeError, KeyError):
             speedups, trials = record["speedups"], int(record["trials"])
-            if sorted(speedups) == sorted(layouts) and all(float(s) > 0 for s in speedups.values()) and trials > 0:
-                decisions[key_of(text)] = ({layout: float(speedups[layout]) for layout in layouts}, trials)
+            if "plain" in speedups and all(float(s) > 0 for s in speedups.values()) and trials > 0:
+                decisions[key_of(text)] = ({str(layout): float(s) for layout, s in speedups.items()}, trials)
     return decisions
 
 
