@@ -36,7 +36,7 @@ from machine import describe_machine  # benchmarks/machine.py, beside this scrip
 
 from examplegpt import GPT, GPTConfig
 from examplegpt.batching import BatchEngine, SamplingParams, TokenEvent
-from examplegpt.cpu_inference import LAYOUTS, fast_cpu_inference, packing_report
+from examplegpt.cpu_inference import LAYOUTS, PLAIN_PASSES, fast_cpu_inference, packing_report
 from examplegpt.generate import generate
 from examplegpt.reproducibility import pin_cpu_arithmetic
 
@@ -118,7 +118,8 @@ def compare_packing(model: GPT, prompt_tokens: int, rounds: int, new_tokens: int
         for _ in range(rounds):
             for mode, block in modes.items():
                 with block():
-                    generate(model, prompt, 2, temperature=0)  # untimed: each block makes its copies anew
+                    # untimed: each block makes its copies anew, after a size's first PLAIN_PASSES (which run plain)
+                    generate(model, prompt, PLAIN_PASSES + 2, temperature=0)
                     rates.setdefault((batch, mode), []).append(generate_rate(model, prompt, new_tokens))
     print(f"\n`generate` tokens/s (all rows), median of {rounds} alternating rounds:")
     print("| batch | " + " | ".join(modes) + " | " + " | ".join(f"{m} / plain" for m in modes if m != "plain") + " |")
