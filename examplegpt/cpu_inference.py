@@ -25,7 +25,7 @@ decisions are kept for the process, and in a file for later ones on the same mac
 later command copies only the layouts chosen); `packing_summary` / `packing_report` say what was chosen,
 and which decisions came from the file.
 
-A copy costs as much memory as the weight: it is made when a trial first needs it, dropped once the
+A copy costs as much memory as the weight (MKL's packed copy reserves more address space than it fills): it is made when a trial first needs it, dropped once the
 group's trials have all decided and none chose it, and lives at most as long as the block. The
 copies' products have no gradient: the block refuses a model that autograd would train.
 """
@@ -156,7 +156,8 @@ def _onednn_packs_right(dtype: torch.dtype) -> bool:
     try:
         with _without_autocast():
             numbers = torch.Generator().manual_seed(0)  # (not the caller's: its sampling stays as seeded)
-            weight, bias, x = (torch.randn(shape, generator=numbers).to(dtype) for shape in ((24, 16), (24,), (3, 16)))
+            shapes = ((24, 16), (24,), (3, 16))
+            weight, bias, x = (torch.randn(shape, generator=numbers, dtype=torch.float32).to(dtype) for shape in shapes)
             packed = _pack(weight)
             tolerance = 1e-4 if dtype == torch.float32 else 5e-2
             return torch.allclose(_packed_forward(packed, bias, x), F.linear(x, weight, bias), atol=tolerance)
@@ -181,11 +182,14 @@ def _mkl_packs_right() -> bool:
     try:
         with _without_autocast():
             numbers = torch.Generator().manual_seed(0)  # (not the caller's: its sampling stays as seeded)
-            weight, bias = torch.randn(40, 24, generator=numbers), torch.randn(40, generator=numbers)
+            weight, bias = (torch.randn(*shape, generator=numbers, dtype=torch.float32) for shape in ((40, 24), (40,)))
             packed = _mkl_pack(weight)
             return all(
                 torch.allclose(_mkl_packed_forward(packed, weight, bias, x), F.linear(x, weight, bias), atol=1e-4)
-                for x in (torch.randn(rows, 24, generator=numbers) for rows in (1, 3, ROWS_HINT, 2 * ROWS_HINT + 5))
+                for x in (
+                    torch.randn(rows, 24, generator=numbers, dtype=torch.float32)
+                    for rows in (1, 3, ROWS_HINT, 2 * ROWS_HINT + 5)
+                )
             )
     except (RuntimeError, TypeError, AttributeError):
         return False
@@ -199,6 +203,8 @@ def _mkl_packed_forward(
     packed: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor
 ) -> torch.Tensor:
     """x (..., in) times the weight through its MKL-packed copy, + bias: (..., out)."""
+    if x.shape[-1] != weight.shape[1]:
+        return F.linear(x, weight, bias)  # its error: the packed product reads `in` numbers a row, unchecked
     rows = x.reshape(-1, x.shape[-1])  # (N, in)
     # told N rows, the op takes the packed copy (told another number, it falls back to `weight`)
     y = torch.ops.mkl._mkl_linear(rows, packed, weight, bias, rows.shape[0])  # (N, out)
@@ -210,6 +216,8 @@ def _pack(weight: torch.Tensor) -> torch.Tensor:
 
 
 def _packed_forward(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    if bias is not None and not bias.is_contiguous():
+        bias = bias.contiguous()  # oneDNN reads a strided bias as if it were contiguous
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")  # (..., out)
 
 
@@ -465,6 +473,8 @@ class FastLinearForward:
         if torch.is_autocast_enabled("cpu"):
             return F.linear(x, weight, bias)  # autocast picks the dtype
         in_features = weight.shape[-1]
+        if x.shape[-1:] != (in_features,):
+            return F.linear(x, weight, bias)  # its error, whatever the layout
         rows = x.numel() // in_features if in_features else 0  # x (..., in)
         layout = self.group.layout_for(rows)
         if layout == "plain":  # at once: a decode step's dozens of plain products need no more checks
@@ -569,7 +579,7 @@ def fast_cpu_inference(
         kinds = {(*kind, len(forwards)) for kind, forwards in groups.items()}
         for key, (speedups, trials) in saved_layouts.load().items():  # earlier runs' trials of these groups
             layouts = layouts_for(key[2])
-            if sorted(speedups) != sorted(layouts):  # a file from before a layout came: tried again
+            if sorted(speedups) != sorted(layouts):  # trials of other layouts (a hand-edited file): tried again
                 continue
             speedups = {name: speedups[name] for name in layouts}
             if key[:-1] in kinds and key not in _speedups and plausible(speedups):

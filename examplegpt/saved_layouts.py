@@ -36,8 +36,9 @@ except ImportError:  # Windows: no lock, and the last of two processes deciding 
     fcntl = None
 
 
-# Part of every machine's key: a change to what a layout means, or to how trials measure, makes a new one.
-FORMAT = "layouts v3"
+# Part of every machine's key: a change to the layouts tried, to what one means, or to how trials measure, makes a
+# new one (else an older version sharing the file would replace this one's records with its own, and back).
+FORMAT = "layouts v4"
 MAX_SPANS = 8  # the latest trials' times a record keeps, to tell a trial that ran beside another
 
 
@@ -97,7 +98,7 @@ def load() -> dict[tuple, tuple[dict[str, float], int]]:
     decisions = {}
     mine = read_all(file).get(machine())
     for text, record in mine.items() if isinstance(mine, dict) else ():
-        with contextlib.suppress(ValueError, TypeError, AttributeError, KeyError):
+        with contextlib.suppress(ValueError, TypeError, AttributeError, KeyError, OverflowError):
             speedups, trials = record["speedups"], int(record["trials"])
             if "plain" in speedups and all(float(s) > 0 for s in speedups.values()) and trials > 0:
                 decisions[key_of(text)] = ({str(layout): float(s) for layout, s in speedups.items()}, trials)
@@ -115,7 +116,7 @@ def merged(record: object, speedups: dict[str, float], span: tuple[float, float]
     not parse counts for nothing). `span`: when the trial ran (seconds since the epoch); one that overlaps an
     earlier trial's does not add to the count: two commands started together timed each other's load."""
     spans = [] if span is None else [list(span)]
-    with contextlib.suppress(ValueError, TypeError, AttributeError, KeyError):
+    with contextlib.suppress(ValueError, TypeError, AttributeError, KeyError, OverflowError):
         earlier, trials = {k: float(v) for k, v in record["speedups"].items()}, int(record["trials"])
         if sorted(earlier) == sorted(speedups) and trials > 0 and all(v > 0 for v in earlier.values()):
             before = [(float(start), float(end)) for start, end in record.get("spans", [])]

@@ -189,6 +189,32 @@ def test_weights_mkl_does_not_pack_are_tried_in_the_other_layouts_and_run_plain_
         cpu_inference._mkl_packs_right.cache_clear()  # the next test tries the real ops again
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("x_shape", [(3, 63), (4,), (8, 32)])
+def test_an_input_of_the_wrong_width_is_refused_in_every_layout_as_nn_linear_refuses_it(layout, x_shape):
+    """Found by an audit: MKL's packed product reads `in` numbers a row unchecked (garbage, or a segfault)."""
+    linear = torch.nn.Linear(64, 96).requires_grad_(False)
+    x = torch.randn(x_shape)
+    with pytest.raises(RuntimeError) as plain_error:
+        F.linear(x, linear.weight, linear.bias)
+    with torch.inference_mode(), fast_cpu_inference(linear, layout=layout):
+        with pytest.raises(RuntimeError) as error:
+            linear(x)
+    assert str(error.value) == str(plain_error.value)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_strided_bias_is_added_as_it_is_in_every_layout(layout):
+    """Found by an audit: oneDNN's packed product read a strided bias as if it were contiguous."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 96).requires_grad_(False)
+    linear.bias = torch.nn.Parameter(torch.randn(96, 2)[:, 0], requires_grad=False)  # every other number
+    x = torch.randn(5, 64)
+    with torch.inference_mode(), fast_cpu_inference(linear, layout=layout):
+        y = linear(x)
+    assert torch.allclose(y, F.linear(x, linear.weight, linear.bias), atol=1e-5)
+
+
 def test_a_layout_forced_for_a_comparison_runs_at_every_size_and_an_unknown_one_is_refused(tiny_model, packed_calls):
     with torch.inference_mode(), fast_cpu_inference(tiny_model, layout="transposed"):
         tiny_model(torch.randint(0, 50257, (1, 8)))
@@ -363,19 +389,28 @@ def test_a_pytorch_whose_onednn_ops_compute_otherwise_runs_unpacked(monkeypatch)
         cpu_inference._onednn_packs_right.cache_clear()  # the next test tries the real ops again
 
 
-def test_the_ops_checked_first_under_autocast_or_after_a_seed_are_found_right_and_leave_the_seed_alone():
+@pytest.mark.parametrize("setting", ["autocast", "float64 by default"])
+def test_the_ops_checked_first_under_another_setting_are_found_right_and_leave_the_seed_alone(setting):
     """Found by a test run in another order: a first check under torch.autocast compared bfloat16 products with
-    float32 ones and took the ops for broken, for the rest of the process."""
+    float32 ones and took the ops for broken, for the rest of the process; an audit found the same under a float64
+    default dtype, which MKL's packing refuses."""
     for check in (cpu_inference._onednn_packs_right, cpu_inference._mkl_packs_right):
         check.cache_clear()
+    default = torch.get_default_dtype()
     try:
         torch.manual_seed(0)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert can_pack(torch.ones(1)) and layouts_for(torch.float32) == LAYOUTS
+        if setting == "autocast":
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                assert can_pack(torch.ones(1)) and layouts_for(torch.float32) == LAYOUTS
+        else:
+            torch.set_default_dtype(torch.float64)
+            assert can_pack(torch.ones(1, dtype=torch.float32)) and layouts_for(torch.float32) == LAYOUTS
+            torch.set_default_dtype(default)
         after_checks = torch.rand(3)
         torch.manual_seed(0)
         assert torch.equal(torch.rand(3), after_checks)  # the checks drew no numbers from the caller's generator
     finally:
+        torch.set_default_dtype(default)
         for check in (cpu_inference._onednn_packs_right, cpu_inference._mkl_packs_right):
             check.cache_clear()
 
@@ -443,6 +478,30 @@ def test_the_probe_takes_the_transposed_copy_where_it_is_fastest_and_frees_the_o
     assert packing_report() == [
         f"{where}, 1 rows: packed 1.25x, transposed 2.00x, mkl_packed 1.00x plain -> transposed",
         f"{where}, 2 rows: on trial (0 of 5 timings each so far)",
+    ]
+
+
+@needs_mkl_packing
+def test_the_probe_takes_the_mkl_packed_copy_where_it_is_fastest_and_multiplies_by_it(tiny_model, monkeypatch):
+    clock_of_costs(
+        monkeypatch, packed_cost=lambda rows: 0.8, plain_cost=lambda rows: 1.0, mkl_packed_cost=lambda r: 0.4
+    )
+    calls = []
+    real = cpu_inference._mkl_packed_forward
+    monkeypatch.setattr(cpu_inference, "_mkl_packed_forward", lambda *args: calls.append(1) or real(*args))
+    head = tiny_model.lm_head
+    x = torch.randn(16, head.in_features)
+    with torch.inference_mode(), fast_cpu_inference(head):
+        forward = vars(head)["forward"]
+        for _ in range(len(LAYOUTS) * (PROBE_SAMPLES + 1)):  # one product a pass
+            head(x)
+        assert set(forward.copies) == {"mkl_packed"}  # decided: the other copies are freed
+        calls.clear()
+        y = head(x)
+    assert calls == [1] and torch.allclose(y, F.linear(x, head.weight), atol=1e-5)
+    where = f"1 x Linear({head.in_features}, {head.out_features}, float32)"
+    assert packing_report() == [
+        f"{where}, 16 rows: packed 1.25x, transposed 1.00x, mkl_packed 2.50x plain -> mkl_packed"
     ]
 
 
@@ -869,7 +928,22 @@ def test_trials_that_ran_at_the_same_time_count_as_one(tmp_path, monkeypatch):
     assert counts == [1, 1, 2]
 
 
-@pytest.mark.parametrize("content", ["not json", "[1, 2]", '{"MACHINE": {"1 2 float32 True 1 1": {"plain": "x"}}}'])
+KEY_TEXT = "512 64 float32 False 1 1"
+HUGE = "9" * 400  # an integer too large for a float
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "not json",
+        "[1, 2]",
+        '{"MACHINE": {"1 2 float32 True 1 1": {"plain": "x"}}}',
+        # found by an audit: a count or a speed-up too large for Python's int or float raised OverflowError
+        '{"MACHINE": {"' + KEY_TEXT + '": {"speedups": {"plain": 1, "packed": 2}, "trials": Infinity}}}',
+        '{"MACHINE": {"' + KEY_TEXT + '": {"speedups": {"plain": 1, "packed": 2}, "trials": 1e400}}}',
+        '{"MACHINE": {"' + KEY_TEXT + '": {"speedups": {"plain": 1, "packed": ' + HUGE + '}, "trials": 2}}}',
+    ],
+)
 def test_a_file_of_decisions_that_is_not_ours_is_read_as_empty_and_written_anew(content, tmp_path, monkeypatch):
     saved = tmp_path / "layouts.json"
     monkeypatch.setenv("EXAMPLEGPT_LAYOUT_CACHE", str(saved))
