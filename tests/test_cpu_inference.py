@@ -90,6 +90,14 @@ def clock_of_costs(monkeypatch, packed_cost, plain_cost, transposed_cost=None, m
     return now
 
 
+def run_the_trial(linear: torch.nn.Linear, x: torch.Tensor) -> FastLinearForward:
+    """Multiply x by a lone Linear (a group of one weight: one timed product a call) until its trial at x's number
+    of rows has decided; returns its forward."""
+    for _ in range(len(LAYOUTS) * (PROBE_SAMPLES + 1)):
+        linear(x)
+    return vars(linear)["forward"]
+
+
 def packed_linears(model: torch.nn.Module) -> list[torch.nn.Linear]:
     return [m for m in model.modules() if isinstance(vars(m).get("forward"), FastLinearForward)]
 
@@ -464,9 +472,7 @@ def test_the_probe_takes_the_transposed_copy_where_it_is_fastest_and_frees_the_o
     head = tiny_model.lm_head
     x = torch.randn(1, head.in_features)
     with torch.inference_mode(), fast_cpu_inference(head):
-        forward = vars(head)["forward"]
-        for _ in range(len(LAYOUTS) * (PROBE_SAMPLES + 1)):  # one product a pass
-            head(x)
+        forward = run_the_trial(head, x)
         assert set(forward.copies) == {"transposed"}  # decided: the packed copy is freed
         packed_calls.clear()
         y = head(x)
@@ -492,9 +498,7 @@ def test_the_probe_takes_the_mkl_packed_copy_where_it_is_fastest_and_multiplies_
     head = tiny_model.lm_head
     x = torch.randn(16, head.in_features)
     with torch.inference_mode(), fast_cpu_inference(head):
-        forward = vars(head)["forward"]
-        for _ in range(len(LAYOUTS) * (PROBE_SAMPLES + 1)):  # one product a pass
-            head(x)
+        forward = run_the_trial(head, x)
         assert set(forward.copies) == {"mkl_packed"}  # decided: the other copies are freed
         calls.clear()
         y = head(x)
