@@ -5,12 +5,13 @@ weights stream through the cores. PyTorch's default CPU product (MKL, on nn.Line
 (out, in) weight) streams them well below what the memory allows. Three copies of a weight can be
 faster: oneDNN's blocked layout ("packed", the one PyTorch's compiler, Inductor with freezing, gives
 Linear weights on CPU), used here in eager mode; the weight transposed to a contiguous (in, out)
-matrix ("transposed"), which MKL streams faster on some CPUs for weights with more outputs than inputs;
-and MKL's own packed format ("mkl_packed", float32 only: what Inductor with freezing uses for a Linear
-whose rows it knows), whose products of a few rows to a few dozen keep the arithmetic closer to the
-weight's streaming (BENCHMARKS.md, "Weight layouts"). It is applied from outside the model: the commands (`generate`,
-`evaluate`, `serve`) wrap their run in `fast_cpu_inference(model)` unless told `--no-fast-cpu`, and
-library functions never switch it on by themselves.
+matrix ("transposed"), which MKL streams faster on some CPUs for weights with more outputs than inputs
+(BENCHMARKS.md, "Weight layouts"); and MKL's own packed format ("mkl_packed", float32 only: what
+Inductor with freezing gives a Linear whose number of rows it knows), most often the fastest for the
+blocks' products of 8-16 rows on a Xeon with AMX (BENCHMARKS.md, "MKL's packed format"). It is applied
+from outside the model: the commands (`generate`, `evaluate`, `serve`) wrap their run in
+`fast_cpu_inference(model)` unless told `--no-fast-cpu`, and library functions never switch it on by
+themselves.
 
 Which layout is fastest depends on the CPU, the weight's shape and the number of rows: on an
 AVX-512/AMX Xeon the packed product of one row is about 10% slower than PyTorch's own while 8 rows
@@ -25,9 +26,10 @@ decisions are kept for the process, and in a file for later ones on the same mac
 later command copies only the layouts chosen); `packing_summary` / `packing_report` say what was chosen,
 and which decisions came from the file.
 
-A copy costs as much memory as the weight (MKL's packed copy reserves more address space than it fills): it is made when a trial first needs it, dropped once the
-group's trials have all decided and none chose it, and lives at most as long as the block. The
-copies' products have no gradient: the block refuses a model that autograd would train.
+A copy costs as much memory as the weight (MKL's packed copy reserves more address space than it
+fills): it is made when a trial first needs it, dropped once the group's trials have all decided and
+none chose it, and lives at most as long as the block. The copies' products have no gradient: the
+block refuses a model that autograd would train.
 """
 
 from __future__ import annotations
@@ -542,8 +544,8 @@ def fast_cpu_inference(
     """Within the block, each nn.Linear of `model` that oneDNN can take multiplies by a copy of its weight in
     another layout (packed, transposed, mkl_packed) at the numbers of rows where its group's trial found that
     faster (`layout`: that one of LAYOUTS at every number instead, for comparisons; plain for weights whose
-    dtype it does not take), once the passes run at that
-    number would have paid for making the copies; `long_run` (a server): at once, as the run will pay.
+    dtype it does not take), once the passes run at that number would have paid for making the copies;
+    `long_run` (a server): at once, as the run will pay.
     `passes`: the most passes of the model the block will run, where the caller knows (`generate`: its new
     tokens; the run may stop sooner): a trial, or a copy, that they cannot repay is not made at all.
 
