@@ -97,6 +97,8 @@ class GPTConfig:
         for name in ("vocab_size", "d_model", "num_heads", "num_layers", "d_ff", "max_seq_len", "vocab_pad_multiple"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_seq_len < 2:  # generation keeps half the context when it slides: a context of 1 keeps nothing
+            raise UserError(f"max_seq_len must be at least 2, got {self.max_seq_len}")
         if self.vocab_size < TOKENIZER_VOCAB_SIZE:
             raise UserError(
                 f"vocab_size must be at least {TOKENIZER_VOCAB_SIZE} (the ids of the GPT-2 tokenizer), got {self.vocab_size}"

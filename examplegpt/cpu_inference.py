@@ -526,14 +526,14 @@ class FastLinearForward:
         self.copies = {layout: copy for layout, copy in self.copies.items() if layout in layouts}
 
 
-def whole_number(passes: object) -> int:
-    """`passes` as an int (a Python, NumPy or 0-d integer tensor's number, 0 or more); else a ValueError."""
+def whole_number(value: object, name: str) -> int:
+    """`value` as an int (a Python, NumPy or 0-d integer tensor's number, 0 or more); else a ValueError naming it."""
     try:
-        count = -1 if isinstance(passes, bool) else operator.index(passes)
+        count = -1 if isinstance(value, bool) else operator.index(value)
     except TypeError:
         count = -1
     if count < 0:
-        raise ValueError(f"passes must be a whole number (0 or more), or None where it is not known; got {passes!r}")
+        raise ValueError(f"{name} must be a whole number (0 or more); got {value!r}")
     return count
 
 
@@ -559,7 +559,7 @@ def fast_cpu_inference(
     """
     if layout not in (None, *LAYOUTS):
         raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, or None for the trials' choice")
-    passes = None if passes is None else whole_number(passes)
+    passes = None if passes is None else whole_number(passes, "passes (None where it is not known)")
     if torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters()):
         raise RuntimeError(AUTOGRAD_REFUSED)
     # a Linear whose forward is already shadowed belongs to an enclosing block (or to someone else)

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from .config import GenerateConfig
-from .cpu_inference import fast_cpu_inference, kv_cache_dtype, packing_report
+from .cpu_inference import fast_cpu_inference, kv_cache_dtype, packing_report, whole_number
 from .device import pick_device, prepare_for_inference
 from .errors import UserError
 from .kv_cache import KVCache
@@ -44,7 +44,6 @@ def evaluating(model: torch.nn.Module):
         model.train(was_training)
 
 
-@torch.inference_mode()
 def generate(
     model: GPT,
     idx: torch.Tensor,
@@ -54,13 +53,33 @@ def generate(
     on_step: StepCallback | None = None,
     **settings,
 ) -> torch.Tensor:
-    """Continue each row of `idx` (B, T) by up to `max_new_tokens`: returns (B, T + new).
+    """Continue each row of `idx` (B, T), T >= 1, by up to `max_new_tokens`: returns (B, T + new).
 
     `settings` are SamplingParams' (temperature=0 is greedy), from GENERATE_DEFAULTS; a `seed` makes the
     generator when none is given. With `eos_id`, a row that produces it is finished (and padded with
     eos_id from then on); generation ends early when every row is finished, by eos or by `on_step`'s
-    mask. Dropout is off while sampling, and the model is left in the mode it came in.
+    mask. Dropout is off while sampling, and the model is left in the mode it came in. The tokens come
+    back as an ordinary tensor (not an inference-mode one): a training step can take them as its batch.
+    Raises ValueError for an `idx` that is not (B, T) with T >= 1, or a negative `max_new_tokens`.
     """
+    if idx.dim() != 2 or idx.shape[1] == 0:
+        raise ValueError(f"idx must be token ids of shape (B, T) with T >= 1, got shape {tuple(idx.shape)}")
+    max_new_tokens = whole_number(max_new_tokens, "max_new_tokens")
+    with torch.inference_mode():
+        tokens = continue_rows(model, idx, max_new_tokens, eos_id, generator, on_step, settings)
+    return tokens.clone()  # outside inference mode: an ordinary tensor
+
+
+def continue_rows(
+    model: GPT,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    eos_id: int | None,
+    generator: torch.Generator | None,
+    on_step: StepCallback | None,
+    settings: dict,
+) -> torch.Tensor:
+    """`generate`'s loop, under inference mode: (B, T + new) tokens."""
     params = SamplingParams(**{**GENERATE_DEFAULTS, **settings})
     if generator is None and params.seed is not None:
         generator = torch.Generator(device=idx.device).manual_seed(params.seed)

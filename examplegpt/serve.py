@@ -554,9 +554,12 @@ async def on_validation_error(request: Request, exc: RequestValidationError) -> 
 async def on_http_error(request: Request, exc: HTTPException) -> JSONResponse:
     """Starlette's own errors (no such route, a method the route does not take, a body FastAPI could not even
     decode as text) as OpenAI's error object."""
-    if exc.status_code == 400:  # malformed JSON comes as a validation error: this is a body that is not UTF-8
+    if exc.status_code == 400:  # malformed JSON comes as a validation error: this is a body the parser refused
         return APIError(
-            400, "the request body could not be read: send JSON as UTF-8 text", code="invalid_json"
+            400,
+            "the request body could not be read as JSON: send UTF-8 text, with no number of more than 4,300 "
+            "digits and no nesting deeper than about 1,000 levels",
+            code="invalid_json",
         ).response()
     kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
     return APIError(

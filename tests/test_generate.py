@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from examplegpt import GPT
+from examplegpt.errors import UserError
 from examplegpt.generate import generate
 from examplegpt.sampling import (
     SamplingParams,
@@ -382,3 +383,42 @@ def test_cached_attention_leaves_out_only_cudnn_and_keeps_the_users_switches():
     finally:
         cuda.enable_flash_sdp(before[0])
         cuda.enable_cudnn_sdp(before[2])
+
+
+def test_a_model_file_with_a_context_of_one_is_refused_in_one_line(cli, tmp_path, spread_model):
+    """Found by an audit: GPTConfig took max_seq_len=1, and `generate` on such a model cropped its prompt to
+    nothing and crashed (generation keeps half the context when it slides)."""
+    with pytest.raises(UserError, match="max_seq_len must be at least 2, got 1"):
+        tiny_config(max_seq_len=1)
+    path = tmp_path / "one.pt"
+    save_model_file(spread_model, path)
+    state = torch.load(path, weights_only=False)
+    state["model_config"]["max_seq_len"] = 1
+    state["model"]["transformer.wpe.weight"] = state["model"]["transformer.wpe.weight"][:1].clone()
+    torch.save(state, path)
+    assert_one_line_error(cli("generate", "-c", str(path), "-p", "Hello", "-n", "3"), "max_seq_len")
+
+
+@pytest.mark.parametrize(
+    "idx, new, words",
+    [
+        (torch.tensor([1, 2]), 2, "shape (B, T)"),  # one row given without its batch dimension
+        (torch.zeros(1, 0, dtype=torch.long), 2, "T >= 1"),  # an empty prompt
+        (torch.tensor([[1, 2]]), -1, "max_new_tokens must be a whole number"),
+        (torch.tensor([[1, 2]]), 2.5, "max_new_tokens must be a whole number"),
+    ],
+)
+def test_generate_refuses_malformed_arguments_with_a_value_error(spread_model, idx, new, words):
+    """Found by an audit: these ended in an IndexError or a tensor-size RuntimeError from deep inside."""
+    with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        generate(spread_model, idx, new, temperature=0)
+
+
+def test_generated_tokens_can_be_a_training_batch(spread_model):
+    """Found by an audit: generate returned an inference-mode tensor, which autograd refuses to save."""
+    out = generate(spread_model, torch.tensor([[1, 2, 3]]), 5, temperature=0)
+    assert not out.is_inference()
+    model = GPT(tiny_config(max_seq_len=256))
+    _, loss = model(out[:, :-1], targets=out[:, 1:])
+    loss.backward()
+    assert model.lm_head.weight.grad is not None

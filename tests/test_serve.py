@@ -417,11 +417,19 @@ def test_an_empty_stop_is_told_what_is_wrong_with_it(app_client, stop):
     assert response.json()["error"]["message"].startswith("stop: String should have at least 1 character")
 
 
-def test_a_body_that_is_not_utf8_is_told_so(app_client):
-    body = b'{"prompt": "\xff", "max_tokens": 2}'
+@pytest.mark.parametrize(
+    "body, words",
+    [
+        (b'{"prompt": "\xff", "max_tokens": 2}', "UTF-8"),
+        # found by an audit: these were told to send UTF-8, which they were
+        (b'{"prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}", "4,300 digits"),
+        (b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nesting"),
+    ],
+)
+def test_a_body_the_json_parser_refuses_is_told_why(app_client, body, words):
     response = app_client.post("/v1/completions", content=body, headers={"Content-Type": "application/json"})
     assert response.status_code == 400
-    assert response.json()["error"]["code"] == "invalid_json" and "UTF-8" in response.json()["error"]["message"]
+    assert response.json()["error"]["code"] == "invalid_json" and words in response.json()["error"]["message"]
 
 
 def test_a_wrong_method_and_a_body_too_large_carry_a_code_like_every_error(app_client):
