@@ -308,7 +308,7 @@ class GenerateConfig:
     max_new_tokens: int = field(default=50, metadata={"aliases": ("--max-tokens", "-n")})
     """Number of new tokens to generate."""
     num_samples: int = 1
-    """Independent samples, generated together as one batch."""
+    """Independent samples, generated together as one batch; with --seed S, sample j draws from seed S + j (as serve's n choices do), so sample 0 is the one-sample run's text."""
     ignore_eos: bool = False
     """Keep generating past <|endoftext|>."""
     stop: list[str] = field(default_factory=list)

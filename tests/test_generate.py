@@ -283,7 +283,7 @@ def test_json_token_count_is_what_a_stopped_text_holds(model_file, spread_model,
     from examplegpt.tokenizer import decode
 
     prompt = encode("Hello")
-    generator = torch.Generator().manual_seed(3)  # as the command seeds it
+    generator = [torch.Generator().manual_seed(3 + j) for j in range(3)]  # as the command seeds its samples
     rows = generate(spread_model, torch.tensor([prompt] * 3), 30, temperature=1.0, top_p=1.0, generator=generator)
     rows = [row[len(prompt) :] for row in rows.tolist()]
     stop_text = decode(rows[0])[4:7]
@@ -422,3 +422,14 @@ def test_generated_tokens_can_be_a_training_batch(spread_model):
     _, loss = model(out[:, :-1], targets=out[:, 1:])
     loss.backward()
     assert model.lm_head.weight.grad is not None
+
+
+def test_sample_j_of_num_samples_is_the_one_sample_run_seeded_with_seed_plus_j(cli, model_file):
+    """Found by an audit: the samples all drew from one generator, where `serve` seeds choice j of n with seed + j,
+    so the CLI's first sample differed from a one-sample run with the same seed."""
+    args = ["generate", "-c", str(model_file), "-p", "Hello", "-n", "12", "--json", "--ignore-eos", "--no-fast-cpu"]
+    together = cli(*args, "--seed", "3", "--num-samples", "3")
+    assert together.returncode == 0, together.stderr
+    texts = [json.loads(line)["text"] for line in together.stdout.splitlines()]
+    alone = [json.loads(cli(*args, "--seed", str(3 + j)).stdout)["text"] for j in range(3)]
+    assert texts == alone and len(set(texts)) > 1
