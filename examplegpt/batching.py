@@ -156,7 +156,7 @@ class BatchEngine:
         (`cpu_inference`'s trials of weight layouts, oneDNN's kernels and the memory they keep) is paid here, not
         by the first requests. Every row count: a full batch meets the others only as it drains, and with packed
         weights each new one keeps 1-2 MB for good. A size runs again until its layout trials have decided (the
-        LM head's takes 48 passes, more where the machine's other work made a trial start again), the sizes in
+        LM head's takes 64 passes, more where the machine's other work made a trial start again), the sizes in
         turn: were one size's trials to finish before the next size's begin, the copies they did not choose
         would be freed, and made again for the next. A trial keeps each number of rows' timings apart: after the
         first passes, only the most rows of each trial's range (16 of 9-16) run again. Then every size runs once

@@ -24,7 +24,7 @@ from .device import pick_device, prepare_for_inference
 from .errors import UserError
 from .kv_cache import KVCache
 from .model import GPT
-from .sampling import GENERATE_DEFAULTS, TOKEN_SETTINGS, Generators, SamplingParams, choose_next
+from .sampling import GENERATE_DEFAULTS, TOKEN_SETTINGS, Generators, SamplingParams, choose_next, seed_of_sample
 from .text import CompletionText, crop_prompt, window_after_slide
 from .tokenizer import EOT_ID, encode
 from .weights import load_model
@@ -56,10 +56,11 @@ def generate(
     """Continue each row of `idx` (B, T), T >= 1, by up to `max_new_tokens`: returns (B, T + new).
 
     `settings` are SamplingParams' (temperature=0 is greedy), from GENERATE_DEFAULTS; a `seed` makes the
-    generator when none is given; `generator` may also be a list, one for each row. With `eos_id`, a row that produces it is finished (and padded with
-    eos_id from then on); generation ends early when every row is finished, by eos or by `on_step`'s
-    mask. Dropout is off while sampling, and the model is left in the mode it came in. The tokens come
-    back as an ordinary tensor (not an inference-mode one): a training step can take them as its batch.
+    generator when none is given; `generator` may also be a list, one for each row. With `eos_id`, a row
+    that produces it is finished (and padded with eos_id from then on); generation ends early when every
+    row is finished, by eos or by `on_step`'s mask. Dropout is off while sampling, and the model is left in
+    the mode it came in. The tokens come back as an ordinary tensor (not an inference-mode one): a training
+    step can take them as its batch.
     Raises ValueError for an `idx` that is not (B, T) with T >= 1, or a negative `max_new_tokens`.
     """
     if idx.dim() != 2 or idx.shape[1] == 0:
@@ -179,12 +180,6 @@ def generate_command(cfg: GenerateConfig) -> int:
     return 1 if refused else 0  # each refused line has had its error line
 
 
-def sample_generator(seed: int, sample: int, device: torch.device) -> torch.Generator:
-    """The generator sample number `sample` draws from: seeded with seed + sample (wrapped into 63 bits, as
-    `serve` seeds the choices of a request)."""
-    return torch.Generator(device=device).manual_seed((seed + sample) % 2**63)
-
-
 def run_prompt(model: GPT, prompt: str, cfg: GenerateConfig, device: torch.device) -> None:
     ids = encode(prompt)
     kept = crop_prompt(ids, model.config.max_seq_len)
@@ -211,7 +206,9 @@ def run_prompt(model: GPT, prompt: str, cfg: GenerateConfig, device: torch.devic
     settings = {name: getattr(cfg, name) for name in TOKEN_SETTINGS}
     # sample j draws from seed + j, as `serve` seeds choice j of n: sample 0 is what one sample would be
     seed = settings.pop("seed")
-    generators = None if seed is None else [sample_generator(seed, j, device) for j in range(cfg.num_samples)]
+    generators = None
+    if seed is not None:
+        generators = [torch.Generator(device).manual_seed(seed_of_sample(seed, j)) for j in range(cfg.num_samples)]
     try:
         eos_id = None if cfg.ignore_eos else EOT_ID
         generate(model, idx, cfg.max_new_tokens, eos_id=eos_id, generator=generators, on_step=on_step, **settings)

@@ -187,6 +187,12 @@ def drop_below(logits: torch.Tensor, values: torch.Tensor, threshold: torch.Tens
 Generators = torch.Generator | None | list[torch.Generator | None]
 
 
+def seed_of_sample(seed: int, sample: int) -> int:
+    """The seed that sample number `sample` of a request seeded with `seed` draws from: seed + sample, wrapped
+    into SamplingParams' range (`serve`'s n choices and `generate --num-samples` alike)."""
+    return (seed + sample) % 2**63
+
+
 def sample_from(probs: torch.Tensor, generator: Generators = None) -> torch.Tensor:
     """One index per row of probs (B, V), drawn by inverting the cumulative distribution: (B,).
 

@@ -46,7 +46,7 @@ from .cpu_inference import fast_cpu_inference, packing_summary
 from .device import inference_precision, pick_device, prepare_for_inference
 from .errors import UserError
 from .http_errors import EXPECTED, RETRY_AFTER_SECONDS, APIError, Guard, error_responses, validation_error
-from .sampling import TOKEN_SETTINGS, SamplingParams
+from .sampling import TOKEN_SETTINGS, SamplingParams, seed_of_sample
 from .text import CompletionText, crop_prompt
 from .tokenizer import EOT_ID, encode, get_tokenizer
 
@@ -166,7 +166,7 @@ def parse_request(body: BaseModel, state: "ServerState") -> tuple[list[list[int]
     settings = {name: getattr(body, name) for name in TOKEN_SETTINGS}
     params = [
         SamplingParams(
-            **{**settings, "seed": None if body.seed is None else (body.seed + j) % 2**63},  # choice j: seed + j
+            **{**settings, "seed": None if body.seed is None else seed_of_sample(body.seed, j)},
             max_tokens=type(body).model_fields["max_tokens"].default if body.max_tokens is None else body.max_tokens,
             stop_at_eos=not body.ignore_eos,
             logprobs=body.logprobs,
